@@ -1,0 +1,1 @@
+"""click CLI: thin commands that parse, call the library, print."""

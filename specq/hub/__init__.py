@@ -1,0 +1,1 @@
+"""Checkpoints: save/load, HfQuantizer registration, Hub push/pull, model card, export."""

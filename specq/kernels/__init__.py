@@ -1,0 +1,1 @@
+"""Ops registered with torch.library (reference impls on any device, Triton on CUDA, fake impls)."""

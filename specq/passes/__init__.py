@@ -1,0 +1,1 @@
+"""FX graph passes: capture, find weight matmuls, plan, rewrite. One pass per file."""

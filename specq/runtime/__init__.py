@@ -1,0 +1,1 @@
+"""Speculative runtime: shared static KV cache, drafters, verification, the multi-level loop."""

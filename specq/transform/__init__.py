@@ -1,0 +1,1 @@
+"""MultiModeLinear, mode switching, and transform() that applies a plan to an eager HF module."""
