@@ -41,3 +41,10 @@ def __getattr__(name: str):
     value = getattr(importlib.import_module(module_name), attr)
     globals()[name] = value
     return value
+
+
+# `transformers.AutoModelForCausalLM.from_pretrained(<specq checkpoint>)` works after `import specq`:
+# registers the "specq" HfQuantizer when transformers loads its quantizer registry (stdlib-only hook).
+from specq.hub._hook import install as _install_hf_quantizer_hook  # noqa: E402
+
+_install_hf_quantizer_hook()

@@ -1,0 +1,176 @@
+"""Activation pre-kernel on Triton: block-diagonal Hadamard rotation of x, optionally fused with
+dynamic symmetric INT4 quantization (the A4 of W4A4).
+
+One program handles BLOCK_M rows times one K-chunk of CH columns (CH a multiple of the Hadamard
+block and of the activation group). The rotation is one tensor-core dot with the block-diagonal
+matrix of *unnormalized* +-1 Hadamard blocks (exact in bf16/fp16), then a multiply by
+1/sqrt(had_block) in fp32; non-power-of-two orders (12 * 2^a, 20 * 2^a) are zero-padded to a power
+of two. Like the reference (``hadamard.hadamard_transform`` returns x.dtype), the rotated value is
+rounded to x.dtype before it is quantized.
+
+Quantization matches ``specq.formats.activation.quantize_int4``: ``scale = amax / 7`` in fp32,
+``q = clamp(round_half_even(x / scale), -8, 7)`` with a zero scale treated as 1.
+
+- per group (act_group_size > 0): one launch, the group amax is a reduction inside the chunk;
+- per token: the amax spans the whole row, which no single chunk sees, so it takes two launches of
+  the same kernel: pass 1 writes each chunk's amax to a small [M, n_chunks] buffer, pass 2 reduces it
+  and quantizes. Re-reading x (2 bytes/element) is cheaper than writing and re-reading a rotated copy.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from specq.formats import hadamard
+from specq.kernels.triton_common import dot_flags, next_pow2
+from specq.kernels.triton_wq import _dot
+
+MODE_ROTATE, MODE_QUANT_GROUP, MODE_AMAX, MODE_QUANT_TOKEN = 0, 1, 2, 3
+MAX_CHUNK = 256  # the [CHP, CHP] rotation tile must stay small enough for registers / L1
+
+
+@triton.jit
+def _round_clamp_int4(v):
+    r = (v + 12582912.0) - 12582912.0  # round half to even (|v| << 2^22) without libdevice
+    return tl.minimum(tl.maximum(r, -8.0), 7.0).to(tl.int8)
+
+
+@triton.jit
+def _act_prep_kernel(
+    x_ptr, h_ptr, y_ptr, q_ptr, s_ptr, amax_ptr,
+    M, K, stride_xm, stride_ym, stride_qm, stride_sm, stride_am, n_chunks, inv_norm,
+    CH: tl.constexpr, CHP: tl.constexpr, NCP: tl.constexpr, AG: tl.constexpr,
+    ROTATE: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr,
+    DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    c = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, CHP)
+    offs_k = c * CH + offs_c
+    m_mask = offs_m < M
+    k_mask = (offs_c < CH) & (offs_k < K)
+    mk_mask = m_mask[:, None] & k_mask[None, :]
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mk_mask, other=0.0)
+    x_dtype = x_ptr.dtype.element_ty
+    if ROTATE:
+        h = tl.load(h_ptr + offs_c[:, None] * CHP + offs_c[None, :])
+        r = (_dot(x, h, DOT_FP32, IEEE) * inv_norm).to(x_dtype)
+    else:
+        r = x
+    if MODE == 0:
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_k[None, :], r, mask=mk_mask)
+    else:
+        r = r.to(tl.float32)
+        if MODE == 1:
+            NG: tl.constexpr = CHP // AG
+            r3 = tl.reshape(r, (BLOCK_M, NG, AG))
+            scale = tl.math.div_rn(tl.max(tl.abs(r3), axis=2), 7.0)  # [BLOCK_M, NG]
+            safe = tl.where(scale > 0, scale, 1.0)
+            qv = _round_clamp_int4(tl.math.div_rn(r3, safe[:, :, None]))
+            tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], tl.reshape(qv, (BLOCK_M, CHP)),
+                     mask=mk_mask)
+            offs_g = tl.arange(0, NG)
+            g_mask = (offs_g < CH // AG) & (c * CH + offs_g * AG < K)
+            tl.store(s_ptr + offs_m[:, None] * stride_sm + (c * (CH // AG) + offs_g)[None, :], scale,
+                     mask=m_mask[:, None] & g_mask[None, :])
+        elif MODE == 2:
+            tl.store(amax_ptr + offs_m * stride_am + c, tl.max(tl.abs(r), axis=1), mask=m_mask)
+        else:
+            offs_a = tl.arange(0, NCP)
+            am = tl.load(amax_ptr + offs_m[:, None] * stride_am + offs_a[None, :],
+                         mask=m_mask[:, None] & (offs_a < n_chunks)[None, :], other=0.0)
+            scale = tl.math.div_rn(tl.max(am, axis=1), 7.0)  # [BLOCK_M]
+            safe = tl.where(scale > 0, scale, 1.0)
+            qv = _round_clamp_int4(tl.math.div_rn(r, safe[:, None]))
+            tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], qv, mask=mk_mask)
+            tl.store(s_ptr + offs_m * stride_sm, scale, mask=m_mask & (c == 0))
+
+
+_H_CACHE: dict = {}
+
+
+def _rotation_tile(had_block: int, ch: int, chp: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[chp, chp] block-diagonal matrix of ch/had_block unnormalized (+-1) Hadamard blocks, zero-padded."""
+    key = (had_block, ch, chp, dtype, device)
+    t = _H_CACHE.get(key)
+    if t is None:
+        h = hadamard.hadamard_matrix(had_block) * math.sqrt(had_block)
+        hr = h.round()
+        if not torch.equal(hr.abs(), torch.ones_like(hr)) or (h - hr).abs().max() > 1e-9:
+            raise AssertionError(f"Hadamard matrix of order {had_block} is not +-1 / sqrt(n)")
+        full = torch.zeros(chp, chp, dtype=torch.float64)
+        full[:ch, :ch] = torch.block_diag(*([hr] * (ch // had_block)))
+        t = full.to(dtype=dtype, device=device).contiguous()
+        _H_CACHE[key] = t
+    return t
+
+
+def _chunk(k: int, had_block: int, act_group: int) -> Optional[int]:
+    """Columns per program: a multiple of the Hadamard block and of the activation group, grown by
+    doubling towards 128 (fewer, fuller programs). None when no chunk fits in MAX_CHUNK."""
+    base = 1
+    if had_block > 0:
+        base = had_block
+    if act_group > 0:
+        base = base * act_group // math.gcd(base, act_group)
+    if act_group > 0 and next_pow2(base) % act_group != 0:
+        return None  # per-group reshape needs groups to tile the padded chunk
+    ch = base
+    while ch * 2 <= 128 and ch * 2 <= max(k, base):
+        ch *= 2
+    return ch if next_pow2(ch) <= MAX_CHUNK else None
+
+
+def supported(k: int, had_block: int, act_group: int) -> bool:
+    return _chunk(k, had_block, act_group) is not None
+
+
+def _launch(x2, mode, had_block, act_group, y=None, q=None, s=None, amax=None, n_chunks=1):
+    M, K = x2.shape
+    ch = _chunk(K, had_block, act_group)
+    chp = next_pow2(ch)
+    rotate = had_block > 0
+    h = _rotation_tile(had_block, ch, chp, x2.dtype, x2.device) if rotate else x2
+    block_m = 16 if M <= 16 else (32 if chp > 128 else 64)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(K, ch))
+    dummy = x2
+    _act_prep_kernel[grid](
+        x2, h, y if y is not None else dummy, q if q is not None else dummy,
+        s if s is not None else dummy, amax if amax is not None else dummy,
+        M, K, x2.stride(0), y.stride(0) if y is not None else 0, q.stride(0) if q is not None else 0,
+        s.stride(0) if s is not None else 0, amax.stride(0) if amax is not None else 0,
+        n_chunks, 1.0 / math.sqrt(had_block) if rotate else 1.0,
+        CH=ch, CHP=chp, NCP=next_pow2(n_chunks), AG=max(act_group, 1), ROTATE=rotate, MODE=mode,
+        BLOCK_M=block_m, num_warps=8 if chp > 128 else 4, num_stages=1, **dot_flags(x2.dtype))
+    return ch
+
+
+def rotate(x2: torch.Tensor, had_block: int) -> torch.Tensor:
+    """x2 [M, K] -> x2 @ H_blockdiag(had_block), in x2.dtype (one launch)."""
+    y = torch.empty_like(x2)
+    if x2.shape[0] > 0:
+        _launch(x2, MODE_ROTATE, had_block, 0, y=y)
+    return y
+
+
+def quantize(x2: torch.Tensor, act_group: int, had_block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2 [M, K] -> (q int8 [M, K], scales float32 [M, K/act_group] or [M, 1]) of the rotated x2."""
+    M, K = x2.shape
+    q = torch.empty((M, K), device=x2.device, dtype=torch.int8)
+    s = torch.empty((M, K // act_group if act_group > 0 else 1), device=x2.device, dtype=torch.float32)
+    if M == 0:
+        return q, s
+    if act_group > 0:
+        _launch(x2, MODE_QUANT_GROUP, had_block, act_group, q=q, s=s)
+    else:
+        n_chunks = triton.cdiv(K, _chunk(K, had_block, 0))
+        amax = torch.empty((M, n_chunks), device=x2.device, dtype=torch.float32)
+        _launch(x2, MODE_AMAX, had_block, 0, amax=amax, n_chunks=n_chunks)
+        _launch(x2, MODE_QUANT_TOKEN, had_block, 0, q=q, s=s, amax=amax, n_chunks=n_chunks)
+    return q, s

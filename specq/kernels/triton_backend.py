@@ -1,0 +1,119 @@
+"""Triton implementations of the specq ops, registered as their CUDA kernels.
+
+``specq/kernels/ops.py`` imports this module on machines with CUDA; importing it registers
+``linear_mxfp4``, ``linear_w4a16`` and ``linear_w4a4`` below with ``<op>.register_kernel("cuda")``,
+so ``torch.ops.specq.*`` on CUDA tensors runs them while CPU tensors keep the reference.
+
+The functions are also callable directly (tests run them on CPU tensors under TRITON_INTERPRET=1).
+Each validates its arguments with the ops' own checks, flattens x to [M, K], and runs:
+
+- mxfp4: one weight-streaming / tiled kernel (``triton_wq``);
+- w4a16: the Hadamard pre-kernel when had_block > 0 (``triton_act.rotate``), then ``triton_wq``;
+- w4a4: one pre-kernel that rotates and quantizes x to INT4 (two for per-token scales), then the
+  INT8-tensor-core kernel (``triton_w4a4``).
+
+Shapes the kernels do not cover (an INT4 group size with no power-of-two divisor >= 16, a Hadamard
+block over 256 columns, ...) fall back to the same math in PyTorch, so every valid call works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from specq.formats import activation, hadamard, int4
+from specq.kernels import ops as _ops
+from specq.kernels import triton_act, triton_w4a4, triton_wq
+
+log = logging.getLogger(__name__)
+_warned: set = set()
+
+
+def _fallback(what: str) -> None:
+    if what not in _warned:
+        _warned.add(what)
+        log.warning("specq: no Triton kernel for %s; using PyTorch for it", what)
+
+
+def _as_2d(x: Tensor) -> Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _device_ctx(x: Tensor):
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def linear_mxfp4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Tensor:
+    n, _ = _ops.check_mxfp4_args(x, packed, scales, bias)
+    with _device_ctx(x):
+        y = triton_wq.wq_matmul(_as_2d(x), packed, scales, bias, triton_wq.FORMAT_MXFP4, 32)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def _rotated_2d(x: Tensor, had_block: int) -> Tensor:
+    x2 = _as_2d(x)
+    if had_block == 0:
+        return x2
+    if triton_act.supported(x2.shape[1], had_block, 0):
+        return triton_act.rotate(x2, had_block)
+    _fallback(f"a Hadamard block of {had_block}")
+    return hadamard.hadamard_transform(x2, had_block)
+
+
+def linear_w4a16(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor],
+                 group_size: int, had_block: int) -> Tensor:
+    n, _ = _ops.check_int4_args("specq.linear_w4a16", x, packed, scales, bias, group_size, had_block)
+    with _device_ctx(x):
+        x2 = _rotated_2d(x, had_block)
+        if triton_wq.supported_int4_group(group_size):
+            y = triton_wq.wq_matmul(x2, packed, scales, bias, triton_wq.FORMAT_INT4, group_size)
+        else:
+            _fallback(f"INT4 group size {group_size}")
+            y = F.linear(x2, int4.dequantize(packed, scales, x.dtype), bias)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def linear_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor],
+                group_size: int, act_group_size: int, had_block: int) -> Tensor:
+    n, k = _ops.check_int4_args("specq.linear_w4a4", x, packed, scales, bias, group_size, had_block,
+                                act_group_size)
+    with _device_ctx(x):
+        x2 = _as_2d(x)
+        if not triton_w4a4.supported(group_size, act_group_size):
+            _fallback(f"W4A4 with group size {group_size} and activation group {act_group_size}")
+            xr = hadamard.hadamard_transform(x2, had_block) if had_block > 0 else x2
+            xq = activation.fake_quantize_int4(xr, act_group_size)
+            y = F.linear(xq, int4.dequantize(packed, scales, x.dtype), bias)
+            return y.reshape(*x.shape[:-1], n)
+        if triton_act.supported(k, had_block, act_group_size):
+            q, sx = triton_act.quantize(x2, act_group_size, had_block)
+        else:
+            _fallback(f"activation quantization with had_block {had_block}, group {act_group_size}")
+            xr = hadamard.hadamard_transform(x2, had_block) if had_block > 0 else x2
+            q, sx = activation.quantize_int4(xr, act_group_size)
+            sx = sx.reshape(q.shape[0], -1).contiguous()
+        y = triton_w4a4.w4a4_matmul(q, sx, packed, scales, bias, group_size, act_group_size, x.dtype)
+    return y.reshape(*x.shape[:-1], n)
+
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Make the functions above the CUDA kernels of torch.ops.specq.* (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    _ops.linear_mxfp4_op.register_kernel("cuda")(linear_mxfp4)
+    _ops.linear_w4a16_op.register_kernel("cuda")(linear_w4a16)
+    _ops.linear_w4a4_op.register_kernel("cuda")(linear_w4a4)
+    _REGISTERED = True
+
+
+register()

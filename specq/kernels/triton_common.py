@@ -1,0 +1,123 @@
+"""Shared pieces of the Triton kernels: interpreter detection, launch-config choice with a cache.
+
+The kernels run in two worlds:
+
+- on a CUDA GPU, where each kernel picks its tile configuration by timing a small, bounded set of
+  candidates once per (kernel, shape bucket) and caching the winner for the process;
+- under ``TRITON_INTERPRET=1`` (CPU CI), where there is nothing to time and the interpreter computes
+  bf16/fp16 ``tl.dot`` wrongly, so the kernels take a ``DOT_FP32`` flag that upcasts dot operands.
+
+``TRITON_INTERPRET`` is read when triton is imported, so this module reads it at import too: a
+process either interprets every kernel or none (tests run the interpreter in a subprocess).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# SPECQ_AUTOTUNE=0 skips timing and takes each candidate list's first entry (a sane default).
+AUTOTUNE = os.environ.get("SPECQ_AUTOTUNE", "1") not in ("", "0") and not INTERPRET
+
+
+def _fix_interpreter_scalar_index() -> None:
+    """triton 3.6's interpreter turns a scalar into a Python int with ``int(array_of_shape_(1,))``,
+    which numpy >= 2.4 rejects, so any loop bound that is a kernel argument (``range(0, K, BK)``)
+    fails under TRITON_INTERPRET=1. Patch that one conversion (interpreter mode only)."""
+    try:
+        import numpy as np
+        from triton.runtime import interpreter as interp
+        orig = interp._patch_lang_tensor
+    except (ImportError, AttributeError):
+        return
+    if getattr(orig, "_specq_patched", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    patched._specq_patched = True
+    interp._patch_lang_tensor = patched
+
+
+if INTERPRET:
+    _fix_interpreter_scalar_index()
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for the number of rows: exact up to 16 (decode and verify sizes differ a lot
+    there), then powers of two, so a prefill of any length reuses a handful of tuned entries."""
+    return m if m <= 16 else min(next_pow2(m), 4096)
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch configuration: constexpr meta-parameters plus num_warps / num_stages."""
+    meta: tuple  # sorted (name, value) pairs
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @staticmethod
+    def make(num_warps: int = 4, num_stages: int = 3, **meta) -> "Config":
+        return Config(tuple(sorted(meta.items())), num_warps, num_stages)
+
+    def kwargs(self) -> dict:
+        return dict(self.meta, num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def __getitem__(self, name):
+        return dict(self.meta)[name]
+
+
+@dataclass
+class ConfigCache:
+    """Per-process cache of the fastest config for each key.
+
+    ``pick(key, candidates, launch)`` returns the cached winner, or times each candidate with
+    ``launch(config)`` (which must run the kernel once, writing only scratch outputs) and caches the
+    fastest. While a CUDA graph is being captured nothing can be timed: the first candidate is used
+    and not cached, so a later eager call still tunes.
+    """
+    name: str
+    best: dict = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def pick(self, key, candidates: Sequence[Config], launch: Callable[[Config], None]) -> Config:
+        hit = self.best.get(key)
+        if hit is not None:
+            return hit
+        if not AUTOTUNE or len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
+            return candidates[0]
+        with self.lock:
+            hit = self.best.get(key)
+            if hit is not None:
+                return hit
+            from triton.testing import do_bench
+            timings = []
+            for cfg in candidates:
+                try:
+                    t = do_bench(lambda: launch(cfg), warmup=3, rep=15, return_mode="median")
+                except Exception as e:  # a config the compiler rejects (e.g. out of shared memory)
+                    if "out of resource" not in str(e).lower() and "OutOfResources" not in type(e).__name__:
+                        raise
+                    t = float("inf")
+                timings.append(t)
+            best = candidates[min(range(len(candidates)), key=timings.__getitem__)]
+            self.best[key] = best
+            return best
+
+
+def dot_flags(dtype: torch.dtype) -> dict:
+    """Constexprs that make tl.dot exact for ``dtype`` operands: the interpreter needs fp32 operands,
+    and float32 inputs need IEEE fp32 products (not TF32) to match the float32 reference."""
+    return {"DOT_FP32": INTERPRET, "IEEE": dtype == torch.float32}

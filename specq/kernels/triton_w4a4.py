@@ -1,0 +1,135 @@
+"""W4A4 matmul on Triton: INT4 activations times INT4 weights on the INT8 tensor cores.
+
+Hopper has no INT4 tensor cores, so both operands are held as int8 values in [-8, 7]:
+
+- activations come quantized from the pre-kernel (``triton_act.quantize``: rotation + dynamic
+  per-token or per-group INT4, int8 [M, K] plus fp32 scales);
+- weights are the packed INT4 copy shared with W4A16 (int32 [N, K/8], ``q + 8`` LSB-first), turned
+  into signed nibbles in registers: XOR with 0x88888888 maps ``q + 8`` to q's 4-bit two's complement,
+  then ``(word << (28 - 4i)) >> 28`` (arithmetic) sign-extends nibble i: two shifts per weight.
+
+The K loop runs in chunks of SUB_K that lie inside one weight group and one activation group, so
+each chunk's dot is exact in int32; it is then scaled into the fp32 accumulator by
+``s_w[n, g]`` (and ``s_x[m, g']`` for per-group activations; per-token scales multiply once at the end).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from specq.kernels.triton_common import Config, ConfigCache, m_bucket, next_pow2
+from specq.kernels.triton_wq import _tile_ids
+
+
+@triton.jit
+def _w4a4_matmul_kernel(
+    q_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr,
+    M, N, K,
+    stride_qm, stride_sxm, stride_wn, stride_swn, stride_ym,
+    WG: tl.constexpr,      # weight group size along K
+    AG: tl.constexpr,      # activation group size along K; 0 = one scale per token
+    SUB_K: tl.constexpr,   # K per int32 dot: divides WG and AG
+    N_SUB: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    lshift = 28 - tl.arange(0, 8) * 4
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    KSTEP: tl.constexpr = SUB_K * N_SUB
+    for k0 in range(0, K, KSTEP):
+        for j in tl.static_range(N_SUB):
+            kk = k0 + j * SUB_K
+            offs_k = kk + tl.arange(0, SUB_K)
+            a = tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :],
+                        mask=m_mask[:, None] & (offs_k < K)[None, :], other=0)
+            offs_w = kk // 8 + tl.arange(0, SUB_K // 8)
+            pw = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
+                         mask=n_mask[:, None] & (offs_w < K // 8)[None, :], other=0)
+            pw = pw ^ -2004318072  # 0x88888888: (q + 8) -> q as 4-bit two's complement
+            wv = (pw[:, :, None] << lshift[None, None, :]) >> 28
+            wv = tl.reshape(wv, (BLOCK_N, SUB_K)).to(tl.int8)
+            d = tl.dot(a, tl.trans(wv), out_dtype=tl.int32).to(tl.float32)
+            sw = tl.load(sw_ptr + offs_n * stride_swn + kk // WG, mask=n_mask & (kk < K), other=0.0).to(tl.float32)
+            if AG > 0:
+                sx = tl.load(sx_ptr + offs_m * stride_sxm + kk // AG, mask=m_mask & (kk < K), other=0.0)
+                acc += d * (sx[:, None] * sw[None, :])
+            else:
+                acc += d * sw[None, :]
+    if AG == 0:
+        acc *= tl.load(sx_ptr + offs_m * stride_sxm, mask=m_mask, other=0.0)[:, None]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+_CACHE = ConfigCache("w4a4_matmul")
+
+
+def _sub_k(wg: int, ag: int, want: int) -> Optional[int]:
+    g = wg if ag == 0 else math.gcd(wg, ag)
+    s = want
+    while s >= 32:  # the int8 MMA takes K in steps of 32
+        if g % s == 0:
+            return s
+        s //= 2
+    return None
+
+
+def supported(wg: int, ag: int) -> bool:
+    return _sub_k(wg, ag, 128) is not None
+
+
+def _candidates(m: int, wg: int, ag: int) -> list[Config]:
+    if m <= 64:
+        bm = max(16, next_pow2(m))
+        # (BLOCK_N, SUB_K wanted, K per iteration, warps, stages)
+        raw = [(32, 128, 256, 4, 4), (16, 128, 512, 4, 3), (64, 128, 256, 4, 3), (64, 128, 128, 4, 4)]
+        gm = 1
+    else:
+        bm = 64 if m <= 128 else 128
+        raw = [(128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (128, 128, 128, 4, 4), (64, 128, 128, 4, 4)]
+        gm = 8
+    out, seen = [], set()
+    for bn, sk, kstep, nw, st in raw:
+        sub = _sub_k(wg, ag, sk)
+        cfg = Config.make(num_warps=nw, num_stages=st, BLOCK_M=bm, BLOCK_N=bn, SUB_K=sub,
+                          N_SUB=max(1, kstep // sub), GROUP_M=gm)
+        if cfg not in seen:
+            seen.add(cfg)
+            out.append(cfg)
+    return out
+
+
+def w4a4_matmul(q: torch.Tensor, sx: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+                bias: Optional[torch.Tensor], group: int, act_group: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """q int8 [M, K], sx fp32 [M, K/act_group or 1] -> [M, N] in out_dtype."""
+    M, K = q.shape
+    N = packed.shape[0]
+    y = torch.empty((M, N), device=q.device, dtype=out_dtype)
+    if M == 0:
+        return y
+    packed = packed.contiguous()
+    scales = scales.contiguous()
+    fixed = dict(WG=group, AG=act_group, HAS_BIAS=bias is not None)
+
+    def launch(cfg: Config, out=y):
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        _w4a4_matmul_kernel[grid](q, sx, packed, scales, bias if bias is not None else sx, out, M, N, K,
+                                  q.stride(0), sx.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
+                                  **fixed, **cfg.kwargs())
+
+    key = (group, act_group, m_bucket(M), N, K, out_dtype, bias is not None, q.device.index)
+    cfg = _CACHE.pick(key, _candidates(M, group, act_group), launch)
+    launch(cfg)
+    return y

@@ -1,0 +1,307 @@
+"""Pass 3 — plan: decide, per found weight matmul, whether and how it is quantized (recipe policy).
+
+Input: the `WeightMatmul` records of `find_weight_matmuls` and a recipe (YAML in specq/recipes/).
+Output: a JSON-serialisable plan, stored later as `model.specq_plan`::
+
+    {"version": 1, "recipe": "llama", "modes": ["bf16", "mxfp4", "w4a16", "w4a4"], "dtype": "float32",
+     "matmuls": [
+       {"module": "model.layers.0.self_attn.q_proj", "param": "weight", "bias": null,
+        "in_features": 576, "out_features": 576, "layout": "out_in", "op": "linear",
+        "action": "quantize", "reason": "recipe default",
+        "mxfp4_scale_rule": "mse", "int4_group_size": 64, "int4_clip_ratio": null,
+        "act_group_size": 32, "had_block": 64, "notes": ["K=576 is not a multiple of group 128: group 64"]},
+       {"module": "lm_head", ..., "action": "keep", "reason": "recipe keeps /lm_head/ in the model's dtype"}]}
+
+Graph before and after: unchanged (the plan is data; 0 rewrites). Every adjustment (a smaller
+dividing group size, a smaller Hadamard block) and every matmul kept in the model's dtype is logged
+with its reason — never a silent half-conversion.
+
+Recipe keys (all optional except `name`; a recipe may name a `base` recipe whose keys it overrides):
+    keep: [regex, ...]            module paths (re.search) kept in the model's dtype
+    keep_tied_to_embedding: bool  weights shared with an input embedding stay unquantized
+    mxfp4_scale_rule: floor|mse
+    int4_group_size: int          preferred INT4 group; falls back to the largest power-of-two divisor of K
+    int4_min_group_size: int      below this, the matmul is kept instead
+    int4_clip_ratio: null|float|search
+    act_group_size: int           W4A4 activation group (0 = per token); falls back like the INT4 group
+    had_block: int|"full"         block of the online Hadamard rotation of INT4 modes (0 = none)
+    overrides: [{match: regex, <any key above>}, ...]   first match wins, per module path
+    model_types: [str, ...]       config.model_type values this recipe is the default for
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.resources
+import json
+import logging
+import os
+import re
+
+import yaml
+
+from specq.formats import hadamard
+
+log = logging.getLogger(__name__)
+
+MODES = ("bf16", "mxfp4", "w4a16", "w4a4")
+INT4_MODES = ("w4a16", "w4a4")
+MXFP4_BLOCK = 32
+PLAN_VERSION = 1
+
+_FORMAT_KEYS = ("mxfp4_scale_rule", "int4_group_size", "int4_min_group_size", "int4_clip_ratio",
+                "act_group_size", "had_block")
+_RECIPE_KEYS = set(_FORMAT_KEYS) | {"name", "base", "description", "keep", "keep_tied_to_embedding",
+                                    "overrides", "model_types"}
+
+_BUILTIN_DEFAULTS = {
+    "keep": [], "keep_tied_to_embedding": True, "mxfp4_scale_rule": "floor", "int4_group_size": 128,
+    "int4_min_group_size": 32, "int4_clip_ratio": None, "act_group_size": 32, "had_block": 64,
+    "overrides": [],
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# recipes
+
+
+def _recipe_dir():
+    return importlib.resources.files("specq") / "recipes"
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.name[:-5] for p in _recipe_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, where: str) -> dict:
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe {where}: expected a mapping at the top level, got {type(data).__name__}")
+    unknown = set(data) - _RECIPE_KEYS
+    if unknown:
+        raise ValueError(f"recipe {where}: unknown keys {sorted(unknown)}; known keys: {sorted(_RECIPE_KEYS)}")
+    return data
+
+
+def _load_named(name: str, seen: tuple = ()) -> dict:
+    if name in seen:
+        raise ValueError(f"recipe {name!r}: circular 'base' chain {' -> '.join(seen + (name,))}")
+    if os.path.sep in name or name.endswith((".yaml", ".yml")):
+        if not os.path.isfile(name):
+            raise FileNotFoundError(f"recipe file {name!r} does not exist")
+        with open(name, encoding="utf-8") as f:
+            data = _read_yaml(f.read(), name)
+        data.setdefault("name", os.path.splitext(os.path.basename(name))[0])
+    else:
+        path = _recipe_dir() / f"{name}.yaml"
+        if not path.is_file():
+            raise ValueError(f"unknown recipe {name!r}; built-in recipes: {', '.join(list_recipes())} "
+                             "(or pass a path to a .yaml file, or a dict)")
+        data = _read_yaml(path.read_text(encoding="utf-8"), name)
+        data.setdefault("name", name)
+    return _resolve_base(data, seen + (name,))
+
+
+def _resolve_base(data: dict, seen: tuple = ()) -> dict:
+    base = data.get("base")
+    merged = copy.deepcopy(_BUILTIN_DEFAULTS) if base is None else _load_named(base, seen)
+    for k, v in data.items():
+        if k == "base":
+            continue
+        merged[k] = copy.deepcopy(v)
+    return merged
+
+
+def load_recipe(recipe=None, model_type: str | None = None) -> dict:
+    """A resolved recipe dict. `recipe`: None (the family recipe for `model_type`, else 'default'),
+    a built-in name, a path to a YAML file, or a dict (keys as in the module docstring)."""
+    if recipe is None:
+        name = "default"
+        if model_type:
+            for cand in list_recipes():
+                r = _load_named(cand)
+                if model_type in (r.get("model_types") or []):
+                    name = cand
+                    break
+        out = _load_named(name)
+    elif isinstance(recipe, str):
+        out = _load_named(recipe)
+    elif isinstance(recipe, dict):
+        data = dict(recipe)
+        unknown = set(data) - _RECIPE_KEYS
+        if unknown:
+            raise ValueError(f"recipe dict: unknown keys {sorted(unknown)}; known keys: {sorted(_RECIPE_KEYS)}")
+        data.setdefault("name", "custom")
+        out = _resolve_base(data)
+    else:
+        raise TypeError(f"recipe must be None, a name, a path or a dict, got {type(recipe).__name__}")
+    _validate_recipe(out)
+    return out
+
+
+def _validate_recipe(r: dict) -> None:
+    where = f"recipe {r.get('name')!r}"
+    if r["mxfp4_scale_rule"] not in ("floor", "mse"):
+        raise ValueError(f"{where}: mxfp4_scale_rule must be 'floor' or 'mse', got {r['mxfp4_scale_rule']!r}")
+    for k in ("int4_group_size", "int4_min_group_size"):
+        if not isinstance(r[k], int) or r[k] < 8 or r[k] % 8:
+            raise ValueError(f"{where}: {k} must be a positive multiple of 8, got {r[k]!r}")
+    if not isinstance(r["act_group_size"], int) or r["act_group_size"] < 0:
+        raise ValueError(f"{where}: act_group_size must be an int >= 0 (0 = per token), got {r['act_group_size']!r}")
+    hb = r["had_block"]
+    if not (hb == "full" or (isinstance(hb, int) and hb >= 0)):
+        raise ValueError(f"{where}: had_block must be an int >= 0 (0 = no rotation) or 'full', got {hb!r}")
+    for o in r.get("overrides") or []:
+        if not isinstance(o, dict) or "match" not in o:
+            raise ValueError(f"{where}: each override needs a 'match' regex, got {o!r}")
+        bad = set(o) - set(_FORMAT_KEYS) - {"match", "keep"}
+        if bad:
+            raise ValueError(f"{where}: override {o['match']!r} has unknown keys {sorted(bad)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# per-matmul decisions
+
+
+def _pow2_divisor(k: int, at_most: int, at_least: int) -> int:
+    """Largest power of two g with at_least <= g <= at_most and k % g == 0 (0 if none)."""
+    g = 1
+    while g * 2 <= at_most:
+        g *= 2
+    while g >= max(at_least, 1):
+        if k % g == 0:
+            return g
+        g //= 2
+    return 0
+
+
+def _choose_had_block(k: int, want) -> tuple[int, str | None]:
+    if want == 0:
+        return 0, None
+    if want == "full":
+        if hadamard.supported(k):
+            return k, None
+        want = 64
+        b = _pow2_divisor(k, want, 8)
+        return b, (f"no Hadamard matrix of order K={k}: rotation blocks of {b}" if b else
+                   f"no Hadamard matrix of order K={k} and no power-of-two block >= 8 divides it")
+    if k % want == 0 and hadamard.supported(want):
+        return want, None
+    b = _pow2_divisor(k, want, 8)
+    return b, (f"K={k} is not a multiple of had_block {want}: rotation blocks of {b}" if b else
+               f"no Hadamard block >= 8 divides K={k}")
+
+
+def decide(m: dict, recipe: dict, modes: tuple[str, ...]) -> dict:
+    """Fill the action/reason/format fields of one plan entry `m` (module, in/out features, ...)."""
+    cfg = {k: recipe[k] for k in _FORMAT_KEYS}
+    keep_by_recipe = None
+    for pat in recipe.get("keep") or []:
+        if re.search(pat, m["module"]):
+            keep_by_recipe = pat
+            break
+    for o in recipe.get("overrides") or []:
+        if re.search(o["match"], m["module"]):
+            cfg.update({k: v for k, v in o.items() if k in _FORMAT_KEYS})
+            if o.get("keep"):
+                keep_by_recipe = o["match"]
+            break
+    k = m["in_features"]
+    entry = dict(m)
+    entry.update(action="quantize", reason="recipe " + recipe["name"], notes=[],
+                 mxfp4_scale_rule=None, int4_group_size=None, int4_clip_ratio=None,
+                 act_group_size=None, had_block=None)
+
+    def keep(reason):
+        entry.update(action="keep", reason=reason, mxfp4_scale_rule=None, int4_group_size=None,
+                     int4_clip_ratio=None, act_group_size=None, had_block=None)
+        return entry
+
+    if keep_by_recipe is not None:
+        return keep(f"recipe {recipe['name']!r} keeps /{keep_by_recipe}/ in the model's dtype")
+    if m.get("tied_to_embedding") and recipe.get("keep_tied_to_embedding", True):
+        return keep("weight is tied to an input embedding (kept in the model's dtype)")
+    if not m.get("whole_module"):
+        return keep(f"the matmul is not the whole forward of module {m['module']!r} (other ops run inside "
+                    "it), so the module cannot be swapped in eager mode; kept in the model's dtype")
+    if not m.get("param"):
+        return keep("the weight is not an attribute of the module that multiplies by it")
+    quantized = [x for x in modes if x != "bf16"]
+    if "mxfp4" in quantized:
+        if k % MXFP4_BLOCK:
+            return keep(f"K={k} is not a multiple of the MXFP4 block {MXFP4_BLOCK}")
+        entry["mxfp4_scale_rule"] = cfg["mxfp4_scale_rule"]
+    if any(x in INT4_MODES for x in quantized):
+        want = cfg["int4_group_size"]
+        g = want if k % want == 0 else _pow2_divisor(k, want, cfg["int4_min_group_size"])
+        if not g:
+            return keep(f"no INT4 group size between {cfg['int4_min_group_size']} and {want} divides K={k}")
+        if g != want:
+            entry["notes"].append(f"K={k} is not a multiple of INT4 group {want}: group {g}")
+        entry["int4_group_size"] = g
+        entry["int4_clip_ratio"] = cfg["int4_clip_ratio"]
+        hb, note = _choose_had_block(k, cfg["had_block"])
+        if note:
+            entry["notes"].append(note)
+        if cfg["had_block"] != 0 and hb == 0:
+            return keep(f"recipe asks for a Hadamard rotation but {note}")
+        entry["had_block"] = hb
+    if "w4a4" in quantized:
+        a = cfg["act_group_size"]
+        if a and k % a:
+            a2 = _pow2_divisor(k, a, 8)
+            entry["notes"].append(f"K={k} is not a multiple of activation group {a}: "
+                                  + (f"group {a2}" if a2 else "per-token scales"))
+            a = a2
+        entry["act_group_size"] = a
+    return entry
+
+
+def make_plan(matmuls, recipe: dict, modes, dtype=None, model_type: str | None = None) -> dict:
+    """The plan for `matmuls` (WeightMatmul records or dicts) under a resolved `recipe`."""
+    modes = validate_modes(modes)
+    entries = []
+    seen = set()
+    for mm in matmuls:
+        d = mm.as_dict() if hasattr(mm, "as_dict") else dict(mm)
+        key = (d["module"], d.get("param"))
+        if key in seen:  # a module called twice gives two nodes; one plan entry
+            continue
+        seen.add(key)
+        base = {
+            "module": d["module"], "param": d.get("param"), "bias": d.get("bias_param"),
+            "in_features": int(d["in_features"]), "out_features": int(d["out_features"]),
+            "layout": d["layout"], "op": d["op"], "weight_fqn": d.get("weight_fqn"),
+            "tied_to_embedding": bool(d.get("tied_to_embedding")), "whole_module": bool(d.get("whole_module")),
+        }
+        e = decide(base, recipe, modes)
+        if e["action"] == "keep":
+            log.info("plan: keep %s in the model's dtype: %s", e["module"], e["reason"])
+        for note in e["notes"]:
+            log.info("plan: %s: %s", e["module"], note)
+        entries.append(e)
+    n_q = sum(e["action"] == "quantize" for e in entries)
+    log.info("plan: %d of %d weight matmuls quantized (recipe %s, modes %s)", n_q, len(entries),
+             recipe["name"], ",".join(modes))
+    plan = {"version": PLAN_VERSION, "recipe": recipe["name"], "modes": list(modes),
+            "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
+            "model_type": model_type, "matmuls": entries}
+    json.dumps(plan)  # fail here, not at save time, if anything is not JSON-serialisable
+    return plan
+
+
+def validate_modes(modes) -> tuple[str, ...]:
+    if isinstance(modes, str):
+        modes = (modes,)
+    try:
+        modes = tuple(modes)
+    except TypeError:
+        raise TypeError(f"modes must be a sequence of mode names from {MODES}, got {modes!r}") from None
+    if not modes:
+        raise ValueError(f"modes is empty; pick from {MODES}")
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise ValueError(f"unknown mode(s) {bad}; specq modes are {MODES}")
+    if len(set(modes)) != len(modes):
+        raise ValueError(f"modes has duplicates: {modes}")
+    return modes

@@ -1,0 +1,333 @@
+"""End-to-end decoding speed: every strategy against Hugging Face's baselines, on the same prompt.
+
+Used by `specq bench` and `benchmarks/e2e.py`. Rows (batch 1, greedy, same prompt, same count of new
+tokens, EOS ignored so every row makes exactly `new_tokens`):
+
+    hf_eager            HF generate, dynamic cache, eager
+    hf_static_compile   HF generate, static cache (transformers compiles the decode step itself)
+    ar_bf16 / ar_mxfp4 / ar_w4a16    specq autoregressive in one mode (compiled steps)
+    mlspecqd2           levels mxfp4 -> bf16          (ML-SpecQD, 2 levels)
+    mlspecqd3           levels ngram -> mxfp4 -> bf16 (ML-SpecQD, 3 levels)
+    qspec               levels w4a4 -> w4a16          (QSpec)
+
+Lossless rows are checked against their target's own autoregressive tokens (bf16 target: the HF
+eager row; w4a16 target: the ar_w4a16 row). In float32 they must be identical (`strict=True`
+raises otherwise); in bf16 a multi-token verify rounds differently from one-token decoding, so the
+table reports how many leading tokens agree instead.
+
+`step_costs` times single compiled forwards (one CUDA graph replay each) per (mode, batch, query
+length): on a model with random weights, acceptance means nothing, so what transfers to the real
+model is the cost of each step; `implied_speed` combines them with the forwards-per-token a real
+model's run measured.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+LLAMA3_8B_SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                       max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001)
+
+ROWS = ("hf_eager", "hf_static_compile", "ar_bf16", "ar_mxfp4", "ar_w4a16", "mlspecqd2", "mlspecqd3", "qspec")
+# row -> (levels, reference row for token equality)
+SPECQ_ROWS = {
+    "ar_bf16": (["bf16"], "hf_eager"),
+    "ar_mxfp4": (["mxfp4"], None),
+    "ar_w4a16": (["w4a16"], None),
+    "mlspecqd2": (["mxfp4", "bf16"], "hf_eager"),
+    "mlspecqd3": (["ngram", "mxfp4", "bf16"], "hf_eager"),
+    "qspec": (["w4a4", "w4a16"], "ar_w4a16"),
+}
+NEEDED_MODES = {"ar_bf16": ("bf16",), "ar_mxfp4": ("mxfp4",), "ar_w4a16": ("w4a16",),
+                "mlspecqd2": ("mxfp4", "bf16"), "mlspecqd3": ("mxfp4", "bf16"), "qspec": ("w4a4", "w4a16")}
+
+DEFAULT_PROMPT = (
+    "You are a helpful assistant. Explain, step by step and with a worked example, how a hash table "
+    "stores and finds values, what happens on a collision, and how the table grows when it fills up. "
+    "Then write a short Python class that implements a hash table with separate chaining, with methods "
+    "put, get and delete, and explain the time complexity of each method.")
+
+
+def random_model(config_kwargs: dict, dtype=torch.bfloat16, device="cuda", seed: int = 0, family="llama"):
+    """An HF causal LM with random weights built directly on `device` in `dtype` (no CPU copy)."""
+    import transformers
+
+    cfg_cls = {"llama": transformers.LlamaConfig}[family]
+    config = cfg_cls(**config_kwargs)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = transformers.LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(prev)
+    return model.to(dtype).eval()
+
+
+def make_prompt(model, tokenizer=None, length: int = 128, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """[batch, length] prompt ids: the default text (repeated/cut to `length`) or random ids."""
+    device = next(model.parameters()).device
+    if tokenizer is not None:
+        ids = tokenizer(DEFAULT_PROMPT, return_tensors="pt").input_ids[0]
+        while ids.numel() < length:
+            ids = torch.cat([ids, ids])
+        ids = ids[:length]
+        return ids.unsqueeze(0).repeat(batch, 1).to(device)
+    g = torch.Generator().manual_seed(seed)
+    vocab = int(model.config.vocab_size)
+    return torch.randint(3, vocab, (batch, length), generator=g).to(device)
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Row:
+    name: str
+    tokens_per_s: float | None = None
+    seconds: float | None = None
+    new_tokens: int = 0
+    warmup_s: float | None = None  # first call (compiles, captures graphs)
+    same_as: str | None = None
+    agree: int | None = None  # leading new tokens equal to the reference row's
+    acceptance: dict = field(default_factory=dict)  # level -> acceptance rate
+    mean_accepted: dict = field(default_factory=dict)
+    forwards: dict = field(default_factory=dict)
+    error: str | None = None
+    sequences: torch.Tensor | None = None
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("sequences")
+        return d
+
+
+def _hf_generate(model, ids, new_tokens: int, static: bool):
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=None, do_sample=False, num_beams=1,
+                  eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    gc_ = model.generation_config
+    saved = (gc_.eos_token_id, getattr(gc_, "temperature", None), getattr(gc_, "top_p", None), getattr(gc_, "top_k", None))
+    gc_.eos_token_id = None
+    gc_.temperature, gc_.top_p, gc_.top_k = None, None, None
+    try:
+        if static:
+            kwargs["cache_implementation"] = "static"
+        with torch.inference_mode():
+            return model.generate(ids, **kwargs)
+    finally:
+        gc_.eos_token_id, gc_.temperature, gc_.top_p, gc_.top_k = saved
+
+
+def run_rows(model, ids: torch.Tensor, new_tokens: int = 256, rows=ROWS, gamma=None,
+             compile="auto", repeats: int = 1, strict: bool = False, log=print) -> list[Row]:
+    """Time every row on the same prompt; `model` must be transformed for the modes the rows need
+    (rows whose modes are missing are skipped with a note)."""
+    from specq.runtime.compiled import compiled_generate
+    from specq.transform.modes import available_modes, set_mode
+
+    device = next(model.parameters()).device
+    gamma = dict(gamma or {})
+    try:
+        modes = available_modes(model)
+    except ValueError:
+        modes = ("bf16",)
+    out: dict[str, Row] = {}
+    for name in rows:
+        row = Row(name)
+        out[name] = row
+        try:
+            if name in ("hf_eager", "hf_static_compile"):
+                static = name == "hf_static_compile"
+                if modes != ("bf16",):
+                    set_mode(model, "bf16")  # HF's rows run the model's own weights
+                t0 = time.perf_counter()
+                seq = _hf_generate(model, ids, new_tokens, static)
+                _sync(device)
+                row.warmup_s = time.perf_counter() - t0
+                best = None
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    seq = _hf_generate(model, ids, new_tokens, static)
+                    _sync(device)
+                    dt = time.perf_counter() - t0
+                    best = dt if best is None else min(best, dt)
+                row.seconds = best
+                row.sequences = seq[:, ids.shape[1]:].cpu()
+            else:
+                levels, _ = SPECQ_ROWS[name]
+                missing = [m for m in NEEDED_MODES[name] if m not in modes]
+                if missing:
+                    row.error = f"skipped: model not transformed for {missing}"
+                    continue
+                g = gamma.get(name, 4 if len(levels) == 2 else [4, 4])
+                if len(levels) == 1:
+                    g = 1
+                kw = dict(levels=levels, gamma=g, eos_token_id=[], compile=compile)
+                t0 = time.perf_counter()
+                res = compiled_generate(model, ids, new_tokens, **kw)
+                _sync(device)
+                row.warmup_s = time.perf_counter() - t0
+                best = None
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    res = compiled_generate(model, ids, new_tokens, **kw)
+                    _sync(device)
+                    dt = time.perf_counter() - t0
+                    if best is None or dt < best:
+                        best, best_res = dt, res
+                res = best_res
+                row.seconds = best
+                row.sequences = res.sequences[:, ids.shape[1]:].cpu()
+                for lvl in res.stats.levels:
+                    row.forwards[lvl.name] = lvl.forwards
+                    if lvl.acceptance_rate is not None:
+                        row.acceptance[lvl.name] = round(lvl.acceptance_rate, 4)
+                        row.mean_accepted[lvl.name] = round(lvl.mean_accepted_length, 3)
+            row.new_tokens = int(row.sequences.shape[1]) * int(row.sequences.shape[0])
+            row.tokens_per_s = row.new_tokens / row.seconds
+            log(f"[bench] {name}: {row.tokens_per_s:.1f} tok/s ({row.seconds:.3f} s, first call "
+                f"{row.warmup_s:.1f} s) acceptance {row.acceptance}")
+        except Exception as e:  # a row that fails is reported, the others still run
+            row.error = f"{type(e).__name__}: {str(e)[:300]}"
+            log(f"[bench] {name}: FAILED {row.error}")
+        finally:
+            gc.collect()
+    for name, row in out.items():
+        ref = SPECQ_ROWS.get(name, (None, None))[1]
+        if ref and row.sequences is not None and out.get(ref) is not None and out[ref].sequences is not None:
+            a, b = row.sequences, out[ref].sequences
+            n = min(a.shape[1], b.shape[1])
+            eq = (a[:, :n] == b[:, :n]).all(dim=0).to(torch.int64)
+            row.same_as = ref
+            row.agree = int(eq.cumprod(0).sum())
+            if strict and (row.agree != n or a.shape != b.shape):
+                raise AssertionError(f"row {name} differs from its reference {ref} at new token {row.agree} "
+                                     f"(lossless decoding must give the same tokens in float32)")
+    return list(out.values())
+
+
+# ---------------------------------------------------------------------------------------------- steps
+
+
+def step_costs(model, batch: int = 1, shapes=(("bf16", 1),), iters: int = 50, compile="auto",
+               position: int = 128, log=print) -> list[dict]:
+    """Milliseconds per compiled forward (one CUDA graph replay) for each (mode, q) in `shapes`.
+
+    Also the graph of one ML-SpecQD/QSpec round ("round:<draft>><target>:<gamma>") when listed as
+    ("round", draft, target, gamma). Runs on a fresh static cache at `position`.
+    """
+    from specq.runtime.compiled import CompiledSteps, make_static_cache
+
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise RuntimeError("step_costs times CUDA graphs; it needs the model on a CUDA device")
+    cache = make_static_cache(model, batch, position + 64)
+    steps = CompiledSteps(model, cache, compile=compile, cuda_graphs=True)
+    vocab = int(model.config.vocab_size)
+    g = torch.Generator(device=device).manual_seed(0)
+    out = []
+    for shape in shapes:
+        t0 = time.perf_counter()
+        try:
+            if shape[0] == "round":
+                _, draft, target, gamma = shape
+                tok = torch.randint(3, vocab, (batch, 1), device=device, generator=g)
+                fn = lambda: steps.spec_round(tok, position, draft, gamma, target)  # noqa: E731
+                label = f"round {draft}x{gamma}>{target}"
+            else:
+                mode, q = shape
+                ids = torch.randint(3, vocab, (batch, q), device=device, generator=g)
+                fn = lambda: steps.logits(ids, position, mode=mode)  # noqa: E731
+                label = f"{mode} q={q}"
+            fn()
+            torch.cuda.synchronize()
+            setup = time.perf_counter() - t0
+            for _ in range(3):
+                fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            times = []
+            for _ in range(iters):
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            times.sort()
+            ms = times[len(times) // 2]
+            out.append(dict(step=label, batch=batch, ms=round(ms, 4), setup_s=round(setup, 1)))
+            log(f"[steps] batch {batch} {label}: {ms:.3f} ms (setup {setup:.1f} s)")
+        except Exception as e:
+            out.append(dict(step=str(shape), batch=batch, ms=None, error=f"{type(e).__name__}: {str(e)[:300]}"))
+            log(f"[steps] {shape}: FAILED {type(e).__name__}: {e}")
+    del steps, cache
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def implied_speed(real_rows: list[dict], costs: dict[str, float], new_tokens: int) -> dict[str, float]:
+    """Tokens/s a model with these step costs (ms per forward, by level name and query length) would
+    reach with the forwards per token that the real model's rows measured (its acceptance).
+
+    real_rows: Row.as_dict() of a real-model run. costs: {"bf16": ms_q1, "bf16@verify": ms_qk, ...}.
+    """
+    out = {}
+    for r in real_rows:
+        if not r.get("forwards") or r.get("tokens_per_s") is None:
+            continue
+        levels = list(r["forwards"])
+        total = 0.0
+        ok = True
+        for i, lvl in enumerate(levels):
+            if lvl.startswith("ngram"):
+                continue
+            key = lvl if (i == 0 or len(levels) == 1) else f"{lvl}@verify"
+            if key not in costs:
+                ok = False
+                break
+            total += r["forwards"][lvl] * costs[key]
+        if ok and total > 0:
+            out[r["name"]] = new_tokens / (total / 1e3)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def markdown_table(rows: list[Row], baseline: str = "hf_static_compile") -> str:
+    base = next((r for r in rows if r.name == baseline and r.tokens_per_s), None)
+    head = ("row", "tok/s", f"x {baseline}", "first call s", "same tokens as", "leading tokens equal",
+            "acceptance (level: rate, mean accepted/round)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        if r.error and r.tokens_per_s is None:
+            lines.append(f"| {r.name} | - | - | - | - | - | {r.error} |")
+            continue
+        ratio = f"{r.tokens_per_s / base.tokens_per_s:.2f}" if base else "-"
+        acc = ", ".join(f"{k}: {v:.3f}, {r.mean_accepted.get(k, 0):.2f}" for k, v in r.acceptance.items()) or "-"
+        agree = f"{r.agree}/{r.new_tokens // max(1, (r.sequences.shape[0] if r.sequences is not None else 1))}" \
+            if r.agree is not None else "-"
+        lines.append(f"| {r.name} | {r.tokens_per_s:.1f} | {ratio} | {r.warmup_s:.1f} | {r.same_as or '-'} | "
+                     f"{agree} | {acc} |")
+    return "\n".join(lines)
+
+
+def dump_json(path, payload: dict) -> None:
+    import os
+    import tempfile
+
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+    os.replace(tmp, path)

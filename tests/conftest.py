@@ -1,0 +1,104 @@
+"""Shared pytest fixtures.
+
+- tests/ is put on sys.path, so test modules can `from tiny_models import make_tiny_model`.
+- `default_model_fp32` / `default_tokenizer`: the embedded default model (SmolLM2-135M-Instruct),
+  loaded once per session in float32 (greedy token equality is asserted in float32; see DESIGN.md).
+  Tests that transform a model in place must deep-copy it first (`copy.deepcopy(default_model_fp32)`),
+  since the fixture is shared by the whole session.
+- `default_multimode_fp32`: a deep copy of it, `specq.transform`ed to all four modes (default
+  recipe), built once per session (~20 s); shared too: switch modes with `specq.mode(...)` only.
+- `tiny_model`: factory for fresh tiny random models, `tiny_model("llama", dtype=..., seed=...)`.
+- `tiny_tokenizer`: a byte-level tokenizer whose 256 ids fit the tiny models' vocabulary (no chat
+  template, no special tokens), for saving a tiny model as a loadable directory.
+- `encode_chat`: `encode_chat(tokenizer, "question")` -> input_ids [1, T] with the chat template.
+- Tests marked `gpu` are skipped where CUDA is unavailable.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+if TESTS_DIR not in sys.path:
+    sys.path.insert(0, TESTS_DIR)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def _default_pair_fp32():
+    import specq
+
+    model, tokenizer = specq.load(dtype=torch.float32)
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="session")
+def default_model_fp32(_default_pair_fp32):
+    """SmolLM2-135M-Instruct in float32, eval mode, shared by the session: do not modify in place."""
+    return _default_pair_fp32[0]
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer(_default_pair_fp32):
+    return _default_pair_fp32[1]
+
+
+@pytest.fixture(scope="session")
+def default_multimode_fp32(default_model_fp32):
+    """The default model transformed to ("bf16", "mxfp4", "w4a16", "w4a4"), float32; do not modify."""
+    import copy
+
+    import specq
+
+    return specq.transform(copy.deepcopy(default_model_fp32), modes=("bf16", "mxfp4", "w4a16", "w4a4"))
+
+
+@pytest.fixture
+def tiny_model():
+    """Factory: `tiny_model(family, dtype=torch.float32, seed=0)` -> a fresh tiny random model."""
+    from tiny_models import make_tiny_model
+
+    return make_tiny_model
+
+
+def make_tiny_tokenizer():
+    """Byte-level BPE with no merges: one id per byte (0..255), so any text fits a 256-token vocab."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_chars = bytes_to_unicode()
+    tok = Tokenizer(models.BPE(vocab={byte_chars[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+def _encode_chat(tokenizer, text: str, system: str | None = None) -> torch.Tensor:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)
+    return out["input_ids"]
+
+
+@pytest.fixture(scope="session")
+def encode_chat():
+    """`encode_chat(tokenizer, text, system=None)` -> input_ids [1, T] (chat template, generation prompt)."""
+    return _encode_chat

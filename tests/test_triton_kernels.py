@@ -1,0 +1,243 @@
+"""The Triton kernels (specq/kernels/triton_*.py) against float64 math and the reference ops.
+
+CPU CI: every kernel runs under ``TRITON_INTERPRET=1`` on tiny, ragged shapes. The interpreter
+must be chosen before triton is imported and applies to the whole process, so these checks run in
+ONE subprocess (this file with ``--interpret-worker``), which prints a JSON report; the tests read it
+from a module fixture. The pytest process itself never imports triton in interpreter mode, so other
+tests are not disturbed. GPU: the same checks at larger, ragged shapes (skipped without CUDA),
+through ``torch.ops.specq.*`` so that the CUDA dispatch to the Triton kernels is what is tested.
+
+What is compared (``rel`` = ||out - ref|| / ||ref||):
+- mxfp4, w4a16: the kernel against float64 ``x @ dequant(W).T + b`` (rotation in float64 via the
+  dense Hadamard matrix) and, on CPU, against the reference op (the op's numerical definition).
+- the activation pre-kernel: rotation against float64; its INT4 codes and scales against
+  ``activation.quantize_int4`` applied to the kernel's own rotated x (identical up to very rare ties).
+- w4a4: the kernel against float64 from the pre-kernel's own codes and scales (exact INT products),
+  and against the reference op. That last check is loose in bf16/fp16: the reference rounds the
+  rotated x to bf16 through several Kronecker factors, so about 1% of the values land one bf16 ulp
+  away from ours and 1% of the INT4 codes move by one step, which moves the output by a few percent.
+Tolerances: float32 1e-5 (2e-5 for reductions over K > 4096); bf16/fp16 1.5e-2 (the interpreter truncates fp32 -> bf16
+instead of rounding, so it sits near 5e-3 rather than 2e-3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# (name, op, dtype, M, K, N, group, act_group, had_block, bias)
+CPU_CASES = [
+    ("mxfp4_bf16_ragged", "mxfp4", "bfloat16", 5, 96, 40, 0, 0, 0, True),
+    ("mxfp4_fp32", "mxfp4", "float32", 3, 64, 24, 0, 0, 0, False),
+    ("mxfp4_bf16_largeM", "mxfp4", "bfloat16", 70, 128, 40, 0, 0, 0, False),
+    ("w4a16_bf16_g32", "w4a16", "bfloat16", 5, 96, 40, 32, 0, 0, True),
+    ("w4a16_bf16_g128_h32", "w4a16", "bfloat16", 17, 256, 33, 128, 0, 32, False),
+    ("w4a16_fp16_g64_h12", "w4a16", "float16", 3, 192, 24, 64, 0, 12, True),
+    ("w4a16_fp32_g32", "w4a16", "float32", 4, 64, 24, 32, 0, 0, False),
+    ("w4a16_bf16_largeM_h16", "w4a16", "bfloat16", 70, 128, 40, 64, 0, 16, False),
+    ("w4a4_bf16_tok", "w4a4", "bfloat16", 5, 96, 40, 32, 0, 0, True),
+    ("w4a4_bf16_g32_h32", "w4a4", "bfloat16", 17, 256, 33, 128, 32, 32, False),
+    ("w4a4_fp16_tok_h12", "w4a4", "float16", 3, 192, 24, 64, 0, 12, False),
+    ("w4a4_fp32_g32", "w4a4", "float32", 4, 64, 24, 32, 32, 0, True),
+    ("w4a4_bf16_largeM_tok_h64", "w4a4", "bfloat16", 70, 256, 40, 128, 0, 64, False),
+]
+
+GPU_CASES = [
+    ("mxfp4_m1", "mxfp4", "bfloat16", 1, 4096, 1000, 0, 0, 0, False),
+    ("mxfp4_m7", "mxfp4", "bfloat16", 7, 1184, 4099, 0, 0, 0, True),
+    ("mxfp4_m33", "mxfp4", "bfloat16", 33, 640, 768, 0, 0, 0, False),
+    ("mxfp4_m300", "mxfp4", "bfloat16", 300, 1184, 1000, 0, 0, 0, True),
+    ("mxfp4_fp16_m16", "mxfp4", "float16", 16, 2048, 513, 0, 0, 0, False),
+    ("mxfp4_fp32_m5", "mxfp4", "float32", 5, 1024, 520, 0, 0, 0, True),
+    ("w4a16_m1", "w4a16", "bfloat16", 1, 4096, 1000, 128, 0, 0, False),
+    ("w4a16_m7_h128", "w4a16", "bfloat16", 7, 1152, 4099, 128, 0, 128, True),
+    ("w4a16_m33_g64", "w4a16", "bfloat16", 33, 640, 768, 64, 0, 0, False),
+    ("w4a16_m300_h96", "w4a16", "bfloat16", 300, 1152, 1000, 128, 0, 96, True),
+    ("w4a16_m1030_g32", "w4a16", "bfloat16", 1030, 512, 260, 32, 0, 0, False),
+    ("w4a16_fp16_m16", "w4a16", "float16", 16, 2048, 513, 128, 0, 64, False),
+    ("w4a16_fp32_m5", "w4a16", "float32", 5, 1024, 520, 128, 0, 0, True),
+    ("w4a4_m1_tok_h128", "w4a4", "bfloat16", 1, 4096, 1000, 128, 0, 128, False),
+    ("w4a4_m7_g32", "w4a4", "bfloat16", 7, 1152, 4099, 128, 32, 0, True),
+    ("w4a4_m300_g32_h128", "w4a4", "bfloat16", 300, 1152, 1000, 128, 32, 128, False),
+    ("w4a4_m1030_tok_h64", "w4a4", "bfloat16", 1030, 512, 260, 64, 0, 64, True),
+    ("w4a4_m260_tok_h12", "w4a4", "bfloat16", 260, 1152, 520, 128, 0, 12, False),
+    ("w4a4_fp32_m5_g32", "w4a4", "float32", 5, 1024, 520, 128, 32, 0, True),
+]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def _tol(dtype: torch.dtype, k: int) -> float:
+    return (1e-5 if k <= 4096 else 2e-5) if dtype == torch.float32 else 1.5e-2
+
+
+def _rot64(x: torch.Tensor, had_block: int) -> torch.Tensor:
+    from specq.formats import hadamard
+
+    x64 = x.double().cpu()
+    if had_block == 0:
+        return x64
+    h = hadamard.hadamard_matrix(had_block)
+    return (x64.reshape(-1, x.shape[-1] // had_block, had_block) @ h).reshape(x64.shape)
+
+
+def run_case(case, device: str, use_ops: bool) -> dict:
+    """Run one case; returns {check: (value, limit)} where each check passes iff value <= limit."""
+    from specq.formats import activation, int4, mxfp4
+    from specq.kernels import ops, triton_act, triton_backend
+
+    name, op, dtype_name, M, K, N, group, act_group, had_block, has_bias = case
+    dtype = getattr(torch, dtype_name)
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    w = torch.randn(N, K, generator=gen) * 0.05
+    b = (torch.randn(N, generator=gen) * 0.1).to(dtype) if has_bias else None
+    b64 = b.double() if b is not None else torch.zeros(N, dtype=torch.float64)
+    tol = _tol(dtype, K)
+    checks = {}
+    if op == "mxfp4":
+        p, s = mxfp4.quantize(w)
+        w64 = mxfp4.dequantize(p, s, torch.float64)
+        args = (p, s, b)
+        fn = torch.ops.specq.linear_mxfp4 if use_ops else triton_backend.linear_mxfp4
+        ref_op = lambda: ops.linear_mxfp4_op(x, p, s, b)  # noqa: E731
+    else:
+        p, s = int4.quantize(w.to(dtype), group)
+        w64 = int4.dequantize(p, s, torch.float64)
+        if op == "w4a16":
+            args = (p, s, b, group, had_block)
+            fn = torch.ops.specq.linear_w4a16 if use_ops else triton_backend.linear_w4a16
+            ref_op = lambda: ops.linear_w4a16_op(x, p, s, b, group, had_block)  # noqa: E731
+        else:
+            args = (p, s, b, group, act_group, had_block)
+            fn = torch.ops.specq.linear_w4a4 if use_ops else triton_backend.linear_w4a4
+            ref_op = lambda: ops.linear_w4a4_op(x, p, s, b, group, act_group, had_block)  # noqa: E731
+    dev_args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+    xd = x.to(device)
+    if device != "cpu":  # poison the allocator's free memory so unwritten outputs show up as NaN
+        torch.empty(64 << 20, dtype=torch.float32, device=device).fill_(float("nan"))
+    y = fn(xd, *dev_args)
+    if device != "cpu":
+        torch.cuda.synchronize()
+    checks["shape_dtype"] = (0.0 if (tuple(y.shape) == (M, N) and y.dtype == dtype) else 1.0, 0.0)
+    checks["finite"] = (0.0 if bool(torch.isfinite(y).all()) else 1.0, 0.0)
+    if op in ("mxfp4", "w4a16"):
+        xr64 = _rot64(x, had_block) if op == "w4a16" else x.double()
+        checks["vs_float64"] = (_rel(y, xr64 @ w64.T + b64), tol)
+    else:
+        x2 = xd.reshape(M, K)
+        xr = triton_act.rotate(x2, had_block) if had_block > 0 else x2
+        if had_block > 0:
+            checks["rotation_vs_float64"] = (_rel(xr, _rot64(x, had_block)), tol)
+        q, sx = triton_act.quantize(x2, act_group, had_block)
+        q_ref, s_ref = activation.quantize_int4(xr, act_group)
+        diff = (q.int() - q_ref.int()).abs()
+        checks["act_codes_mismatch_frac"] = (float((diff > 0).float().mean()), max(1e-3, 2.0 / diff.numel()))
+        checks["act_codes_max_step"] = (float(diff.max()), 1.0)
+        checks["act_scales"] = (_rel(sx, s_ref.reshape(sx.shape)), 1e-6)
+        ag = act_group if act_group > 0 else K
+        xq64 = (q.double().cpu().reshape(M, K // ag, ag) * sx.double().cpu().reshape(M, -1, 1)).reshape(M, K)
+        checks["vs_float64_same_codes"] = (_rel(y, xq64 @ w64.T + b64), tol)
+    if device == "cpu":
+        ref = ref_op()
+        loose = op == "w4a4" and dtype != torch.float32 and had_block > 0
+        limit = 0.1 if loose else (1e-2 if op == "w4a4" else tol)
+        checks["vs_reference_op"] = (_rel(y, ref), limit)
+    return checks
+
+
+def _worker() -> None:
+    """Runs in the subprocess, with TRITON_INTERPRET=1 set before anything imports triton."""
+    assert os.environ.get("TRITON_INTERPRET") == "1", "the worker must run with TRITON_INTERPRET=1"
+    sys.path.insert(0, ROOT)
+    torch.set_num_threads(1)
+    report = {}
+    for case in CPU_CASES:
+        try:
+            report[case[0]] = {"checks": run_case(case, "cpu", use_ops=False)}
+        except Exception as e:  # reported per case, so one failure does not hide the others
+            import traceback
+
+            report[case[0]] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+    print(json.dumps(report))
+
+
+def _assert_checks(name: str, checks: dict) -> None:
+    bad = {k: v for k, v in checks.items() if not (v[0] <= v[1])}
+    assert not bad, f"{name}: failed checks (value, limit): {bad}; all: {checks}"
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", SPECQ_AUTOTUNE="0", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpret-worker"], env=env,
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=[c[0] for c in CPU_CASES])
+def test_interpreted_kernel_matches_reference(interpreted, case):
+    r = interpreted[case[0]]
+    assert "error" not in r, f"{case[0]} raised: {r.get('error')}\n{r.get('trace')}"
+    _assert_checks(case[0], r["checks"])
+
+
+@pytest.mark.gpu
+def test_triton_kernels_registered_for_cuda():
+    from specq.kernels import ops  # noqa: F401  (imports triton_backend on CUDA machines)
+
+    for op in ("linear_mxfp4", "linear_w4a16", "linear_w4a4"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"specq::{op}", "CUDA"), op
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+def test_gpu_kernel_matches_float64(case):
+    import specq.kernels.ops  # noqa: F401
+
+    _assert_checks(case[0], run_case(case, "cuda", use_ops=True))
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture_and_3d_input():
+    """Decode runs inside CUDA graphs: a captured call (after an eager warm-up that tunes) replays
+    with new inputs and gives the eager result; [B, T, K] inputs keep their leading dims."""
+    from specq.formats import int4
+
+    import specq.kernels.ops  # noqa: F401
+
+    w = torch.randn(520, 1024, device="cuda") * 0.05
+    p, s = int4.quantize(w.bfloat16(), 128)
+    x = torch.randn(2, 3, 1024, device="cuda", dtype=torch.bfloat16)
+    fns = [lambda t: torch.ops.specq.linear_w4a16(t, p, s, None, 128, 128),
+           lambda t: torch.ops.specq.linear_w4a4(t, p, s, None, 128, 0, 128),
+           lambda t: torch.ops.specq.linear_w4a4(t, p, s, None, 128, 32, 0)]
+    for fn in fns:
+        eager = fn(x)
+        assert eager.shape == (2, 3, 520)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = fn(x)
+        x2 = torch.randn_like(x)
+        x.copy_(x2)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, fn(x2))
+
+
+if __name__ == "__main__" and "--interpret-worker" in sys.argv:
+    _worker()
