@@ -62,6 +62,7 @@ def main(argv=None):
     p.add_argument("--strict", action="store_true", help="fail unless lossless rows give identical tokens")
     p.add_argument("--steps", action="store_true", help="also time each compiled step (CUDA only)")
     p.add_argument("--step-batches", default="1")
+    p.add_argument("--steps-compile", default=None, help="compile setting of the step timings (default: --compile)")
     p.add_argument("--implied-from", default=None, help="a real model's e2e JSON: implied speed at this shape")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--tag", default=None)
@@ -105,8 +106,10 @@ def main(argv=None):
             shapes.append(("round", "mxfp4", "bf16", args.gamma2))
         if "w4a4" in modes:
             shapes.append(("round", "w4a4", "w4a16", args.gamma2))
+        sc = args.steps_compile or args.compile
+        sc = None if sc == "none" else sc
         for b in [int(x) for x in args.step_batches.split(",")]:
-            costs += bench.step_costs(model, batch=b, shapes=shapes, compile=compile_, position=args.prompt_len,
+            costs += bench.step_costs(model, batch=b, shapes=shapes, compile=sc, position=args.prompt_len,
                                       log=log)
 
     implied = {}

@@ -150,6 +150,9 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def _load_named(name: str, dtype: torch.dtype):
+    if not name.strip():
+        raise ModelLoadError("Empty model name; pass a Hub id, a local directory or a .gguf file "
+                             "(or nothing, for the embedded default model).")
     path = Path(name).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":

@@ -183,7 +183,7 @@ def test_evaluate_transformed_tiny_model(tiny_model, tiny_tokenizer):
     assert report.modes["mxfp4"]["weight_bytes"] < report.modes["bf16"]["weight_bytes"] / 3
     assert [(p["draft"], p["verifier"]) for p in report.pairs] == [("mxfp4", "bf16"), ("w4a4", "w4a16")]
     for p in report.pairs:
-        assert 0.0 <= p["agreement"] <= 1.0 and p["positions"] == 18
+        assert 0.0 <= p["agreement"] <= 1.0 and 0 < p["positions"] <= 18  # the tiny config stops at eos 2
     json.dumps(report.to_dict())
     table = report.format_table()
     assert "mxfp4 -> bf16" in table and "w4a4 -> w4a16" in table and "perplexity" in table
@@ -212,9 +212,10 @@ def test_evaluate_bad_modes(tiny_model, tiny_tokenizer):
 
 @pytest.mark.slow
 def test_default_model_every_mode(default_multimode_fp32, default_tokenizer):
-    """Sanity bounds for the real model (float32), measured on the shipped text set."""
-    report = evaluate(default_multimode_fp32, default_tokenizer, prompts=load_eval_prompts()[:3],
-                      max_new_tokens=12, progress=False)
+    """Sanity bounds for the real model (float32), on part of the shipped sets (to stay fast)."""
+    report = evaluate(default_multimode_fp32, default_tokenizer, texts=load_eval_texts()[:2],
+                      prompts=load_eval_prompts()[:3], max_new_tokens=12, max_length=256, progress=False)
+    print(report.format_table())
     ppl = {m: r["perplexity"] for m, r in report.modes.items()}
     assert 3.0 < ppl["bf16"] < 30.0, ppl
     for m in ("mxfp4", "w4a16", "w4a4"):

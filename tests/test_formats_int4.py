@@ -29,6 +29,7 @@ def test_hand_written_words():
     packed, scales = int4.quantize(torch.tensor([DOC_ROW]), group_size=8)
     assert packed.dtype == torch.int32 and packed.shape == (1, 2)
     assert _as_u32(packed) == DOC_WORDS
+    assert packed.tolist() == [[1233553951, -458708961]]  # the same words as signed int32
     assert scales.dtype == torch.float32 and scales.tolist() == [DOC_SCALES]
     assert int4.unpack(packed).tolist() == [DOC_Q]
     want = [q * DOC_SCALES[i // 8] for i, q in enumerate(DOC_Q)]

@@ -243,7 +243,7 @@ def test_default_model_round_trip(default_multimode_fp32, default_tokenizer, tmp
     loaded = specq.from_pretrained(path)
     assert loaded.config.tie_word_embeddings and loaded.lm_head.weight.data_ptr() == \
         loaded.model.embed_tokens.weight.data_ptr()  # stored once, tied again on load
-    ids = torch.tensor([tok.encode("The capital of France is Paris, and the capital of Italy is")])
+    ids = torch.tensor([tok.encode("The capital of France is")])
     want, got = logits_per_mode(mm, ids, ALL), logits_per_mode(loaded, ids, ALL)
     for m in ALL:
         assert torch.equal(want[m], got[m]), m

@@ -163,3 +163,22 @@ def test_token_is_never_logged_or_written(hub, tmp_path, caplog, capfd):
                 if os.path.isfile(p):
                     with open(p, "rb") as f:
                         assert TOKEN.encode() not in f.read(), p
+
+
+def test_from_pretrained_from_the_hub_downloads_only_the_requested_modes(hub, tmp_path):
+    import torch
+
+    import specq
+    from tiny_models import make_tiny_model
+
+    mm = specq.transform(make_tiny_model("qwen2", seed=5), modes=("bf16", "mxfp4", "w4a16", "w4a4"))
+    specq.save_pretrained(mm, tmp_path / "ck")
+    push_to_hub(tmp_path / "ck", "me/qwen-specq", token=TOKEN, endpoint=hub.endpoint, progress=False)
+    hub.downloads.clear()
+    loaded = specq.from_pretrained("me/qwen-specq", modes=["w4a4"], endpoint=hub.endpoint,
+                                   cache_dir=tmp_path / "cache")
+    shards = sorted(d.split(":")[1] for d in hub.downloads if d.endswith(".safetensors"))
+    assert shards == ["model-common-00001-of-00001.safetensors", "model-int4-00001-of-00001.safetensors"]
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad(), specq.mode(mm, "w4a4"):
+        assert torch.equal(mm(ids).logits, loaded(ids).logits)

@@ -156,6 +156,8 @@ def test_missing_path_is_a_clear_error():
         specq.load("/nonexistent/dir/model.gguf")
     with pytest.raises(ModelLoadError, match="No such file or directory"):
         specq.load("./not/here")
+    with pytest.raises(ModelLoadError, match="Empty model name"):
+        specq.load("")
 
 
 def test_not_a_gguf_file(tmp_path):

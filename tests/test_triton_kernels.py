@@ -38,10 +38,13 @@ ROOT = os.path.dirname(HERE)
 CPU_CASES = [
     ("mxfp4_bf16_ragged", "mxfp4", "bfloat16", 5, 96, 40, 0, 0, 0, True),
     ("mxfp4_fp32", "mxfp4", "float32", 3, 64, 24, 0, 0, 0, False),
+    ("mxfp4_bf16_gemv", "mxfp4", "bfloat16", 1, 160, 40, 0, 0, 0, True),
     ("mxfp4_bf16_largeM", "mxfp4", "bfloat16", 70, 128, 40, 0, 0, 0, False),
     ("w4a16_bf16_g32", "w4a16", "bfloat16", 5, 96, 40, 32, 0, 0, True),
     ("w4a16_bf16_g128_h32", "w4a16", "bfloat16", 17, 256, 33, 128, 0, 32, False),
     ("w4a16_fp16_g64_h12", "w4a16", "float16", 3, 192, 24, 64, 0, 12, True),
+    ("w4a16_bf16_gemv_g64", "w4a16", "bfloat16", 1, 192, 40, 64, 0, 0, True),
+    ("w4a16_fp16_gemv_h64", "w4a16", "float16", 1, 128, 24, 128, 0, 64, False),
     ("w4a16_fp32_g32", "w4a16", "float32", 4, 64, 24, 32, 0, 0, False),
     ("w4a16_bf16_largeM_h16", "w4a16", "bfloat16", 70, 128, 40, 64, 0, 16, False),
     ("w4a4_bf16_tok", "w4a4", "bfloat16", 5, 96, 40, 32, 0, 0, True),

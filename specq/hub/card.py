@@ -42,7 +42,8 @@ def render_card(config: dict, index: dict, *, base_model: str | None = None, eva
     for m in modes:
         nbytes = gb.get("common", 0) + sum(gb.get(g, 0) for g in MODE_GROUPS[m])
         r = (eval_results or {}).get(m, {})
-        lines.append(f"| {m} | {_human(nbytes)} | {_num(r.get('perplexity'))} | {_num(r.get('agreement'))} |")
+        agree = _num(r.get("agreement")) + (f" (vs {r['verifier']})" if r.get("verifier") else "")
+        lines.append(f"| {m} | {_human(nbytes)} | {_num(r.get('perplexity'))} | {agree} |")
     lines.append("")
     if eval_results:
         note = eval_results.get("_note") if isinstance(eval_results.get("_note"), str) else None

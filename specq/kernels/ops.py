@@ -176,11 +176,12 @@ def _(x, packed, scales, bias, group_size, act_group_size, had_block):
 # quantizer is treated as identity (straight-through), which is the usual choice and keeps the
 # draft usable inside code that runs with grad enabled.
 
-def _setup_ctx(ctx, inputs, output):
-    x, packed, scales = inputs[0], inputs[1], inputs[2]
-    ctx.save_for_backward(packed, scales)
-    ctx.x_dtype = x.dtype
-    ctx.had_block = inputs[5] if len(inputs) == 6 else (inputs[6] if len(inputs) == 7 else 0)
+def _setup(had_block_index: Optional[int]):
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1], inputs[2])  # packed, scales
+        ctx.x_dtype = inputs[0].dtype
+        ctx.had_block = 0 if had_block_index is None else inputs[had_block_index]
+    return setup_context
 
 
 def _grad_bias(grad, bias_needs_grad):
@@ -205,9 +206,11 @@ def _backward_int4(ctx, grad):
     return gx, None, None, _grad_bias(grad, ctx.needs_input_grad[3])
 
 
-linear_mxfp4_op.register_autograd(_backward_mxfp4, setup_context=_setup_ctx)
-linear_w4a16_op.register_autograd(lambda ctx, g: (*_backward_int4(ctx, g), None, None), setup_context=_setup_ctx)
-linear_w4a4_op.register_autograd(lambda ctx, g: (*_backward_int4(ctx, g), None, None, None), setup_context=_setup_ctx)
+linear_mxfp4_op.register_autograd(_backward_mxfp4, setup_context=_setup(None))
+linear_w4a16_op.register_autograd(lambda ctx, g: (*_backward_int4(ctx, g), None, None),  # + group_size, had_block
+                                  setup_context=_setup(5))
+linear_w4a4_op.register_autograd(lambda ctx, g: (*_backward_int4(ctx, g), None, None, None),  # + 3 ints
+                                 setup_context=_setup(6))
 
 
 # --------------------------------------------------------------------------- Python wrappers

@@ -23,7 +23,13 @@ import triton
 import triton.language as tl
 
 from specq.kernels.triton_common import Config, ConfigCache, m_bucket, next_pow2
-from specq.kernels.triton_wq import _tile_ids
+from specq.kernels.triton_wq import _interleave8, _tile_ids
+
+
+@triton.jit
+def _snib(pw, i: tl.constexpr):
+    """Nibble i of words already XOR-ed with 0x88888888, sign-extended: the INT4 value q."""
+    return ((pw << (28 - 4 * i)) >> 28).to(tl.int8)
 
 
 @triton.jit
@@ -43,7 +49,6 @@ def _w4a4_matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    lshift = 28 - tl.arange(0, 8) * 4
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     KSTEP: tl.constexpr = SUB_K * N_SUB
     for k0 in range(0, K, KSTEP):
@@ -56,8 +61,9 @@ def _w4a4_matmul_kernel(
             pw = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
                          mask=n_mask[:, None] & (offs_w < K // 8)[None, :], other=0)
             pw = pw ^ -2004318072  # 0x88888888: (q + 8) -> q as 4-bit two's complement
-            wv = (pw[:, :, None] << lshift[None, None, :]) >> 28
-            wv = tl.reshape(wv, (BLOCK_N, SUB_K)).to(tl.int8)
+            wv = tl.reshape(_interleave8(_snib(pw, 0), _snib(pw, 1), _snib(pw, 2), _snib(pw, 3),
+                                         _snib(pw, 4), _snib(pw, 5), _snib(pw, 6), _snib(pw, 7)),
+                            (BLOCK_N, SUB_K))
             d = tl.dot(a, tl.trans(wv), out_dtype=tl.int32).to(tl.float32)
             sw = tl.load(sw_ptr + offs_n * stride_swn + kk // WG, mask=n_mask & (kk < K), other=0.0).to(tl.float32)
             if AG > 0:

@@ -58,11 +58,79 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
+def _nib(pw, i: tl.constexpr):
+    """Nibble i (bits 4i..4i+3) of each int32 word: element 8j + i of word j."""
+    return (pw >> (4 * i)) & 0xF
+
+
+@triton.jit
+def _interleave8(a0, a1, a2, a3, a4, a5, a6, a7):
+    """Eight [..., J] tiles -> [..., J, 2, 2, 2] whose row-major flattening puts a_i[..., j] at 8j + i.
+
+    Built from tl.join only, which stacks values a thread already holds, so no data moves between
+    threads (a reshape of a [..., J, 8] broadcast instead goes through shared memory, one 16-bit
+    store per element)."""
+    q0 = tl.join(tl.join(a0, a4), tl.join(a2, a6))
+    q1 = tl.join(tl.join(a1, a5), tl.join(a3, a7))
+    return tl.join(q0, q1)
+
+
+@triton.jit
+def _int4_magic(pw, i: tl.constexpr, MAGIC: tl.constexpr, x_dtype: tl.constexpr):
+    """INT4 nibble u = q + 8 as the 16-bit float MAGIC + u (exact; no int -> float conversion)."""
+    return (_nib(pw, i) | MAGIC).to(tl.int16).to(x_dtype, bitcast=True)
+
+
+@triton.jit
+def _int4_unit(pw, i: tl.constexpr):
+    """INT4 nibble u as the fp32 1 + u/16 (u at the top of the mantissa): q = 16 * v - 24."""
+    return ((_nib(pw, i) << 19) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e2m1(pw, i: tl.constexpr):
+    """E2M1 code in nibble i as fp32 e2m1 * 2^-14: the code's magnitude bits at fp16 bit 9 and its
+    sign at bit 15 make an fp16 whose value is exact, code 1 (0.5, an fp16 subnormal) included."""
+    c = _nib(pw, i)
+    return (((c & 7) << 9) | ((c & 8) << 12)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _int4_tile(pw, MAGIC: tl.constexpr, x_dtype: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr):
+    """[BLOCK_N, SUB_K/8] words -> [BLOCK_N, SUB_K] dot operand (MAGIC + u, or q exactly when MAGIC == 0)."""
+    if MAGIC == 0:
+        t = _interleave8(_nib(pw, 0), _nib(pw, 1), _nib(pw, 2), _nib(pw, 3),
+                         _nib(pw, 4), _nib(pw, 5), _nib(pw, 6), _nib(pw, 7))
+        return (tl.reshape(t, (BLOCK_N, SUB_K)) - 8).to(tl.float32)
+    else:
+        t = _interleave8(_int4_magic(pw, 0, MAGIC, x_dtype), _int4_magic(pw, 1, MAGIC, x_dtype),
+                         _int4_magic(pw, 2, MAGIC, x_dtype), _int4_magic(pw, 3, MAGIC, x_dtype),
+                         _int4_magic(pw, 4, MAGIC, x_dtype), _int4_magic(pw, 5, MAGIC, x_dtype),
+                         _int4_magic(pw, 6, MAGIC, x_dtype), _int4_magic(pw, 7, MAGIC, x_dtype))
+        return tl.reshape(t, (BLOCK_N, SUB_K))
+
+
+@triton.jit
+def _mxfp4_tile(pw3, sf, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr):
+    """[BLOCK_N, SUB_K/32, 4] words and [BLOCK_N, SUB_K/32] fp32 block scales -> [BLOCK_N, SUB_K] fp32."""
+    s3 = sf[:, :, None]
+    t = _interleave8(_e2m1(pw3, 0) * s3, _e2m1(pw3, 1) * s3, _e2m1(pw3, 2) * s3, _e2m1(pw3, 3) * s3,
+                     _e2m1(pw3, 4) * s3, _e2m1(pw3, 5) * s3, _e2m1(pw3, 6) * s3, _e2m1(pw3, 7) * s3)
+    return tl.reshape(t, (BLOCK_N, SUB_K))
+
+
+@triton.jit
+def _e8m0_times_2p14(se):
+    """E8M0 byte e -> fp32 2^(e - 127) * 2^14, built as exponent bits (exact, no exp2)."""
+    return ((se.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _wq_matmul_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
     M, N, K,
     stride_xm, stride_wn, stride_sn, stride_ym,
-    FORMAT: tl.constexpr,   # 0 MXFP4 (uint8 [N, K/2], E8M0 [N, K/32]); 1 INT4 (int32 [N, K/8], scales [N, K/GROUP])
+    FORMAT: tl.constexpr,   # 0 MXFP4, 1 INT4; both read as int32 words [N, K/8] (nibble i of word j = k 8j+i)
     GROUP: tl.constexpr,    # K elements per weight scale (32 for MXFP4)
     MAGIC: tl.constexpr,    # INT4: 0x4300 (bf16), 0x6400 (fp16), 0 (exact float path)
     OFFSET: tl.constexpr,   # INT4: value of MAGIC as a float plus 8
@@ -77,47 +145,88 @@ def _wq_matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    x_dtype = x_ptr.dtype.element_ty
+    x_dtype: tl.constexpr = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     KSTEP: tl.constexpr = SUB_K * N_SUB
+    G: tl.constexpr = SUB_K // 32
     for k0 in range(0, K, KSTEP):
         for j in tl.static_range(N_SUB):
             kk = k0 + j * SUB_K
             offs_k = kk + tl.arange(0, SUB_K)
-            k_mask = offs_k < K
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                        mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
             if FORMAT == 1:
                 offs_w = kk // 8 + tl.arange(0, SUB_K // 8)
                 pw = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
                              mask=n_mask[:, None] & (offs_w < K // 8)[None, :], other=0)
-                nib = (pw[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF
-                nib = tl.reshape(nib, (BLOCK_N, SUB_K))
-                if MAGIC == 0:
-                    d = _dot(x, tl.trans((nib - 8).to(tl.float32)), DOT_FP32, IEEE)
-                else:
-                    wv = (nib | MAGIC).to(tl.int16).to(x_dtype, bitcast=True)
-                    d = _dot(x, tl.trans(wv), DOT_FP32, IEEE)
+                wt = _int4_tile(pw, MAGIC, x_dtype, BLOCK_N, SUB_K)
+                d = _dot(x, tl.trans(wt), DOT_FP32, IEEE)
+                if MAGIC != 0:
                     d -= OFFSET * tl.sum(x.to(tl.float32), axis=1)[:, None]
                 sc = tl.load(s_ptr + offs_n * stride_sn + kk // GROUP, mask=n_mask & (kk < K), other=0.0)
                 acc += d * sc.to(tl.float32)[None, :]
             else:
-                offs_w = kk // 2 + tl.arange(0, SUB_K // 2)
-                pw = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
-                             mask=n_mask[:, None] & (offs_w < K // 2)[None, :], other=0).to(tl.int32)
-                c = tl.interleave(pw & 0xF, pw >> 4)  # element 2i = low nibble
-                bits = ((c & 7) << 9) | ((c & 8) << 12)
-                v = bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)  # e2m1 * 2^-14
-                offs_s = kk // 32 + tl.arange(0, SUB_K // 32)
-                se = tl.load(s_ptr + offs_n[:, None] * stride_sn + offs_s[None, :],
-                             mask=n_mask[:, None] & (offs_s < K // 32)[None, :], other=0).to(tl.int32)
-                sf = ((se + 14) << 23).to(tl.float32, bitcast=True)  # 2^(e - 127) * 2^14
-                w = tl.reshape(tl.reshape(v, (BLOCK_N, SUB_K // 32, 32)) * sf[:, :, None], (BLOCK_N, SUB_K))
-                acc += _dot(x, tl.trans(w.to(x_dtype)), DOT_FP32, IEEE)
+                offs_g = kk // 32 + tl.arange(0, G)
+                offs_w3 = offs_g[:, None] * 4 + tl.arange(0, 4)[None, :]
+                pw3 = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + offs_w3[None, :, :],
+                              mask=n_mask[:, None, None] & (offs_g < K // 32)[None, :, None], other=0)
+                se = tl.load(s_ptr + offs_n[:, None] * stride_sn + offs_g[None, :],
+                             mask=n_mask[:, None] & (offs_g < K // 32)[None, :], other=0)
+                wt = _mxfp4_tile(pw3, _e8m0_times_2p14(se), BLOCK_N, SUB_K)
+                acc += _dot(x, tl.trans(wt.to(x_dtype)), DOT_FP32, IEEE)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _wq_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
+    N, K, stride_wn, stride_sn,
+    FORMAT: tl.constexpr, GROUP: tl.constexpr, SUB_K: tl.constexpr, N_SUB: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """M = 1: CUDA-core FMAs instead of a 16-row padded dot. Each weight costs a shift, a LOP3 and
+    an FMA (INT4: 1 + u/16 in fp32, the -24 * sum(x) and the group scale applied per chunk; MXFP4:
+    the fp16 trick and the block scale applied per 32-element block after its partial sum)."""
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    KSTEP: tl.constexpr = SUB_K * N_SUB
+    G: tl.constexpr = SUB_K // 32
+    for k0 in range(0, K, KSTEP):
+        for j in tl.static_range(N_SUB):
+            kk = k0 + j * SUB_K
+            if FORMAT == 1:
+                offs_k = kk + tl.arange(0, SUB_K)
+                x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+                offs_w = kk // 8 + tl.arange(0, SUB_K // 8)
+                pw = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
+                             mask=n_mask[:, None] & (offs_w < K // 8)[None, :], other=0)
+                t = _interleave8(_int4_unit(pw, 0), _int4_unit(pw, 1), _int4_unit(pw, 2), _int4_unit(pw, 3),
+                                 _int4_unit(pw, 4), _int4_unit(pw, 5), _int4_unit(pw, 6), _int4_unit(pw, 7))
+                part = tl.sum(tl.reshape(t, (BLOCK_N, SUB_K)) * x[None, :], axis=1)
+                sc = tl.load(s_ptr + offs_n * stride_sn + kk // GROUP, mask=n_mask & (kk < K), other=0.0)
+                acc += (16.0 * part - 24.0 * tl.sum(x, axis=0)) * sc.to(tl.float32)
+            else:
+                offs_g = kk // 32 + tl.arange(0, G)
+                g_ok = offs_g < K // 32
+                x = tl.load(x_ptr + offs_g[:, None] * 32 + tl.arange(0, 32)[None, :], mask=g_ok[:, None],
+                            other=0.0).to(tl.float32)
+                offs_w3 = offs_g[:, None] * 4 + tl.arange(0, 4)[None, :]
+                pw3 = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + offs_w3[None, :, :],
+                              mask=n_mask[:, None, None] & g_ok[None, :, None], other=0)
+                t = _interleave8(_e2m1(pw3, 0), _e2m1(pw3, 1), _e2m1(pw3, 2), _e2m1(pw3, 3),
+                                 _e2m1(pw3, 4), _e2m1(pw3, 5), _e2m1(pw3, 6), _e2m1(pw3, 7))
+                part = tl.sum(tl.reshape(t, (BLOCK_N, G, 32)) * x[None, :, :], axis=2)  # [BLOCK_N, G]
+                se = tl.load(s_ptr + offs_n[:, None] * stride_sn + offs_g[None, :],
+                             mask=n_mask[:, None] & g_ok[None, :], other=0)
+                acc += tl.sum(part * _e8m0_times_2p14(se), axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
 _CACHE = ConfigCache("wq_matmul")
@@ -165,30 +274,64 @@ def supported_int4_group(group: int) -> bool:
     return _sub_k_for(FORMAT_INT4, group, 128) is not None
 
 
+_GEMV_CACHE = ConfigCache("wq_gemv")
+
+
+def _gemv_candidates(fmt: int, group: int) -> list[Config]:
+    # (BLOCK_N, SUB_K wanted, K per iteration, warps, stages)
+    raw = [(32, 128, 512, 4, 3), (16, 128, 512, 4, 4), (64, 128, 256, 4, 3), (16, 256, 1024, 4, 3),
+           (32, 256, 512, 8, 3), (8, 128, 512, 2, 4)]
+    out, seen = [], set()
+    for bn, sk, kstep, nw, st in raw:
+        sub = _sub_k_for(fmt, group, sk)
+        if sub is None:
+            continue
+        cfg = Config.make(num_warps=nw, num_stages=st, BLOCK_N=bn, SUB_K=sub, N_SUB=max(1, kstep // sub))
+        if cfg not in seen:
+            seen.add(cfg)
+            out.append(cfg)
+    return out
+
+
 def wq_matmul(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
               fmt: int, group: int) -> torch.Tensor:
-    """x2 [M, K] (unit stride along K) -> [M, N] in x2.dtype. Arguments are assumed validated."""
+    """x2 [M, K] (unit stride along K) -> [M, N] in x2.dtype. Arguments are assumed validated.
+
+    Both formats are read as int32 words [N, K/8] (an MXFP4 uint8 [N, K/2] viewed as int32: byte b
+    of word j holds elements 8j + 2b, 8j + 2b + 1 in its low, high nibble, the INT4 order)."""
     M, K = x2.shape
     N = packed.shape[0]
     y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
     if M == 0:
         return y
-    packed = packed.contiguous()
+    words = packed.contiguous()
+    if fmt == FORMAT_MXFP4:
+        words = words.view(torch.int32)
     scales = scales.contiguous()
+    b_arg = bias if bias is not None else x2
+    g = group if fmt == FORMAT_INT4 else 32
+    if M == 1 and x2.dtype in (torch.bfloat16, torch.float16):
+        def launch_gemv(cfg: Config, out=y):
+            grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
+            _wq_gemv_kernel[grid](x2, words, scales, b_arg, out, N, K, words.stride(0), scales.stride(0),
+                                  FORMAT=fmt, GROUP=g, HAS_BIAS=bias is not None, **cfg.kwargs())
+
+        key = (fmt, group, N, K, x2.dtype, bias is not None, x2.device.index)
+        launch_gemv(_GEMV_CACHE.pick(key, _gemv_candidates(fmt, group), launch_gemv))
+        return y
     if fmt == FORMAT_INT4 and x2.dtype in (torch.bfloat16, torch.float16):
         magic, offset = (0x4300, 136.0) if x2.dtype == torch.bfloat16 else (0x6400, 1032.0)
     else:
         magic, offset = 0, 0.0
-    fixed = dict(FORMAT=fmt, GROUP=group if fmt == FORMAT_INT4 else 32, MAGIC=magic, OFFSET=offset,
-                 HAS_BIAS=bias is not None, **dot_flags(x2.dtype))
+    fixed = dict(FORMAT=fmt, GROUP=g, MAGIC=magic, OFFSET=offset, HAS_BIAS=bias is not None,
+                 **dot_flags(x2.dtype))
 
     def launch(cfg: Config, out=y):
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        _wq_matmul_kernel[grid](x2, packed, scales, bias if bias is not None else x2, out, M, N, K,
-                                x2.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
+        _wq_matmul_kernel[grid](x2, words, scales, b_arg, out, M, N, K,
+                                x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
                                 **fixed, **cfg.kwargs())
 
     key = (fmt, group, m_bucket(M), N, K, x2.dtype, bias is not None, x2.device.index)
-    cfg = _CACHE.pick(key, _candidates(M, fmt, group), launch)
-    launch(cfg)
+    launch(_CACHE.pick(key, _candidates(M, fmt, group), launch))
     return y

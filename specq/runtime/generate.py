@@ -118,6 +118,7 @@ class _Decoder:
             if lvl.is_model and id(lvl.root) not in self.caches:
                 self.caches[id(lvl.root)] = SharedStaticCache(num_cache_layers(lvl.root), cap)
         self._set_mode = None
+        self._modes_set: dict[int, str] = {}  # the mode each root was last switched to (switch only on change)
         if any(lvl.is_model and lvl.mode is not None for lvl in levels):
             from specq.transform.modes import set_mode
 
@@ -131,8 +132,9 @@ class _Decoder:
         cache = self.caches[id(lvl.root)]
         start = cache.tracker.resume(lvl.writer_key, lvl.depth, exact=(i == self.top))
         start = min(start, upto - n_logits)
-        if lvl.mode is not None:
+        if lvl.mode is not None and self._modes_set.get(id(lvl.root)) != lvl.mode:
             self._set_mode(lvl.root, lvl.mode)
+            self._modes_set[id(lvl.root)] = lvl.mode
         cache.seek(start)
         kwargs = dict(input_ids=self.buf[:, start:upto], position_ids=self.pos_ids[:, start:upto],
                       past_key_values=cache, use_cache=True)

@@ -1,0 +1,90 @@
+"""`specq convert [MODEL]`: write a multi-mode specq checkpoint (and push it to the Hub).
+
+Thin: parse options, call specq.hub.convert.convert, print a summary (or JSON). Exit codes are those
+of specq.hub.errors (2 usage, 3 checkpoint/disk, 5 Hub, 7 model load, 8 transform, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+ALL_MODES = ("bf16", "mxfp4", "w4a16", "w4a4")
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def parse_modes(text: str) -> tuple[str, ...]:
+    modes = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    bad = [m for m in modes if m not in ALL_MODES]
+    if bad or not modes:
+        raise click.BadParameter(f"unknown mode(s) {bad or text!r}; choose from {','.join(ALL_MODES)}",
+                                 param_hint="--modes")
+    return modes
+
+
+def fail(e: BaseException, quiet: bool = False):
+    """Print one clear line for a known error and exit with its code."""
+    from specq.hub.errors import EXIT_TRANSFORM, exit_code_for
+
+    code = exit_code_for(e)
+    if code == 1 and isinstance(e, (ValueError, TypeError)):
+        code = EXIT_TRANSFORM
+    click.echo(f"error: {e}", err=True)
+    sys.exit(code)
+
+
+@click.command("convert")
+@click.argument("model", required=False)
+@click.option("--modes", default=",".join(ALL_MODES), show_default=True, help="Comma-separated modes to store.")
+@click.option("--recipe", default=None, help="Recipe name or YAML path (default: the family's, else 'default').")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output directory [default: ./<model name>-specq, unless only --push-to-hub is given].")
+@click.option("--push-to-hub", "push_to_hub", metavar="REPO", default=None,
+              help="Also upload the checkpoint to this Hub repo (created if needed), in one commit.")
+@click.option("--private", is_flag=True, help="Create the Hub repo private.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="bfloat16", show_default=True,
+              help="Dtype of the model's own weights (mode bf16) and of the INT4 scales.")
+@click.option("--eval/--no-eval", "do_eval", default=True, show_default=True,
+              help="Measure perplexity and draft agreement per mode (specq eval) for the model card.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or status lines.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def convert(model, modes, recipe, out, push_to_hub, private, dtype, do_eval, quiet, as_json):
+    """Convert MODEL (Hub id, local dir or .gguf; none = embedded default model) to a specq checkpoint."""
+    modes = parse_modes(modes)
+    if out is None and push_to_hub is None:
+        from pathlib import Path
+
+        name = Path(model).stem if model else "SmolLM2-135M-Instruct"
+        out = f"{name.split('/')[-1]}-specq"
+
+    def on_stage(name):
+        if not quiet:
+            click.echo(f"specq convert: {name} ...", err=True)
+
+    from specq.hub.convert import convert as run
+
+    try:
+        result = run(model, modes=modes, recipe=recipe, out=out, push_to_hub=push_to_hub, private=private,
+                     dtype=dtype, evaluate=do_eval, progress=not quiet, on_stage=on_stage)
+    except KeyboardInterrupt:
+        click.echo("interrupted; nothing was left in the output directory", err=True)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 -- every known error becomes one line and an exit code
+        fail(e, quiet)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+        return
+    lines = [f"converted {result.model}: modes {','.join(result.modes)}"]
+    if result.out:
+        lines.append(f"  written to {result.out} ({result.files} files)")
+    for m, n in result.bytes_per_mode.items():
+        r = (result.eval_results or {}).get(m, {})
+        extra = f"  perplexity {r['perplexity']:.3f}" if r.get("perplexity") is not None else ""
+        if r.get("agreement") is not None:
+            extra += f"  agreement {r['agreement']:.3f} vs {r['verifier']}"
+        lines.append(f"  {m:<6} {n / 1e6:10.2f} MB{extra}")
+    if result.repo_id:
+        lines.append(f"  pushed to {result.repo_id} @ {result.commit_sha[:12]}  {result.commit_url}")
+    click.echo("\n".join(lines))
