@@ -57,6 +57,7 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--gamma2", type=int, default=4, help="draft tokens per round of 2-level rows")
     p.add_argument("--gamma3", default="4,4", help="gammas of the 3-level row (ngram, mxfp4)")
+    p.add_argument("--gamma-ngram", type=int, default=8, help="draft tokens per round of ngram -> bf16")
     p.add_argument("--compile", default="auto", help="auto | inductor | none (eager steps, still CUDA graphs)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--strict", action="store_true", help="fail unless lossless rows give identical tokens")
@@ -69,7 +70,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     compile_ = None if args.compile == "none" else args.compile
     rows = [r for r in args.rows.split(",") if r]
-    unknown = [r for r in rows if r not in bench.ROWS]
+    unknown = [r for r in rows if r.partition("@")[0] not in bench.ROWS or r.partition("@")[2] not in ("", "none", "inductor", "eager", "aot_eager")]
     if unknown:
         p.error(f"unknown rows {unknown}; rows are {bench.ROWS}")
     tag = args.tag or f"{args.model.replace('/', '_')}_{args.device}"
@@ -79,7 +80,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     model, tok = build(args)
     log(f"[e2e] built {args.model} in {time.perf_counter() - t0:.1f} s")
-    modes = sorted({m for r in rows for m in bench.NEEDED_MODES.get(r, ())} | {"bf16"},
+    modes = sorted({m for r in rows for m in bench.NEEDED_MODES.get(r.partition("@")[0], ())} | {"bf16"},
                    key=["bf16", "mxfp4", "w4a16", "w4a4"].index)
     t0 = time.perf_counter()
     if modes != ["bf16"]:
@@ -90,9 +91,13 @@ def main(argv=None):
     log(f"[e2e] transform {modes} in {transform_s:.1f} s")
     ids = bench.make_prompt(model, tok, args.prompt_len)
     gamma3 = [int(x) for x in args.gamma3.split(",")]
-    gamma = {"mlspecqd2": args.gamma2, "qspec": args.gamma2, "mlspecqd3": gamma3}
-    results = bench.run_rows(model, ids, args.new_tokens, rows=rows, gamma=gamma, compile=compile_,
-                             repeats=args.repeats, strict=args.strict, log=log)
+    gamma = {"mlspecqd2": args.gamma2, "qspec": args.gamma2, "mlspecqd3": gamma3, "ngram_bf16": args.gamma_ngram}
+    failed = None
+    try:
+        results = bench.run_rows(model, ids, args.new_tokens, rows=rows, gamma=gamma, compile=compile_,
+                                 repeats=args.repeats, strict=args.strict, log=log)
+    except bench.LosslessError as e:  # write the tables anyway, then fail
+        failed, results = e, e.rows
 
     costs = []
     if args.steps:
@@ -152,6 +157,8 @@ def main(argv=None):
     with open(tmp, "w") as f:
         f.write(text + "\n")
     os.replace(tmp, md_path)
+    if failed is not None:
+        raise SystemExit(f"[e2e] FAILED: {failed}")
     return results
 
 

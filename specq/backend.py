@@ -40,8 +40,20 @@ log = logging.getLogger(__name__)
 BACKEND_NAME = "specq"
 OPTION_KEYS = ("mode", "recipe", "model_type", "inner", "inductor")
 
-# weight tensor -> {(mode, plan entry key): packed tensors}. Weak keys: dropping the model frees them.
-_PACKED_CACHE: "weakref.WeakKeyDictionary[torch.Tensor, dict]" = weakref.WeakKeyDictionary()
+# id(weight) -> (weakref to the weight, {(mode, format settings): packed tensors}). Keyed by id with a
+# finalizer (not a WeakKeyDictionary, whose lookups compare tensors with ==): dropping the model
+# frees its packed copies.
+_PACKED_CACHE: dict[int, tuple] = {}
+
+
+def _packed_for(weight: torch.Tensor) -> dict:
+    entry = _PACKED_CACHE.get(id(weight))
+    if entry is not None and entry[0]() is weight:
+        return entry[1]
+    per_weight: dict = {}
+    _PACKED_CACHE[id(weight)] = (weakref.ref(weight), per_weight)
+    weakref.finalize(weight, _PACKED_CACHE.pop, id(weight), None)
+    return per_weight
 
 
 class SpecqBackendStats:
@@ -107,7 +119,7 @@ def _pack(weight: torch.Tensor, entry: dict, mode: str, dtype: torch.dtype) -> d
     from specq.transform.multimode_linear import MultiModeLinear
     from specq.transform.transform import _quantize_into
 
-    per_weight = _PACKED_CACHE.setdefault(weight, {})
+    per_weight = _packed_for(weight)
     key = (mode, weight._version, entry["layout"], entry.get("int4_group_size"), entry.get("had_block"),
            entry.get("mxfp4_scale_rule"), entry.get("int4_clip_ratio"))
     hit = per_weight.get(key)

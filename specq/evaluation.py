@@ -316,6 +316,9 @@ class AgreementResult:
     verifier_consistency: float  # teacher-forced verifier argmax == its generated token (1.0 up to rounding)
     tokens_per_round: float
     gamma: int
+    # draft argmax == the verifier's teacher-forced argmax: what a multi-token verify forward checks;
+    # differs from `agreement` only where the verifier's rounding differs between the two forwards.
+    agreement_teacher_forced: float = float("nan")
 
 
 def top1_agreement(draft, verifier, cont: Continuations, gamma: int = 4, batch_size: int = 8,
@@ -336,6 +339,7 @@ def top1_agreement(draft, verifier, cont: Continuations, gamma: int = 4, batch_s
         positions=positions,
         verifier_consistency=int(((verifier_argmax == target) & valid).sum()) / positions,
         tokens_per_round=tokens_per_round(match, cont.lengths, gamma), gamma=gamma,
+        agreement_teacher_forced=int(((draft_pred == verifier_argmax) & valid).sum()) / positions,
     )
 
 

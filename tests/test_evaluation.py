@@ -119,6 +119,7 @@ def test_agreement_with_itself_is_one(f64_pair, tiny_tokenizer):
     cont = greedy_continuations(verifier, prompts, max_new_tokens=10)
     r = top1_agreement(verifier, verifier, cont, gamma=4)
     assert r.agreement == 1.0 and r.verifier_consistency == 1.0 and r.positions == 30
+    assert r.agreement_teacher_forced == 1.0
     assert r.tokens_per_round == pytest.approx(30 / 6)  # 10 tokens: 4 + 1, 4 + 1 per row
 
 
@@ -133,6 +134,7 @@ def test_agreement_matches_unbatched_reference(f64_pair, tiny_tokenizer):
     r = top1_agreement(draft, verifier, cont)
     expected = sum(_reference_matches(draft, p, c) for p, c in zip(prompts, refs))
     assert r.matches == expected and r.positions == 3 * n
+    assert r.agreement_teacher_forced == r.agreement  # float64: the verifier is consistent
     assert 0.0 < r.agreement < 1.0  # the perturbation is visible but not total
     assert r.verifier_consistency == 1.0
 

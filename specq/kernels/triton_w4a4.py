@@ -43,31 +43,37 @@ def _w4a4_matmul_kernel(
     N_SUB: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % (SUB_K * N_SUB) == 0: no masks along K
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
+    rm = offs_m % M  # out-of-range rows/columns load valid data that is never stored: no predicates
+    rn = offs_n % N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     KSTEP: tl.constexpr = SUB_K * N_SUB
     for k0 in range(0, K, KSTEP):
         for j in tl.static_range(N_SUB):
             kk = k0 + j * SUB_K
             offs_k = kk + tl.arange(0, SUB_K)
-            a = tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :],
-                        mask=m_mask[:, None] & (offs_k < K)[None, :], other=0)
             offs_w = kk // 8 + tl.arange(0, SUB_K // 8)
-            pw = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
-                         mask=n_mask[:, None] & (offs_w < K // 8)[None, :], other=0)
+            if EVEN_K:
+                a = tl.load(q_ptr + rm[:, None] * stride_qm + offs_k[None, :])
+                pw = tl.load(w_ptr + rn[:, None] * stride_wn + offs_w[None, :])
+            else:
+                a = tl.load(q_ptr + rm[:, None] * stride_qm + offs_k[None, :], mask=(offs_k < K)[None, :], other=0)
+                pw = tl.load(w_ptr + rn[:, None] * stride_wn + offs_w[None, :],
+                             mask=(offs_w < K // 8)[None, :], other=0)
             pw = pw ^ -2004318072  # 0x88888888: (q + 8) -> q as 4-bit two's complement
             wv = tl.reshape(_interleave8(_snib(pw, 0), _snib(pw, 1), _snib(pw, 2), _snib(pw, 3),
                                          _snib(pw, 4), _snib(pw, 5), _snib(pw, 6), _snib(pw, 7)),
                             (BLOCK_N, SUB_K))
             d = tl.dot(a, tl.trans(wv), out_dtype=tl.int32).to(tl.float32)
-            sw = tl.load(sw_ptr + offs_n * stride_swn + kk // WG, mask=n_mask & (kk < K), other=0.0).to(tl.float32)
+            sw = tl.load(sw_ptr + rn * stride_swn + kk // WG, mask=(kk < K) & (rn >= 0), other=0.0).to(tl.float32)
             if AG > 0:
-                sx = tl.load(sx_ptr + offs_m * stride_sxm + kk // AG, mask=m_mask & (kk < K), other=0.0)
+                sx = tl.load(sx_ptr + rm * stride_sxm + kk // AG, mask=(kk < K) & (rm >= 0), other=0.0)
                 acc += d * (sx[:, None] * sw[None, :])
             else:
                 acc += d * sw[None, :]
@@ -133,7 +139,7 @@ def w4a4_matmul(q: torch.Tensor, sx: torch.Tensor, packed: torch.Tensor, scales:
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
         _w4a4_matmul_kernel[grid](q, sx, packed, scales, bias if bias is not None else sx, out, M, N, K,
                                   q.stride(0), sx.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
-                                  **fixed, **cfg.kwargs())
+                                  EVEN_K=K % (cfg["SUB_K"] * cfg["N_SUB"]) == 0, **fixed, **cfg.kwargs())
 
     key = (group, act_group, m_bucket(M), N, K, out_dtype, bias is not None, q.device.index)
     cfg = _CACHE.pick(key, _candidates(M, group, act_group), launch)

@@ -139,12 +139,17 @@ def _wq_matmul_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    EVEN_K: tl.constexpr,   # K % (SUB_K * N_SUB) == 0: no masks along K
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
+    # loads read a valid row for out-of-range rows (their results are never stored), so they need
+    # no predicates; only K can be ragged.
+    rm = offs_m % M
+    rn = offs_n % N
     x_dtype: tl.constexpr = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     KSTEP: tl.constexpr = SUB_K * N_SUB
@@ -153,25 +158,39 @@ def _wq_matmul_kernel(
         for j in tl.static_range(N_SUB):
             kk = k0 + j * SUB_K
             offs_k = kk + tl.arange(0, SUB_K)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+            if EVEN_K:
+                x = tl.load(x_ptr + rm[:, None] * stride_xm + offs_k[None, :])
+            else:
+                x = tl.load(x_ptr + rm[:, None] * stride_xm + offs_k[None, :], mask=(offs_k < K)[None, :], other=0.0)
             if FORMAT == 1:
                 offs_w = kk // 8 + tl.arange(0, SUB_K // 8)
-                pw = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
-                             mask=n_mask[:, None] & (offs_w < K // 8)[None, :], other=0)
+                if EVEN_K:
+                    pw = tl.load(w_ptr + rn[:, None] * stride_wn + offs_w[None, :])
+                else:
+                    pw = tl.load(w_ptr + rn[:, None] * stride_wn + offs_w[None, :],
+                                 mask=(offs_w < K // 8)[None, :], other=0)
                 wt = _int4_tile(pw, MAGIC, x_dtype, BLOCK_N, SUB_K)
                 d = _dot(x, tl.trans(wt), DOT_FP32, IEEE)
                 if MAGIC != 0:
-                    d -= OFFSET * tl.sum(x.to(tl.float32), axis=1)[:, None]
-                sc = tl.load(s_ptr + offs_n * stride_sn + kk // GROUP, mask=n_mask & (kk < K), other=0.0)
+                    # sum(x) per row via the (otherwise idle) tensor cores: a cross-warp tl.sum
+                    # would cost a shared-memory round trip and barriers every chunk.
+                    d -= OFFSET * _dot(x, tl.full((SUB_K, BLOCK_N), 1.0, x_dtype), DOT_FP32, IEEE)
+                if EVEN_K:
+                    sc = tl.load(s_ptr + rn * stride_sn + kk // GROUP)
+                else:
+                    sc = tl.load(s_ptr + rn * stride_sn + kk // GROUP, mask=(kk < K) & (rn >= 0), other=0.0)
                 acc += d * sc.to(tl.float32)[None, :]
             else:
                 offs_g = kk // 32 + tl.arange(0, G)
                 offs_w3 = offs_g[:, None] * 4 + tl.arange(0, 4)[None, :]
-                pw3 = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + offs_w3[None, :, :],
-                              mask=n_mask[:, None, None] & (offs_g < K // 32)[None, :, None], other=0)
-                se = tl.load(s_ptr + offs_n[:, None] * stride_sn + offs_g[None, :],
-                             mask=n_mask[:, None] & (offs_g < K // 32)[None, :], other=0)
+                if EVEN_K:
+                    pw3 = tl.load(w_ptr + rn[:, None, None] * stride_wn + offs_w3[None, :, :])
+                    se = tl.load(s_ptr + rn[:, None] * stride_sn + offs_g[None, :])
+                else:
+                    g_ok = offs_g < K // 32
+                    pw3 = tl.load(w_ptr + rn[:, None, None] * stride_wn + offs_w3[None, :, :],
+                                  mask=g_ok[None, :, None], other=0)
+                    se = tl.load(s_ptr + rn[:, None] * stride_sn + offs_g[None, :], mask=g_ok[None, :], other=0)
                 wt = _mxfp4_tile(pw3, _e8m0_times_2p14(se), BLOCK_N, SUB_K)
                 acc += _dot(x, tl.trans(wt.to(x_dtype)), DOT_FP32, IEEE)
     if HAS_BIAS:
@@ -181,49 +200,73 @@ def _wq_matmul_kernel(
 
 
 @triton.jit
+def _gemv_load(x_ptr, w_ptr, s_ptr, rn, k0, K, stride_wn, stride_sn,
+               FORMAT: tl.constexpr, GROUP: tl.constexpr, NS: tl.constexpr, SUB: tl.constexpr,
+               EVEN_K: tl.constexpr):
+    """One K-chunk of NS * SUB elements: x [NS, SUB] fp32, words [BLOCK_N, NS, SUB/8], scales [BLOCK_N, NS]."""
+    JW: tl.constexpr = SUB // 8
+    offs_s = tl.arange(0, NS)
+    kc = k0 + offs_s * SUB                                     # first k of each sub-chunk
+    offs_x = kc[:, None] + tl.arange(0, SUB)[None, :]
+    offs_w = (kc // 8)[:, None] + tl.arange(0, JW)[None, :]    # [NS, JW]
+    if FORMAT == 1:
+        offs_sc = kc // GROUP
+    else:
+        offs_sc = kc // 32
+    if EVEN_K:
+        x = tl.load(x_ptr + offs_x)
+        pw = tl.load(w_ptr + rn[:, None, None] * stride_wn + offs_w[None, :, :])
+        sc = tl.load(s_ptr + rn[:, None] * stride_sn + offs_sc[None, :])
+    else:
+        ok = kc < K
+        x = tl.load(x_ptr + offs_x, mask=ok[:, None], other=0.0)
+        pw = tl.load(w_ptr + rn[:, None, None] * stride_wn + offs_w[None, :, :], mask=ok[None, :, None], other=0)
+        sc = tl.load(s_ptr + rn[:, None] * stride_sn + offs_sc[None, :], mask=ok[None, :], other=0)
+    return x, pw, sc
+
+
+@triton.jit
 def _wq_gemv_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
     N, K, stride_wn, stride_sn,
     FORMAT: tl.constexpr, GROUP: tl.constexpr, SUB_K: tl.constexpr, N_SUB: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """M = 1: CUDA-core FMAs instead of a 16-row padded dot. Each weight costs a shift, a LOP3 and
-    an FMA (INT4: 1 + u/16 in fp32, the -24 * sum(x) and the group scale applied per chunk; MXFP4:
-    the fp16 trick and the block scale applied per 32-element block after its partial sum)."""
+    """M = 1: CUDA-core FMAs instead of a 16-row padded dot. Each weight costs a shift, two LOP3s
+    and an FMA (INT4: 1 + u/16 in fp32, with -24 * sum(x) and the group scale applied per sub-chunk;
+    MXFP4: the fp16 trick, with the block scale applied per 32-element block after its partial sum).
+
+    The loads of chunk c + 1 are issued before chunk c is computed (register double buffering):
+    plain loads are not software-pipelined by Triton, and a GEMV is all load latency otherwise."""
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
+    rn = offs_n % N  # loads of rows past N read row (n mod N); those results are not stored
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     KSTEP: tl.constexpr = SUB_K * N_SUB
-    G: tl.constexpr = SUB_K // 32
+    NS: tl.constexpr = N_SUB if FORMAT == 1 else KSTEP // 32
+    SUB: tl.constexpr = SUB_K if FORMAT == 1 else 32
+    x, pw, sc = _gemv_load(x_ptr, w_ptr, s_ptr, rn, 0, K, stride_wn, stride_sn, FORMAT, GROUP, NS, SUB, EVEN_K)
     for k0 in range(0, K, KSTEP):
-        for j in tl.static_range(N_SUB):
-            kk = k0 + j * SUB_K
-            if FORMAT == 1:
-                offs_k = kk + tl.arange(0, SUB_K)
-                x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-                offs_w = kk // 8 + tl.arange(0, SUB_K // 8)
-                pw = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
-                             mask=n_mask[:, None] & (offs_w < K // 8)[None, :], other=0)
-                t = _interleave8(_int4_unit(pw, 0), _int4_unit(pw, 1), _int4_unit(pw, 2), _int4_unit(pw, 3),
-                                 _int4_unit(pw, 4), _int4_unit(pw, 5), _int4_unit(pw, 6), _int4_unit(pw, 7))
-                part = tl.sum(tl.reshape(t, (BLOCK_N, SUB_K)) * x[None, :], axis=1)
-                sc = tl.load(s_ptr + offs_n * stride_sn + kk // GROUP, mask=n_mask & (kk < K), other=0.0)
-                acc += (16.0 * part - 24.0 * tl.sum(x, axis=0)) * sc.to(tl.float32)
-            else:
-                offs_g = kk // 32 + tl.arange(0, G)
-                g_ok = offs_g < K // 32
-                x = tl.load(x_ptr + offs_g[:, None] * 32 + tl.arange(0, 32)[None, :], mask=g_ok[:, None],
-                            other=0.0).to(tl.float32)
-                offs_w3 = offs_g[:, None] * 4 + tl.arange(0, 4)[None, :]
-                pw3 = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + offs_w3[None, :, :],
-                              mask=n_mask[:, None, None] & g_ok[None, :, None], other=0)
-                t = _interleave8(_e2m1(pw3, 0), _e2m1(pw3, 1), _e2m1(pw3, 2), _e2m1(pw3, 3),
-                                 _e2m1(pw3, 4), _e2m1(pw3, 5), _e2m1(pw3, 6), _e2m1(pw3, 7))
-                part = tl.sum(tl.reshape(t, (BLOCK_N, G, 32)) * x[None, :, :], axis=2)  # [BLOCK_N, G]
-                se = tl.load(s_ptr + offs_n[:, None] * stride_sn + offs_g[None, :],
-                             mask=n_mask[:, None] & g_ok[None, :], other=0)
-                acc += tl.sum(part * _e8m0_times_2p14(se), axis=1)
+        if EVEN_K:
+            k_next = tl.minimum(k0 + KSTEP, K - KSTEP)  # the last prefetch re-reads the last chunk
+        else:
+            k_next = k0 + KSTEP
+        x_n, pw_n, sc_n = _gemv_load(x_ptr, w_ptr, s_ptr, rn, k_next, K, stride_wn, stride_sn,
+                                     FORMAT, GROUP, NS, SUB, EVEN_K)
+        xf = x.to(tl.float32)
+        if FORMAT == 1:
+            t = _interleave8(_int4_unit(pw, 0), _int4_unit(pw, 1), _int4_unit(pw, 2), _int4_unit(pw, 3),
+                             _int4_unit(pw, 4), _int4_unit(pw, 5), _int4_unit(pw, 6), _int4_unit(pw, 7))
+            part = tl.sum(tl.reshape(t, (BLOCK_N, NS, SUB)) * xf[None, :, :], axis=2)   # [BLOCK_N, NS]
+            corr = 24.0 * tl.sum(xf, axis=1)                                           # [NS]
+            acc += tl.sum((16.0 * part - corr[None, :]) * sc.to(tl.float32), axis=1)
+        else:
+            t = _interleave8(_e2m1(pw, 0), _e2m1(pw, 1), _e2m1(pw, 2), _e2m1(pw, 3),
+                             _e2m1(pw, 4), _e2m1(pw, 5), _e2m1(pw, 6), _e2m1(pw, 7))
+            part = tl.sum(tl.reshape(t, (BLOCK_N, NS, SUB)) * xf[None, :, :], axis=2)
+            acc += tl.sum(part * _e8m0_times_2p14(sc), axis=1)
+        x, pw, sc = x_n, pw_n, sc_n
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
@@ -251,7 +294,7 @@ def _candidates(m: int, fmt: int, group: int) -> list[Config]:
         # (BLOCK_N, SUB_K wanted, K per iteration, warps, stages): narrow N tiles so N/BLOCK_N programs
         # fill the 132 SMs; 256..512 K per iteration so each program keeps KBs of weights in flight.
         raw = [(32, 128, 256, 4, 4), (16, 128, 512, 4, 3), (64, 128, 256, 4, 3), (32, 256, 512, 4, 3),
-               (16, 256, 512, 4, 4), (64, 64, 256, 4, 3)]
+               (16, 256, 512, 4, 4), (64, 64, 256, 4, 3), (128, 128, 128, 4, 4), (32, 128, 512, 2, 4)]
         gm = 1
     else:
         bm = 64 if m <= 128 else 128
@@ -279,8 +322,8 @@ _GEMV_CACHE = ConfigCache("wq_gemv")
 
 def _gemv_candidates(fmt: int, group: int) -> list[Config]:
     # (BLOCK_N, SUB_K wanted, K per iteration, warps, stages)
-    raw = [(32, 128, 512, 4, 3), (16, 128, 512, 4, 4), (64, 128, 256, 4, 3), (16, 256, 1024, 4, 3),
-           (32, 256, 512, 8, 3), (8, 128, 512, 2, 4)]
+    raw = [(32, 128, 512, 4, 1), (16, 128, 512, 2, 1), (64, 128, 256, 4, 1), (32, 128, 256, 2, 1),
+           (16, 128, 1024, 4, 1), (64, 128, 512, 8, 1)]
     out, seen = [], set()
     for bn, sk, kstep, nw, st in raw:
         sub = _sub_k_for(fmt, group, sk)
@@ -314,7 +357,8 @@ def wq_matmul(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias
         def launch_gemv(cfg: Config, out=y):
             grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
             _wq_gemv_kernel[grid](x2, words, scales, b_arg, out, N, K, words.stride(0), scales.stride(0),
-                                  FORMAT=fmt, GROUP=g, HAS_BIAS=bias is not None, **cfg.kwargs())
+                                  FORMAT=fmt, GROUP=g, HAS_BIAS=bias is not None,
+                                  EVEN_K=K % (cfg["SUB_K"] * cfg["N_SUB"]) == 0, **cfg.kwargs())
 
         key = (fmt, group, N, K, x2.dtype, bias is not None, x2.device.index)
         launch_gemv(_GEMV_CACHE.pick(key, _gemv_candidates(fmt, group), launch_gemv))
@@ -330,7 +374,7 @@ def wq_matmul(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
         _wq_matmul_kernel[grid](x2, words, scales, b_arg, out, M, N, K,
                                 x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
-                                **fixed, **cfg.kwargs())
+                                EVEN_K=K % (cfg["SUB_K"] * cfg["N_SUB"]) == 0, **fixed, **cfg.kwargs())
 
     key = (fmt, group, m_bucket(M), N, K, x2.dtype, bias is not None, x2.device.index)
     launch(_CACHE.pick(key, _candidates(M, fmt, group), launch))

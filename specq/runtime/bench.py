@@ -6,11 +6,13 @@ tokens, EOS ignored so every row makes exactly `new_tokens`):
     hf_eager            HF generate, dynamic cache, eager
     hf_static_compile   HF generate, static cache (transformers compiles the decode step itself)
     ar_bf16 / ar_mxfp4 / ar_w4a16    specq autoregressive in one mode (compiled steps)
+    ngram_bf16          levels ngram -> bf16          (prompt lookup, lossless)
     mlspecqd2           levels mxfp4 -> bf16          (ML-SpecQD, 2 levels)
     mlspecqd3           levels ngram -> mxfp4 -> bf16 (ML-SpecQD, 3 levels)
     qspec               levels w4a4 -> w4a16          (QSpec)
 
-Lossless rows are checked against their target's own autoregressive tokens (bf16 target: the HF
+A specq row name may end in "@inductor" or "@none" to pick how its steps are compiled (default: the
+`compile` argument; "none" still captures CUDA graphs on CUDA). Lossless rows are checked against their target's own autoregressive tokens (bf16 target: the HF
 eager row; w4a16 target: the ar_w4a16 row). In float32 they must be identical (`strict=True`
 raises otherwise); in bf16 a multi-token verify rounds differently from one-token decoding, so the
 table reports how many leading tokens agree instead.
@@ -35,17 +37,19 @@ LLAMA3_8B_SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_hidden_lay
                        max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
                        tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001)
 
-ROWS = ("hf_eager", "hf_static_compile", "ar_bf16", "ar_mxfp4", "ar_w4a16", "mlspecqd2", "mlspecqd3", "qspec")
+ROWS = ("hf_eager", "hf_static_compile", "ar_bf16", "ar_mxfp4", "ar_w4a16", "ngram_bf16", "mlspecqd2",
+        "mlspecqd3", "qspec")
 # row -> (levels, reference row for token equality)
 SPECQ_ROWS = {
     "ar_bf16": (["bf16"], "hf_eager"),
     "ar_mxfp4": (["mxfp4"], None),
     "ar_w4a16": (["w4a16"], None),
+    "ngram_bf16": (["ngram", "bf16"], "hf_eager"),
     "mlspecqd2": (["mxfp4", "bf16"], "hf_eager"),
     "mlspecqd3": (["ngram", "mxfp4", "bf16"], "hf_eager"),
     "qspec": (["w4a4", "w4a16"], "ar_w4a16"),
 }
-NEEDED_MODES = {"ar_bf16": ("bf16",), "ar_mxfp4": ("mxfp4",), "ar_w4a16": ("w4a16",),
+NEEDED_MODES = {"ar_bf16": ("bf16",), "ngram_bf16": ("bf16",), "ar_mxfp4": ("mxfp4",), "ar_w4a16": ("w4a16",),
                 "mlspecqd2": ("mxfp4", "bf16"), "mlspecqd3": ("mxfp4", "bf16"), "qspec": ("w4a4", "w4a16")}
 
 DEFAULT_PROMPT = (
@@ -145,9 +149,11 @@ def run_rows(model, ids: torch.Tensor, new_tokens: int = 256, rows=ROWS, gamma=N
     for name in rows:
         row = Row(name)
         out[name] = row
+        base, _, how = name.partition("@")
+        row_compile = compile if not how else (None if how == "none" else how)
         try:
-            if name in ("hf_eager", "hf_static_compile"):
-                static = name == "hf_static_compile"
+            if base in ("hf_eager", "hf_static_compile"):
+                static = base == "hf_static_compile"
                 if modes != ("bf16",):
                     set_mode(model, "bf16")  # HF's rows run the model's own weights
                 t0 = time.perf_counter()
@@ -164,15 +170,15 @@ def run_rows(model, ids: torch.Tensor, new_tokens: int = 256, rows=ROWS, gamma=N
                 row.seconds = best
                 row.sequences = seq[:, ids.shape[1]:].cpu()
             else:
-                levels, _ = SPECQ_ROWS[name]
-                missing = [m for m in NEEDED_MODES[name] if m not in modes]
+                levels, _ = SPECQ_ROWS[base]
+                missing = [m for m in NEEDED_MODES[base] if m not in modes]
                 if missing:
                     row.error = f"skipped: model not transformed for {missing}"
                     continue
-                g = gamma.get(name, 4 if len(levels) == 2 else [4, 4])
+                g = gamma.get(base, 4 if len(levels) == 2 else [4, 4])
                 if len(levels) == 1:
                     g = 1
-                kw = dict(levels=levels, gamma=g, eos_token_id=[], compile=compile)
+                kw = dict(levels=levels, gamma=g, eos_token_id=[], compile=row_compile)
                 t0 = time.perf_counter()
                 res = compiled_generate(model, ids, new_tokens, **kw)
                 _sync(device)
@@ -202,18 +208,38 @@ def run_rows(model, ids: torch.Tensor, new_tokens: int = 256, rows=ROWS, gamma=N
             log(f"[bench] {name}: FAILED {row.error}")
         finally:
             gc.collect()
+    def ref_row(base_ref):
+        """The first row (in order) whose base name is `base_ref`, with tokens."""
+        for r in out.values():
+            if r.name.partition("@")[0] == base_ref and r.sequences is not None:
+                return r
+        return None
+
+    failures = []
     for name, row in out.items():
-        ref = SPECQ_ROWS.get(name, (None, None))[1]
-        if ref and row.sequences is not None and out.get(ref) is not None and out[ref].sequences is not None:
-            a, b = row.sequences, out[ref].sequences
+        ref = SPECQ_ROWS.get(name.partition("@")[0], (None, None))[1]
+        rr = ref_row(ref) if ref else None
+        if rr is not None and rr is not row and row.sequences is not None:
+            ref = rr.name
+            a, b = row.sequences, rr.sequences
             n = min(a.shape[1], b.shape[1])
             eq = (a[:, :n] == b[:, :n]).all(dim=0).to(torch.int64)
             row.same_as = ref
             row.agree = int(eq.cumprod(0).sum())
-            if strict and (row.agree != n or a.shape != b.shape):
-                raise AssertionError(f"row {name} differs from its reference {ref} at new token {row.agree} "
-                                     f"(lossless decoding must give the same tokens in float32)")
+            if row.agree != n or a.shape != b.shape:
+                failures.append(f"row {name} differs from its reference {ref} at new token {row.agree}")
+    if strict and failures:
+        raise LosslessError(failures, list(out.values()))
     return list(out.values())
+
+
+class LosslessError(AssertionError):
+    """Lossless rows whose tokens differ from their target's (raised by run_rows(strict=True) after
+    every row ran; `.rows` holds the results so they can still be written out)."""
+
+    def __init__(self, failures: list[str], rows: list):
+        super().__init__("; ".join(failures) + " (lossless decoding must give the same tokens in float32)")
+        self.rows = rows
 
 
 # ---------------------------------------------------------------------------------------------- steps

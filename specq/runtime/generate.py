@@ -293,7 +293,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 256, levels=(
     pads = _left_pad_counts(input_ids, attention_mask)
     needed = T + max_new_tokens
     cap = needed if max_cache_len is None else int(max_cache_len)
-    if T >= cap or needed > cap:
+    if needed > cap:
         raise ValueError(f"the prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) needs a KV cache of "
                          f"{needed} positions but max_cache_len is {cap}; raise max_cache_len or shorten "
                          f"the prompt / max_new_tokens")
