@@ -12,6 +12,8 @@ it times (median, CUDA-graph replays, so launch overhead is what a captured deco
 - ``w4a16+h``    the same with had_block=128 (includes the rotation pre-kernel)
 - ``w4a4/tok+h`` torch.ops.specq.linear_w4a4, group 128, per-token INT4 activations, had_block=128
 - ``w4a4/g32+h`` the same with activation groups of 32
+- ``w4a4-gemm``  the W4A4 INT8-tensor-core kernel alone, on activations quantized beforehand
+                 (per token), to separate it from the rotation + quantization pre-kernels
 
 Bytes counted (one pass, the convention of the copy measurement, which counts read + write): packed
 weights + scales + activations read + output written. The copy bandwidth and the bf16 matmul rate
@@ -44,7 +46,7 @@ def _bench(fn, reps: int) -> float:
 
     fn()  # compile / autotune outside the capture
     torch.cuda.synchronize()
-    ms = do_bench_cudagraph(fn, rep=100, return_mode="median")
+    ms = do_bench_cudagraph(fn, rep=50, return_mode="median")
     return ms * 1e-3 / reps
 
 
@@ -109,10 +111,15 @@ def call(kind: str, x: torch.Tensor, wts: tuple):
         return torch.ops.specq.linear_w4a4(x, wts[0], wts[1], None, 128, 0, 128)
     if kind == "w4a4/g32+h":
         return torch.ops.specq.linear_w4a4(x, wts[0], wts[1], None, 128, 32, 128)
+    if kind == "w4a4-gemm":
+        from specq.kernels import triton_w4a4
+
+        q, sx = x  # pre-quantized activations (see run())
+        return triton_w4a4.w4a4_matmul(q, sx, wts[0], wts[1], None, 128, 0, torch.bfloat16)
     raise ValueError(kind)
 
 
-KINDS = ["bf16", "tinygemm", "mxfp4", "w4a16", "w4a16+h", "w4a4/tok+h", "w4a4/g32+h"]
+KINDS = ["bf16", "tinygemm", "mxfp4", "w4a16", "w4a16+h", "w4a4/tok+h", "w4a4/g32+h", "w4a4-gemm"]
 
 
 def run(shapes, ms, kinds, copy_bw, bf16_rate, log=print):
@@ -126,6 +133,11 @@ def run(shapes, ms, kinds, copy_bw, bf16_rate, log=print):
             wsets = [one] + [make_weights(wkind, n, k, dev)[0] for _ in range(copies - 1)]
             for m in ms:
                 x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+                if kind == "w4a4-gemm":
+                    from specq.formats import activation
+
+                    q, sx = activation.quantize_int4(x, 0)
+                    x = (q, sx.reshape(m, 1).contiguous())
                 try:
                     def fn():
                         for ws in wsets:
@@ -134,7 +146,7 @@ def run(shapes, ms, kinds, copy_bw, bf16_rate, log=print):
                 except Exception as e:  # report, keep going (e.g. tinygemm missing on this build)
                     log(f"  {kind} K={k} N={n} M={m}: FAILED {type(e).__name__}: {str(e)[:200]}")
                     continue
-                moved = nbytes + m * k * 2 + m * n * 2
+                moved = nbytes + m * k * (1 if kind == "w4a4-gemm" else 2) + m * n * 2
                 row = dict(kind=kind, K=k, N=n, M=m, us=t * 1e6, GBps=moved / t / 1e9,
                            pct_bw=100 * moved / t / copy_bw, TFLOPs=2 * m * n * k / t / 1e12,
                            pct_mm=100 * 2 * m * n * k / t / bf16_rate, weight_bytes=nbytes)
@@ -144,6 +156,32 @@ def run(shapes, ms, kinds, copy_bw, bf16_rate, log=print):
             del wsets, one
             torch.cuda.empty_cache()
     return rows
+
+
+def goal_summary(by: dict) -> str:
+    """The issue's goals, checked against the measured rows (computed, never hand-written)."""
+    out = ["## Goals (issue 6) against these measurements", "",
+           "| shape | goal | measured | met |", "|---|---|---|---|"]
+    for k, n in sorted({(key[1], key[2]) for key in by}):
+        for kind in ("mxfp4", "w4a16"):
+            pct = [by[(kind, k, n, m)]["pct_bw"] for m in MS if m <= 16 and (kind, k, n, m) in by]
+            if pct:
+                out.append(f"| {k}x{n} | {kind} M<=16 at >= 80% of copy BW | {min(pct):.0f}..{max(pct):.0f}% | "
+                           f"{'yes' if min(pct) >= 80 else 'no'} |")
+            sp = [(m, by[("tinygemm", k, n, m)]["us"] / by[(kind, k, n, m)]["us"]) for m in MS
+                  if m <= 64 and (kind, k, n, m) in by and ("tinygemm", k, n, m) in by]
+            if sp:
+                slow = [f"M={m} ({v:.2f}x)" for m, v in sp if v < 1]
+                out.append(f"| {k}x{n} | {kind} faster than tinygemm at every M<=64 | "
+                           f"{'slower at ' + ', '.join(slow) if slow else 'all faster'} | {'no' if slow else 'yes'} |")
+        for kind in ("w4a4/tok+h", "w4a4/g32+h"):
+            sp = [(m, by[("bf16", k, n, m)]["us"] / by[(kind, k, n, m)]["us"]) for m in MS
+                  if m >= 256 and (kind, k, n, m) in by and ("bf16", k, n, m) in by]
+            if sp:
+                out.append(f"| {k}x{n} | {kind} M>=256 >= 1.5x faster than bf16 | "
+                           + ", ".join(f"M={m}: {v:.2f}x" for m, v in sp)
+                           + f" | {'yes' if min(v for _, v in sp) >= 1.5 else 'no'} |")
+    return "\n".join(out)
 
 
 def to_markdown(rows, meta) -> str:
@@ -157,6 +195,7 @@ def to_markdown(rows, meta) -> str:
              "- bytes = packed weights + scales + x read + y written; %copy = achieved / measured copy bandwidth",
              "- `vs bf16` and `vs tinygemm` = their time / this time (> 1: faster)", ""]
     by = {(r["kind"], r["K"], r["N"], r["M"]): r for r in rows}
+    lines += goal_summary(by), ""
     for k, n in sorted({(r["K"], r["N"]) for r in rows}, key=lambda s: SHAPES.index(s) if s in SHAPES else 9):
         lines += [f"## K={k}, N={n}", "",
                   "| kernel | M | time (us) | GB/s | % copy BW | TFLOP/s | % bf16 mm | vs bf16 | vs tinygemm |",
@@ -199,20 +238,24 @@ def main(argv=None):
     print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write), bf16 matmul {bf16_rate / 1e12:.0f} TFLOP/s")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms = [int(v) for v in args.ms.split(",")]
-    rows = run(shapes, ms, args.kinds.split(","), copy_bw, bf16_rate)
-    meta = dict(device=torch.cuda.get_device_name(), date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    meta = dict(device=torch.cuda.get_device_name(),
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 command="python benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-                copy_bw=copy_bw, bf16_rate=bf16_rate, host=platform.node(), seconds=time.time() - t0)
-    md = to_markdown(rows, meta)
+                copy_bw=copy_bw, bf16_rate=bf16_rate, host=platform.node())
+    rows = []
+    for shape in shapes:  # tables are rewritten after each shape, so a cut-off run keeps what it measured
+        rows += run([shape], ms, args.kinds.split(","), copy_bw, bf16_rate)
+        meta["seconds"] = time.time() - t0
+        md = to_markdown(rows, meta)
+        for path, text in ((args.out, md), (args.json, json.dumps(dict(meta=meta, rows=rows), indent=1))):
+            if path:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                tmp = path + ".tmp"
+                with open(tmp, "w") as f:
+                    f.write(text + "\n")
+                os.replace(tmp, path)
     print(md)
-    for path, text in ((args.out, md), (args.json, json.dumps(dict(meta=meta, rows=rows), indent=1))):
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                f.write(text + "\n")
-            os.replace(tmp, path)
     return 0
 
 

@@ -349,12 +349,11 @@ class _Handler(BaseHTTPRequestHandler):
     def do_lfs_put(self, query, oid):
         hub = self.hub
         data = self._body()
-        with hub._lock:
-            if hub.fail_lfs_puts_after is not None and len(hub.lfs_puts) >= hub.fail_lfs_puts_after:
-                raise HubError(400, "simulated interruption of the LFS upload")
         if hashlib.sha256(data).hexdigest() != oid:
             raise HubError(400, "LFS object does not match its oid")
-        with hub._lock:
+        with hub._lock:  # check and store atomically: parallel PUTs must not both slip under the limit
+            if hub.fail_lfs_puts_after is not None and len(hub.lfs_puts) >= hub.fail_lfs_puts_after:
+                raise HubError(400, "simulated interruption of the LFS upload")
             hub.lfs_objects[oid] = data
             hub.lfs_puts.append(oid)
         self._send(200)

@@ -58,7 +58,7 @@ def test_entry_point_declared():
     assert eps["specq"].value == "specq.backend:specq_backend"
 
 
-@pytest.mark.parametrize("mode", ["mxfp4", "w4a16", "w4a4"])
+@pytest.mark.parametrize("mode", ["w4a16"])  # mxfp4: the inductor test; w4a4: the GPT-2 test
 def test_plain_model_quantized_on_the_fly(llama, llama_mm, ids, mode):
     """A plain HF model compiled with options={"mode": m} computes what the transformed model
     computes in mode m; a repeated call recompiles nothing; a new shape does not re-quantize."""

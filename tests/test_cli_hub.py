@@ -71,12 +71,15 @@ def test_inspect_table_and_json(converted):
     out, result = converted
     r = run("inspect", out)
     assert r.exit_code == 0, r.output
-    assert "format version  1" in r.stdout and "recipe          default" in r.stdout
+    recipe = json.loads((out / "config.json").read_text())["quantization_config"]["recipe"]
+    assert "format version  1" in r.stdout and f"recipe          {recipe}" in r.stdout
     assert "model.layers.0.self_attn.q_proj" in r.stdout and "keep" in r.stdout
     r = run("inspect", out, "--json")
     info = json.loads(r.stdout)
     assert info["modes"] == result["modes"] and info["bytes_per_mode"] == result["bytes_per_mode"]
-    assert info["format_version"] == 1 and info["quantized_layers"] == 14 and len(info["layers"]) == 15
+    plan = json.loads((out / "config.json").read_text())["quantization_config"]["plan"]
+    assert info["format_version"] == 1 and len(info["layers"]) == len(plan["matmuls"]) == 15
+    assert info["quantized_layers"] == sum(e["action"] == "quantize" for e in plan["matmuls"]) >= 14
 
 
 def test_export_via_cli(converted, tmp_path):
@@ -167,3 +170,22 @@ def test_real_subprocess_convert_and_inspect(tiny_dir, tmp_path):
     assert "specq convert: quantizing" in p.stderr  # status lines go to stderr, JSON alone on stdout
     p = subprocess.run(cmd + ["inspect", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
     assert p.returncode == 3 and "error:" in p.stderr
+
+
+def test_rerun_after_interrupted_push_resumes(tiny_dir, tmp_path, monkeypatch):
+    """Conversion is deterministic (same bytes, same sha256), so re-running an interrupted
+    `convert --push-to-hub` sends only the objects the first run did not."""
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    args = ["convert", tiny_dir, "--modes", "bf16,mxfp4,w4a16", "--push-to-hub", "me/resume", "--quiet", "--no-eval"]
+    with LocalHub(tokens={TOKEN: {"me"}}, lfs_threshold=4096) as hub, hub_client_env(hub, tmp_path / "cache"):
+        hub.fail_lfs_puts_after = 1
+        r = run(*args)
+        assert r.exit_code == 5 and "Re-run the same command to resume" in r.stderr
+        assert hub.commit_count("me/resume") == 1 and len(hub.lfs_puts) == 1
+        first = set(hub.lfs_puts)
+        hub.fail_lfs_puts_after = None
+        r = run(*args)
+        assert r.exit_code == 0, r.output
+        assert hub.commit_count("me/resume") == 2
+        assert len(hub.lfs_puts) == len(set(hub.lfs_puts)) >= 3  # every LFS object sent exactly once
+        assert first <= set(hub.lfs_puts)

@@ -79,8 +79,10 @@ def test_layout_config_and_index(converted):
     q = config["quantization_config"]
     assert q["quant_method"] == "specq" and q["format_version"] == 1 and q["modes"] == list(ALL)
     assert q["formats"]["mxfp4"]["block_size"] == 32 and q["formats"]["w4a4"]["act_group_sizes"] == [32]
-    assert q["group_sizes"]["int4"] == [64, 128] and q["recipe"] == "default"
-    assert q["rotation"]["type"] == "hadamard" and q["rotation"]["block_sizes"] == [64]
+    plan = mm.specq_plan
+    quantized = [e for e in plan["matmuls"] if e["action"] == "quantize"]
+    assert q["group_sizes"]["int4"] == sorted({e["int4_group_size"] for e in quantized}) and q["recipe"] == plan["recipe"]
+    assert q["rotation"]["type"] == "hadamard" and q["rotation"]["block_sizes"] == sorted({e["had_block"] for e in quantized})
     assert q["plan"] == mm.specq_plan
     card = (path / "README.md").read_text()
     assert "library_name: \"specq\"" in card and "| w4a4 |" in card

@@ -214,6 +214,9 @@ def test_gradients_flow_to_x(packed_weights):
         xr = x.clone().requires_grad_()
         f(xr).double().backward(g)
         assert torch.allclose(xr.grad, g @ w_eff, atol=1e-4)
+    bias = b.clone().requires_grad_()
+    ops.linear_w4a16(x.float(), P, S, bias, had_block=64).double().backward(g)
+    assert torch.allclose(bias.grad.double(), g.sum(0), atol=1e-5)
 
 
 # ------------------------------------------------------------------ bad input

@@ -73,18 +73,18 @@ def _processed(logits: torch.Tensor, temperature, top_k, top_p) -> torch.Tensor:
 
 @torch.no_grad()
 def _exact_distribution(model, temperature, top_k=None, top_p=None, length=2) -> torch.Tensor:
-    """P(x1..x_length | PROMPT) for all VOCAB^length continuations, flattened (x1 most significant)."""
+    """P(x1..x_length | PROMPT) for all VOCAB^length continuations, flattened (x1 most significant).
+    One batched float64 forward per depth over every prefix of that depth (no cache)."""
     m64 = copy.deepcopy(model).double()
-
-    def rec(ids, depth):
-        p = _processed(m64(input_ids=ids).logits[0, -1], temperature, top_k, top_p)
-        if depth == 1:
-            return p
-        rows = [p[a] * rec(torch.cat([ids, torch.tensor([[a]])], 1), depth - 1) if p[a] > 0
-                else torch.zeros(VOCAB ** (depth - 1), dtype=torch.float64) for a in range(VOCAB)]
-        return torch.cat(rows)
-
-    return rec(PROMPT, length)
+    prefixes = PROMPT.clone()  # [VOCAB^d, T + d]
+    probs = torch.ones(1, dtype=torch.float64)
+    for _ in range(length):
+        logits = m64(input_ids=prefixes).logits[:, -1]
+        nxt = torch.stack([_processed(row, temperature, top_k, top_p) for row in logits])  # [n, VOCAB]
+        probs = (probs.view(-1, 1) * nxt).flatten()
+        prefixes = torch.cat([prefixes.repeat_interleave(VOCAB, 0),
+                              torch.arange(VOCAB).repeat(prefixes.shape[0]).view(-1, 1)], 1)
+    return probs
 
 
 def _chi_square_pvalue(samples: torch.Tensor, expected_p: torch.Tensor) -> float:
@@ -108,8 +108,8 @@ def _chi_square_pvalue(samples: torch.Tensor, expected_p: torch.Tensor) -> float
                                          torch.tensor(chi2 / 2.0, dtype=torch.float64)))
 
 
-def _sample(model, levels, seed, length=2, **kw):
-    ids = PROMPT.repeat(N_SAMPLES, 1)
+def _sample(model, levels, seed, length=2, n=N_SAMPLES, **kw):
+    ids = PROMPT.repeat(n, 1)
     out = generate(model, ids, length, levels=levels, seed=seed, eos_token_id=[], **kw)
     return out.sequences[:, PROMPT.shape[1]:], out
 
@@ -154,9 +154,9 @@ def test_chi_square_has_power(models):
 
 def test_sampling_is_seeded(models):
     target, small = models
-    a, _ = _sample(target, ["ngram", small, "bf16"], seed=7, temperature=1.0)
-    b, _ = _sample(target, ["ngram", small, "bf16"], seed=7, temperature=1.0)
-    c, _ = _sample(target, ["ngram", small, "bf16"], seed=8, temperature=1.0)
+    a, _ = _sample(target, ["ngram", small, "bf16"], seed=7, length=4, n=64, temperature=1.0)
+    b, _ = _sample(target, ["ngram", small, "bf16"], seed=7, length=4, n=64, temperature=1.0)
+    c, _ = _sample(target, ["ngram", small, "bf16"], seed=8, length=4, n=64, temperature=1.0)
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 

@@ -59,20 +59,35 @@ def convert(model, modes, recipe, out, push_to_hub, private, dtype, do_eval, qui
         name = Path(model).stem if model else "SmolLM2-135M-Instruct"
         out = f"{name.split('/')[-1]}-specq"
 
+    # one bar over the stages (loading, quantizing, ...); the stages' own bars (writing bytes, uploading,
+    # evaluation steps) appear under it. All on stderr, so --json output on stdout stays clean.
+    from tqdm.auto import tqdm
+
+    stages = ["loading", "quantizing"] + (["evaluating"] if do_eval else []) + ["writing"] + \
+        (["uploading"] if push_to_hub else [])
+    bar = tqdm(total=len(stages), desc="specq convert", unit="stage", file=sys.stderr, disable=quiet,
+               bar_format="{desc} [{n_fmt}/{total_fmt}] {elapsed}")
+
     def on_stage(name):
-        if not quiet:
-            click.echo(f"specq convert: {name} ...", err=True)
+        bar.set_description_str(f"specq convert: {name}", refresh=False)
+        if bar.n < stages.index(name):
+            bar.update(stages.index(name) - bar.n)
 
     from specq.hub.convert import convert as run
 
     try:
         result = run(model, modes=modes, recipe=recipe, out=out, push_to_hub=push_to_hub, private=private,
                      dtype=dtype, evaluate=do_eval, progress=not quiet, on_stage=on_stage)
+        bar.set_description_str("specq convert: done", refresh=False)
+        bar.update(len(stages) - bar.n)
     except KeyboardInterrupt:
+        bar.close()
         click.echo("interrupted; nothing was left in the output directory", err=True)
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 -- every known error becomes one line and an exit code
+        bar.close()
         fail(e, quiet)
+    bar.close()
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
         return

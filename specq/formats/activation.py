@@ -9,7 +9,8 @@ float64 for float64 input) so bf16 activations do not lose bits in the division.
 There is no data-dependent control flow (no checks on values), so these functions trace cleanly.
 Special values: a NaN or inf in a token (group) makes its scale NaN or inf, and the whole token
 (group) reconstructs as NaN, so the problem shows up instead of hiding as a wrong finite number.
-A token (group) of zeros has scale 0 and reconstructs exactly.
+A token (group) of zeros has scale 0 and reconstructs exactly; one whose amax / 7 underflows float32
+(amax below ~5e-45) also gets scale 0 and reconstructs as zeros.
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ def _grouped(x: torch.Tensor, group_size: int, where: str) -> torch.Tensor:
 def _quantize(x: torch.Tensor, group_size: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     xg = _grouped(x, group_size, where).to(work)
-    scale = xg.abs().amax(-1, keepdim=True) / QMAX
+    # amax / 7 via float64: some backends (CUDA) divide by a Python scalar as a multiplication by
+    # its rounded reciprocal, which is off by an ulp now and then; in float64 the result rounds to
+    # the correctly rounded float32 quotient on every device (the table is [tokens, groups], tiny).
+    scale = (xg.abs().amax(-1, keepdim=True).to(torch.float64) / QMAX).to(work)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(xg / safe).clamp(QMIN, QMAX)
     return q, scale

@@ -50,6 +50,10 @@ def convert(model: str | None = None, *, modes=("bf16", "mxfp4", "w4a16", "w4a4"
     stage = on_stage or (lambda name: None)
     if out is None and push_to_hub is None:
         raise ValueError("give --out DIR, --push-to-hub REPO, or both")
+    if out is not None:
+        from specq.hub.checkpoint import _check_target
+
+        _check_target(Path(out), overwrite=True)  # fail before minutes of work, not after
     stage("loading")
     base, tokenizer = specq.load(model, dtype=dtype)
     stage("quantizing")

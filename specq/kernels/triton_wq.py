@@ -174,7 +174,7 @@ def _wq_matmul_kernel(
                 if MAGIC != 0:
                     # sum(x) per row via the (otherwise idle) tensor cores: a cross-warp tl.sum
                     # would cost a shared-memory round trip and barriers every chunk.
-                    d -= OFFSET * _dot(x, tl.full((SUB_K, BLOCK_N), 1.0, x_dtype), DOT_FP32, IEEE)
+                    d -= OFFSET * _dot(x, tl.full((SUB_K, BLOCK_N), 1.0, tl.float32).to(x_dtype), DOT_FP32, IEEE)
                 if EVEN_K:
                     sc = tl.load(s_ptr + rn * stride_sn + kk // GROUP)
                 else:
