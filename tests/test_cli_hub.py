@@ -95,6 +95,13 @@ def test_bad_input_gives_clear_errors_and_exit_codes(converted, tmp_path):
     out, _ = converted
     r = run("convert", tmp_path / "no-such-model", "--out", tmp_path / "x", "--no-eval", "--quiet")
     assert r.exit_code == 7 and "error:" in r.stderr and not (tmp_path / "x").exists()
+    import transformers
+
+    transformers.T5Config(d_model=64, d_ff=128, num_layers=1, num_heads=2, vocab_size=256).save_pretrained(
+        tmp_path / "t5")  # an encoder-decoder: not a causal LM
+    r = run("convert", tmp_path / "t5", "--out", tmp_path / "t5-out", "--no-eval", "--quiet")
+    assert r.exit_code == 7 and "causal LM" in r.stderr and len(r.stderr) < 1500
+    assert not (tmp_path / "t5-out").exists()
     r = run("convert", "--modes", "bf16,int3", "--out", tmp_path / "y")
     assert r.exit_code == 2 and "unknown mode" in r.stderr
     r = run("inspect", tmp_path)

@@ -213,20 +213,25 @@ def test_evaluate_bad_modes(tiny_model, tiny_tokenizer):
 
 
 @pytest.mark.slow
-def test_default_model_every_mode(default_multimode_fp32, default_tokenizer):
-    """Sanity bounds for the real model (float32), on part of the shipped sets (to stay fast)."""
-    report = evaluate(default_multimode_fp32, default_tokenizer, texts=load_eval_texts()[:2],
-                      prompts=load_eval_prompts()[:3], max_new_tokens=12, max_length=256, progress=False)
-    print(report.format_table())
+def test_default_model_every_mode(default_model_fp32, default_multimode_fp32, default_tokenizer):
+    """Sanity bounds for the real model (float32). Kept small: on CPU every forward of a quantized
+    mode dequantizes the weights, so the cost is the number of forwards (here about a dozen)."""
+    texts = [load_eval_texts()[1][1]]  # the hash-table explainer
+    report = evaluate(default_multimode_fp32, default_tokenizer, texts=texts, prompts=load_eval_prompts()[:2],
+                      max_new_tokens=8, max_length=128, progress=False)
+    windows = token_windows(default_tokenizer, texts, max_length=128)
     ppl = {m: r["perplexity"] for m, r in report.modes.items()}
-    assert 3.0 < ppl["bf16"] < 30.0, ppl
+    # bf16 mode is the untouched model: same perplexity, bit for bit.
+    assert ppl["bf16"] == perplexity(default_model_fp32, windows).perplexity
+    assert 3.0 < ppl["bf16"] < 40.0, ppl
     for m in ("mxfp4", "w4a16", "w4a4"):
-        assert ppl["bf16"] * 0.97 < ppl[m] < ppl["bf16"] * 2.0, ppl
+        assert ppl["bf16"] * 0.97 < ppl[m] < ppl["bf16"] * 3.0, ppl
     agreement = {(p["draft"], p["verifier"]): p["agreement"] for p in report.pairs}
-    assert 0.4 < agreement[("mxfp4", "bf16")] <= 1.0, agreement
-    assert 0.3 < agreement[("w4a4", "w4a16")] <= 1.0, agreement
+    assert set(agreement) == {("mxfp4", "bf16"), ("w4a4", "w4a16")}
+    for pair, rate in agreement.items():
+        assert 0.3 <= rate <= 1.0, agreement  # full runs measure ~0.67 and ~0.81 (bf16, 16 prompts)
     for p in report.pairs:
-        assert p["verifier_consistency"] > 0.97
+        assert p["verifier_consistency"] > 0.9 and p["positions"] >= 8
 
 
 # ------------------------------------------------------------------------------------- the CLI

@@ -140,3 +140,27 @@ def test_export_errors(checkpoints, tmp_path):
     gpt2 = specq.save_pretrained(specq.transform(make_tiny_model("gpt2"), modes=("mxfp4",)), tmp_path / "gpt2")
     with pytest.raises(ExportError, match="Conv1D"):
         export_compressed_tensors(gpt2, tmp_path / "c", "mxfp4")
+
+
+def test_tied_embeddings_are_exported_once(tmp_path):
+    mm = specq.transform(make_tiny_model("gemma3", seed=1), modes=("mxfp4",))  # lm_head tied to the embedding
+    ck = specq.save_pretrained(mm, tmp_path / "ck")
+    out = export_compressed_tensors(ck, tmp_path / "out", "mxfp4")
+    t = load_file(out / "model.safetensors")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    assert "model.embed_tokens.weight" in t and "lm_head.weight" not in t
+    assert "model.layers.0.mlp.down_proj.weight_packed" in t
+
+
+def test_large_exports_are_sharded_with_an_index(checkpoints, tmp_path):
+    out = export_compressed_tensors(checkpoints["plain"], tmp_path / "sharded", "mxfp4", max_shard_size=40_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted({f for f in index["weight_map"].values()})
+    assert len(shards) > 1 and not (out / "model.safetensors").exists()
+    tensors = {}
+    for f in shards:
+        tensors.update(load_file(out / f))
+    assert set(tensors) == set(index["weight_map"])
+    single = load_file(export_compressed_tensors(checkpoints["plain"], tmp_path / "single", "mxfp4")
+                       / "model.safetensors")
+    assert set(single) == set(tensors) and all(torch.equal(single[k], tensors[k]) for k in single)

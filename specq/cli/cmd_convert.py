@@ -31,7 +31,11 @@ def fail(e: BaseException, quiet: bool = False):
     code = exit_code_for(e)
     if code == 1 and isinstance(e, (ValueError, TypeError)):
         code = EXIT_TRANSFORM
-    click.echo(f"error: {e}", err=True)
+    text = str(e).strip()
+    lines = text.splitlines()
+    if len(lines) > 2 or len(text) > 1200:  # e.g. transformers' list of every supported config class
+        text = "\n".join(lines[:2])[:1200] + " [...]"
+    click.echo(f"error: {text}", err=True)
     sys.exit(code)
 
 

@@ -135,20 +135,28 @@ def _make_readable(folder: Path) -> None:
 
 
 def _tensors_by_group(model, mmls):
-    """{group: {name: tensor}} of everything the checkpoint stores, and {alias: name} for tied tensors."""
-    mml_paths = {path: m for path, m in mmls}
+    """{group: {name: tensor}} of everything the checkpoint stores, and {alias: name} for tied tensors.
+
+    A tied tensor (e.g. lm_head <-> embeddings) is stored once; if one of its names belongs to the
+    common group it is stored there, so loading any subset of modes still finds it.
+    """
+    mml_paths = {path for path, _ in mmls}
+
+    def group_of(name):
+        owner, _, attr = name.rpartition(".")
+        return TENSOR_GROUP.get(attr, COMMON) if owner in mml_paths else COMMON
+
+    by_storage: dict[tuple, list[str]] = {}
+    tensors = model.state_dict()
+    for name, t in tensors.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        by_storage.setdefault(key if t.numel() else ("empty", name), []).append(name)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for name, t in model.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        if t.numel() and key in seen:  # tied (e.g. lm_head <-> embeddings): stored once
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        owner, _, attr = name.rpartition(".")
-        group = TENSOR_GROUP.get(attr, COMMON) if owner in mml_paths else COMMON
-        groups.setdefault(group, {})[name] = t
+    for names in by_storage.values():
+        canonical = next((n for n in names if group_of(n) == COMMON), names[0])
+        groups.setdefault(group_of(canonical), {})[canonical] = tensors[canonical]
+        aliases.update({n: canonical for n in names if n != canonical})
     return groups, aliases
 
 

@@ -42,7 +42,8 @@ FORMAT_NAME = {"w4a16": "pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
 
 def export_compressed_tensors(src: str | os.PathLike, out: str | os.PathLike, mode: str, *,
                               requantize: bool = False, revision: str | None = None, token: str | None = None,
-                              endpoint: str | None = None, progress: bool = False) -> Path:
+                              endpoint: str | None = None, max_shard_size: int | str = "5GB",
+                              progress: bool = False) -> Path:
     """Write `mode` of the specq checkpoint `src` (dir or Hub id) to `out` in compressed-tensors layout."""
     from specq.hub.checkpoint import _make_readable, _read_shards, _replace_dir, read_checkpoint_meta, \
         resolve_checkpoint
@@ -86,9 +87,10 @@ def export_compressed_tensors(src: str | os.PathLike, out: str | os.PathLike, mo
     files = files_for_groups(index, groups_for_modes(need))
     check_shards(folder, index, files)
     state = _read_shards(folder, files, progress)
-    for alias, name in (index.get("aliases") or {}).items():
-        if name in state:
-            state[alias] = state[name]
+    if not config.get("tie_word_embeddings", False):  # tied names are re-tied by the loader: store them once
+        for alias, name in (index.get("aliases") or {}).items():
+            if name in state:
+                state[alias] = state[name].clone()
 
     tensors, groups = _convert(state, entries, mode, requantize and mode == "w4a16" and bool(rotated))
     kept = sorted(e["module"] for e in plan["matmuls"] if e["action"] != "quantize")
@@ -100,8 +102,7 @@ def export_compressed_tensors(src: str | os.PathLike, out: str | os.PathLike, mo
     try:
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+        _save_sharded(tensors, tmp, max_shard_size, save_file)
         (tmp / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
         for name in os.listdir(folder):  # tokenizer files, generation config, chat template, ...
             if name in ("config.json", "README.md") or name.endswith(".safetensors") or name.endswith(".index.json"):
@@ -119,6 +120,25 @@ def export_compressed_tensors(src: str | os.PathLike, out: str | os.PathLike, mo
             raise ExportError(f"Could not write {out}: {e}. Nothing was written there.") from e
         raise
     return out
+
+
+def _save_sharded(tensors: dict, folder: Path, max_shard_size, save_file) -> None:
+    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json (HF convention)."""
+    from specq.hub.checkpoint import _parse_size, _split
+
+    shards = _split(dict(sorted(tensors.items())), _parse_size(max_shard_size))
+    if len(shards) == 1:
+        save_file({k: v.contiguous() for k, v in shards[0].items()}, str(folder / "model.safetensors"),
+                  metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in shard.items()}, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+        total += sum(v.numel() * v.element_size() for v in shard.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
 
 
 def _convert(state: dict, entries: list, mode: str, requantize: bool):
