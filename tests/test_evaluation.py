@@ -215,11 +215,13 @@ def test_evaluate_bad_modes(tiny_model, tiny_tokenizer):
 @pytest.mark.slow
 def test_default_model_every_mode(default_model_fp32, default_multimode_fp32, default_tokenizer):
     """Sanity bounds for the real model (float32). Kept small: on CPU every forward of a quantized
-    mode dequantizes the weights, so the cost is the number of forwards (here about a dozen)."""
-    texts = [load_eval_texts()[1][1]]  # the hash-table explainer
+    mode dequantizes the weights, so the cost is the number of forwards (here ten)."""
+    explainer = load_eval_texts()[1][1]
+    texts = [default_tokenizer.decode(default_tokenizer(explainer)["input_ids"][:160])]
+    windows = token_windows(default_tokenizer, texts, max_length=256)
+    assert len(windows) == 1  # one forward per mode
     report = evaluate(default_multimode_fp32, default_tokenizer, texts=texts, prompts=load_eval_prompts()[:2],
-                      max_new_tokens=8, max_length=128, progress=False)
-    windows = token_windows(default_tokenizer, texts, max_length=128)
+                      max_new_tokens=6, max_length=256, progress=False)
     ppl = {m: r["perplexity"] for m, r in report.modes.items()}
     # bf16 mode is the untouched model: same perplexity, bit for bit.
     assert ppl["bf16"] == perplexity(default_model_fp32, windows).perplexity
@@ -229,9 +231,9 @@ def test_default_model_every_mode(default_model_fp32, default_multimode_fp32, de
     agreement = {(p["draft"], p["verifier"]): p["agreement"] for p in report.pairs}
     assert set(agreement) == {("mxfp4", "bf16"), ("w4a4", "w4a16")}
     for pair, rate in agreement.items():
-        assert 0.3 <= rate <= 1.0, agreement  # full runs measure ~0.67 and ~0.81 (bf16, 16 prompts)
+        assert 0.25 <= rate <= 1.0, agreement  # full runs measure ~0.67 and ~0.81 (bf16, 16 prompts)
     for p in report.pairs:
-        assert p["verifier_consistency"] > 0.9 and p["positions"] >= 8
+        assert p["verifier_consistency"] > 0.9 and p["positions"] >= 6
 
 
 # ------------------------------------------------------------------------------------- the CLI

@@ -170,3 +170,12 @@ def test_dequantize_and_unpack_reject_bad_layout():
         int4.dequantize(packed, torch.ones(2, 1, dtype=torch.int32))
     with pytest.raises(TypeError, match="packed must be int32"):
         int4.unpack(torch.zeros(2, 2, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("clip_ratio", [None, "search"])
+def test_row_chunking_does_not_change_the_result(monkeypatch, clip_ratio):
+    w = torch.randn(37, 64, dtype=torch.bfloat16)
+    whole = int4.quantize(w, 32, clip_ratio=clip_ratio)
+    monkeypatch.setattr(int4, "CHUNK_ELEMENTS", 64 * 4)
+    chunked = int4.quantize(w, 32, clip_ratio=clip_ratio)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])

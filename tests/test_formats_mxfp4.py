@@ -301,3 +301,13 @@ def test_dequantize_rejects_bad_layout():
         mxfp4.dequantize(p.reshape(-1), s)
     with pytest.raises(TypeError, match="floating-point dtype"):
         mxfp4.dequantize(p, s, torch.int8)
+
+
+@pytest.mark.parametrize("rule", ["floor", "mse"])
+def test_row_chunking_does_not_change_the_result(monkeypatch, rule):
+    w = torch.randn(37, 96)
+    w[5, 3] = float("nan")
+    whole = mxfp4.quantize(w, rule)
+    monkeypatch.setattr(mxfp4, "CHUNK_ELEMENTS", 96 * 4)  # 4 rows per chunk, last chunk partial
+    chunked = mxfp4.quantize(w, rule)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])

@@ -34,13 +34,18 @@ def pair_table(values: tuple, dtype: torch.dtype, device: torch.device, cache: b
     return t
 
 
+def gather_pairs(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows of a [T, 2] ``table`` at int32 indices ``idx`` (any shape) -> [*idx.shape, 2]."""
+    flat = idx.reshape(-1)
+    word = _WORD.get(table.element_size())
+    if word is None:  # float64: no 128-bit word; gather rows of the [T, 2] table
+        return torch.index_select(table, 0, flat).reshape(*idx.shape, 2)
+    words = table.view(word).reshape(table.shape[0])
+    return torch.index_select(words, 0, flat).view(table.dtype).reshape(*idx.shape, 2)
+
+
 def decode_bytes(codes: torch.Tensor, values: tuple, dtype: torch.dtype) -> torch.Tensor:
     """uint8 [..., M] -> [..., 2M] in ``dtype``: each byte becomes (values[low], values[high])."""
     table = pair_table(values, dtype, codes.device, cacheable(codes))
-    shape = (*codes.shape[:-1], 2 * codes.shape[-1])
-    idx = codes.reshape(-1).to(torch.int32)
-    word = _WORD.get(table.element_size())
-    if word is None:  # float64: no 128-bit word; gather rows of the [256, 2] table
-        return torch.index_select(table, 0, idx).reshape(shape)
-    words = table.view(word).reshape(256)
-    return torch.index_select(words, 0, idx).view(dtype).reshape(shape)
+    out = gather_pairs(table, codes.to(torch.int32))
+    return out.reshape(*codes.shape[:-1], 2 * codes.shape[-1])

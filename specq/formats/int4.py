@@ -27,6 +27,7 @@ from specq.formats._nibbles import decode_bytes
 QMIN, QMAX = -8, 7
 PACK = 8  # int4 values per int32
 CLIP_SEARCH_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+CHUNK_ELEMENTS = 1 << 22  # rows are quantized in chunks of about this many elements (bounds temporaries)
 
 
 def _check_weight(w: torch.Tensor, group_size: int) -> None:
@@ -113,6 +114,18 @@ def quantize(w: torch.Tensor, group_size: int = 128, clip_ratio: float | str | N
     the least squared error).
     """
     _check_weight(w, group_size)
+    if not (clip_ratio is None or clip_ratio == "search" or (
+            isinstance(clip_ratio, (int, float)) and not isinstance(clip_ratio, bool) and 0 < clip_ratio <= 1)):
+        raise ValueError(f"int4.quantize: clip_ratio must be None, a float in (0, 1] or 'search', got {clip_ratio!r}")
+    n, k = w.shape
+    rows = max(1, CHUNK_ELEMENTS // k)
+    parts = [_quantize_rows(w[i:i + rows], group_size, clip_ratio) for i in range(0, n, rows)]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p for p, _ in parts]), torch.cat([s for _, s in parts])
+
+
+def _quantize_rows(w: torch.Tensor, group_size: int, clip_ratio) -> tuple[torch.Tensor, torch.Tensor]:
     n, k = w.shape
     g = k // group_size
     # float64: w / scale of two float32 (or narrower) numbers is then decided correctly at .5 ties
@@ -131,10 +144,8 @@ def quantize(w: torch.Tensor, group_size: int = 128, clip_ratio: float | str | N
                 best_s = torch.where(better, s, best_s)
                 best_err = torch.where(better, err, best_err)
         scales = best_s
-    elif isinstance(clip_ratio, (int, float)) and not isinstance(clip_ratio, bool) and 0 < clip_ratio <= 1:
-        scales = _scales_for(wg, float(clip_ratio), w.dtype)
     else:
-        raise ValueError(f"int4.quantize: clip_ratio must be None, a float in (0, 1] or 'search', got {clip_ratio!r}")
+        scales = _scales_for(wg, float(clip_ratio), w.dtype)
     q = _quantize_groups(wg, scales).reshape(n, k)
     return pack(q), scales.contiguous()
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from specq.formats._nibbles import cacheable, decode_bytes
+from specq.formats._nibbles import cacheable, gather_pairs
 
 BLOCK_SIZE = 32
 SCALE_BIAS = 127
@@ -114,11 +114,23 @@ def floor_exponents(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, exp, torch.full_like(exp, E8M0_MIN_EXP))
 
 
+CHUNK_ELEMENTS = 1 << 22  # rows are quantized in chunks of about this many elements (bounds temporaries)
+
+
 def quantize(w: torch.Tensor, scale_rule: str = "floor") -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a 2-D weight [N, K] to MXFP4: ``(packed uint8 [N, K/2], scales uint8 [N, K/32])``."""
     _check_weight(w)
     if scale_rule not in SCALE_RULES:
         raise ValueError(f"mxfp4.quantize: scale_rule must be one of {SCALE_RULES}, got {scale_rule!r}")
+    n, k = w.shape
+    rows = max(1, CHUNK_ELEMENTS // k)
+    parts = [_quantize_rows(w[i:i + rows], scale_rule) for i in range(0, n, rows)]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p for p, _ in parts]), torch.cat([s for _, s in parts])
+
+
+def _quantize_rows(w: torch.Tensor, scale_rule: str) -> tuple[torch.Tensor, torch.Tensor]:
     n, k = w.shape
     # float32 holds bf16/fp16 values exactly; float64 input stays float64 (no double rounding).
     wf = w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32)
@@ -161,6 +173,9 @@ def _check_packed(packed: torch.Tensor, scales: torch.Tensor, where: str) -> Non
         raise ValueError(f"{where}: packed is on {packed.device} but scales on {scales.device}")
 
 
+_SCALE_TABLE_CACHE: dict = {}
+
+
 def scale_values(scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """E8M0 bytes -> 2**(byte - 127) in ``dtype`` (NaN for 0xFF). Exact in float32 and bfloat16."""
     s = torch.ldexp(torch.ones((), dtype=torch.float32, device=scales.device),
@@ -169,19 +184,38 @@ def scale_values(scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> to
     return s.to(dtype)
 
 
+def _scaled_pair_table(dtype: torch.dtype, device: torch.device, cache: bool) -> torch.Tensor:
+    """[65536, 2] table in ``dtype``: index (scale_byte << 8) | byte -> the byte's two elements times
+    the block scale, i.e. (E2M1[low] * 2**(s-127), E2M1[high] * 2**(s-127)); NaN for s = 0xFF.
+    Each entry is computed exactly in float64 and rounded once to ``dtype`` (exact for float32 and
+    bfloat16; float16 overflows to inf and underflows like a cast would)."""
+    key = (dtype, device)
+    t = _SCALE_TABLE_CACHE.get(key) if cache else None
+    if t is None:
+        b = torch.arange(256)
+        vals = torch.tensor(E2M1_VALUES, dtype=torch.float64)
+        pair = torch.stack([vals[b & 0xF], vals[b >> 4]], dim=1)                 # [256 bytes, 2]
+        scale = torch.ldexp(torch.ones(256, dtype=torch.float64), torch.arange(256) - SCALE_BIAS)
+        scale[SCALE_NAN] = float("nan")
+        t = (scale[:, None, None] * pair[None]).reshape(256 * 256, 2).to(dtype=dtype, device=device)
+        if cache:
+            _SCALE_TABLE_CACHE[key] = t
+    return t
+
+
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """MXFP4 ``(packed [N, K/2], scales [N, K/32])`` -> weight [N, K] in ``dtype``.
 
-    float32 and bfloat16 results are exact (E2M1 times a power of two in E8M0's range fits both).
-    Other dtypes are computed in float32 and rounded once, so a zero element in a block whose scale
+    One table lookup per byte: the index is (scale byte << 8) | packed byte, the entry both elements
+    already multiplied by the block scale (no separate multiply pass). float32 and bfloat16 results
+    are exact; other dtypes get the exact value rounded once, so a zero element in a block whose scale
     overflows the dtype gives 0, not 0 * inf = NaN.
     """
     _check_packed(packed, scales, "mxfp4.dequantize")
     if not dtype.is_floating_point:
         raise TypeError(f"mxfp4.dequantize: dtype must be a floating-point dtype, got {dtype}")
     n, half_k = packed.shape
-    k = 2 * half_k
-    work = dtype if dtype in (torch.float32, torch.bfloat16, torch.float64) else torch.float32
-    vals = decode_bytes(packed, E2M1_VALUES, work).reshape(n, k // BLOCK_SIZE, BLOCK_SIZE)
-    w = (vals * scale_values(scales, work).unsqueeze(-1)).reshape(n, k)
-    return w.to(dtype)
+    nb = scales.shape[1]
+    table = _scaled_pair_table(dtype, packed.device, cacheable(packed))
+    idx = packed.reshape(n, nb, BLOCK_SIZE // 2).to(torch.int32) | (scales.to(torch.int32) << 8).unsqueeze(-1)
+    return gather_pairs(table, idx).reshape(n, 2 * half_k)
