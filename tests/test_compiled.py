@@ -137,6 +137,7 @@ def test_steps_are_reused_across_requests(multimode, prompt):
     assert get_steps(multimode, 2, 40, compile=None) is a  # fits: same graphs, same cache
     b = get_steps(multimode, 1, 40, compile=None)  # another batch size: a new cache
     assert b is not a
+    copy.deepcopy(multimode)  # the steps (CUDA graphs on GPU) live beside the model, not in it
 
 
 def test_bad_inputs_are_refused(llama, multimode, prompt):
@@ -181,9 +182,22 @@ def test_cuda_graphs_replay_equals_eager(multimode, prompt):
         out = compiled_generate(mm, ids, NEW, levels=["mxfp4", "bf16"], gamma=3, eos_token_id=[],
                                 compile=compile_, cuda_graphs=True)
         assert torch.equal(out.sequences.cpu(), ref.cpu())
-        steps = mm.__dict__["_specq_compiled_steps"]
+        steps = get_steps(mm, 2, 1, compile=compile_, cuda_graphs=True)
         graphs, compiles = len(steps._graphs), steps.compile_count
         out2 = compiled_generate(mm, ids, NEW, levels=["mxfp4", "bf16"], gamma=3, eos_token_id=[],
                                  compile=compile_, cuda_graphs=True)
         assert torch.equal(out2.sequences, out.sequences)
         assert (len(steps._graphs), steps.compile_count) == (graphs, compiles)
+
+
+def test_generate_compile_hook(multimode, prompt):
+    """specq.generate(..., compile=...) routes greedy mode chains to the compiled path: same tokens."""
+    import specq
+
+    ref = specq.generate(multimode, prompt, 12, levels=["ngram", "mxfp4", "bf16"], gamma=[2, 3], eos_token_id=[])
+    out = specq.generate(multimode, prompt, 12, levels=["ngram", "mxfp4", "bf16"], gamma=[2, 3], eos_token_id=[],
+                         compile="eager")
+    assert torch.equal(out.sequences, ref.sequences)
+    assert out.stats.kv_caches[0]["compiles"] >= 1
+    with pytest.raises(ValueError, match="greedy"):
+        specq.generate(multimode, prompt, 4, levels=["mxfp4", "bf16"], temperature=0.7, compile=True)

@@ -281,3 +281,23 @@ def test_cli_eval_bad_input(tiny_model_dir, tmp_path):
     assert res.exit_code == 2 and "not among --modes" in res.output
     res = CliRunner().invoke(main, ["eval", str(tmp_path / "missing-model")])
     assert res.exit_code == 1 and "No such file or directory" in res.output
+
+
+def test_cli_eval_specq_checkpoint(tmp_path, tiny_model, tiny_tokenizer):
+    """A specq checkpoint goes through specq.from_pretrained and evaluates like the in-memory model."""
+    from click.testing import CliRunner
+
+    from specq.cli.main import main
+
+    mm = specq.transform(tiny_model("llama"), modes=("bf16", "mxfp4"))
+    specq.save_pretrained(mm, tmp_path / "ckpt")
+    tiny_tokenizer.save_pretrained(tmp_path / "ckpt")
+    res = CliRunner().invoke(main, ["eval", str(tmp_path / "ckpt"), "--dtype", "float32", "--prompts", "2",
+                                    "--max-new-tokens", "3", "--quiet", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    direct = evaluate(mm, tiny_tokenizer, prompts=load_eval_prompts()[:2], max_new_tokens=3, progress=False)
+    for m in ("bf16", "mxfp4"):
+        assert data["modes"][m]["perplexity"] == pytest.approx(direct.modes[m]["perplexity"], rel=1e-6)
+        assert data["modes"][m]["weight_bytes"] == direct.modes[m]["weight_bytes"]
+    assert data["pairs"][0]["matches"] == direct.pairs[0]["matches"]

@@ -69,6 +69,18 @@ def test_low_precision(dtype):
     assert torch.allclose(got.double(), want, atol=0.05, rtol=0.02)
 
 
+@pytest.mark.parametrize("block", [576, 20, 64])
+def test_low_precision_has_no_systematic_scale_error(block):
+    """Weights are rotated in float32; the bf16 activation rotation must not be off by a constant
+    (1/sqrt(12) rounded to bf16 is 0.2% too large: a bf16 factor matrix would scale every output)."""
+    torch.manual_seed(0)
+    x = torch.randn(400, 1920 if block == 20 else 576)
+    want = hadamard_transform(x.double(), block)
+    got = hadamard_transform(x.bfloat16(), block).double()
+    ratio = ((got * want).sum() / want.square().sum()).item()
+    assert abs(ratio - 1) < 2e-4, ratio
+
+
 def test_norm_preserved_and_outliers_spread():
     x = torch.zeros(1, 64, dtype=torch.float64)
     x[0, 3] = 8.0  # one outlier -> spread evenly over the block (why rotation helps INT4 activations)

@@ -37,17 +37,18 @@ def multimode(default_model_fp32):
 @pytest.mark.parametrize("levels", [["bf16"], ["ngram", "bf16"], ["shallow:8", "bf16"], ["ngram", "shallow:8", "bf16"]],
                          ids=lambda lv: "+".join(lv))
 def test_plain_strategies_match_hf_generate(default_model_fp32, prompt_ids, reference, levels):
-    out = generate(default_model_fp32, prompt_ids, NEW, levels=levels, gamma=4)
+    # a shallow copy of this 30-layer model accepts little (no early-exit training): keep its gamma small
+    out = generate(default_model_fp32, prompt_ids, NEW, levels=levels, gamma=2 if "shallow:8" in levels else 4)
     assert torch.equal(out.sequences, reference)
 
 
-@pytest.mark.parametrize("levels", [["mxfp4", "bf16"], ["ngram", "mxfp4", "bf16"], ["shallow:8:mxfp4", "mxfp4", "bf16"]],
-                         ids=lambda lv: "+".join(lv))
+@pytest.mark.parametrize("levels", [["mxfp4", "bf16"], ["ngram", "mxfp4", "bf16"]], ids=lambda lv: "+".join(lv))
 def test_mlspecqd_matches_hf_generate(multimode, prompt_ids, reference, levels):
     out = generate(multimode, prompt_ids, NEW, levels=levels, gamma=4)
     assert torch.equal(out.sequences, reference)
     assert out.stats.levels[-2].accepted > 0  # the mxfp4 draft is useful on the real model
-    assert len(out.stats.kv_caches) == 1  # one cache for all modes and the shallow copy
+    assert len(out.stats.kv_caches) == 1  # one cache for all modes
+    assert out.stats.kv_caches[0]["allocations"] == 30
 
 
 def test_qspec_matches_w4a16_greedy(multimode, prompt_ids):

@@ -313,3 +313,43 @@ def test_bad_arguments():
     specq.transform(m, modes=("bf16", "mxfp4"))
     with pytest.raises(ValueError, match="already a specq multi-mode model"):
         specq.transform(m)
+
+
+# ------------------------------------------------------------------ activation-aware MXFP4 scales
+
+def test_weighted_mxfp4_is_a_valid_encoding_that_lowers_weighted_error():
+    from specq.transform.calibration import quantize_mxfp4_weighted
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 128, generator=g, dtype=torch.float64)
+    # uniform importance: exactly the formats' own "mse" rule
+    p, s = quantize_mxfp4_weighted(w, torch.ones(128, dtype=torch.float64))
+    pm, sm = mxfp4.quantize(w, "mse")
+    assert torch.equal(p, pm) and torch.equal(s, sm)
+    # skewed importance: never worse than floor or mse under the weighted error it minimises
+    d = torch.rand(128, generator=g, dtype=torch.float64) ** 4 * 100
+    p, s = quantize_mxfp4_weighted(w, d)
+
+    def werr(packed, scales):
+        return ((mxfp4.dequantize(packed, scales, torch.float64) - w).square() * d).sum().item()
+
+    e = werr(p, s)
+    assert e <= werr(*mxfp4.quantize(w, "floor")) and e <= werr(*mxfp4.quantize(w, "mse"))
+    with pytest.raises(ValueError, match="importance"):
+        quantize_mxfp4_weighted(w, torch.ones(64))
+
+
+def test_act_mse_recipe_calibrates_and_matches_reference():
+    ref = make_tiny_model("llama")
+    rec = {"base": "default", "mxfp4_scale_rule": "act_mse"}
+    a = specq.transform(copy.deepcopy(ref), modes=("bf16", "mxfp4"), recipe=rec, calibration_ids=_ids(2, 32, seed=4))
+    b = specq.transform(copy.deepcopy(ref), modes=("bf16", "mxfp4"), recipe=rec)  # self-generated calibration
+    assert all(e["mxfp4_scale_rule"] == "act_mse" for e in a.specq_plan["matmuls"] if e["action"] == "quantize")
+    ids = _ids()
+    for mm in (a, b):
+        with specq.mode(mm, "mxfp4"):
+            got = _logits(mm, ids)
+        want = _logits(_reference(ref, mm, "mxfp4"), ids)
+        assert (got - want).abs().max().item() <= 2e-4 * (1 + want.abs().max().item())
+    with pytest.raises(ValueError, match="no calibration"):
+        apply_plan(make_tiny_model("llama"), a.specq_plan, quantize=True)

@@ -56,14 +56,22 @@ def _load(model, modes, recipe, dtype, quiet):
         from transformers import AutoTokenizer
 
         from specq.hub.checkpoint import from_pretrained  # the hub layer; imported only when needed
+        from specq.hub.errors import HubError
 
-        mm = from_pretrained(model, modes=modes)
-        return mm, AutoTokenizer.from_pretrained(model), name
+        try:
+            mm = from_pretrained(model, modes=modes, dtype=torch_dtype, progress=not quiet)
+            tokenizer = AutoTokenizer.from_pretrained(model)
+        except (OSError, ValueError, HubError) as e:
+            raise click.ClickException(f"could not load the specq checkpoint {model}: {e}") from e
+        return mm, tokenizer, name
     except ModelLoadError as e:
         raise click.ClickException(str(e)) from e
     if not quiet:
         click.echo(f"specq eval: transforming {name} to modes {','.join(modes)} ...", err=True)
-    mm = specq.transform(base, modes=modes, recipe=recipe)
+    try:
+        mm = specq.transform(base, modes=modes, recipe=recipe)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise click.ClickException(f"could not transform {name}: {e}") from e
     return mm, tokenizer, name
 
 

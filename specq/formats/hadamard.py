@@ -125,6 +125,13 @@ def _unnormalized_factor(p: int) -> tuple[tuple[int, ...], ...]:
 _FACTOR_CACHE: dict = {}
 
 
+@functools.lru_cache(maxsize=None)
+def exact_in_low_precision(n: int) -> bool:
+    """Whether every factor's entries +-1/sqrt(p) are powers of two (p = 4**j), i.e. exact in
+    bfloat16/float16. Otherwise a low-precision transform runs in float32 (see hadamard_transform)."""
+    return all(_is_pow2(p) and p.bit_length() % 2 == 1 for p in factor_sizes(n))
+
+
 def _factor(p: int, dtype: torch.dtype, device: torch.device, transpose: bool, cache: bool = True) -> torch.Tensor:
     key = (p, dtype, device, transpose)
     f = _FACTOR_CACHE.get(key) if cache else None
@@ -169,8 +176,9 @@ def hadamard_transform(x: torch.Tensor, block_size: int | None = None, inverse: 
     """``x @ H_blockdiag`` along the last dim (``inverse=True``: ``x @ H_blockdiag.T``, which undoes it).
 
     ``block_size``: size of the diagonal blocks (None: one block spanning the whole last dim); it must
-    divide x.shape[-1] and be a supported Hadamard order. Computes in x.dtype (float16/bfloat16 use
-    float32 accumulation inside the matmuls) and returns x.dtype.
+    divide x.shape[-1] and be a supported Hadamard order. Returns x.dtype. bfloat16/float16 inputs are
+    computed in x.dtype when the block's entries are exact powers of two (64, 256, ...: 4**j), else in
+    float32 with one final rounding.
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"hadamard_transform: x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
@@ -185,5 +193,10 @@ def hadamard_transform(x: torch.Tensor, block_size: int | None = None, inverse: 
     factor_sizes(bs)  # raises a clear error for unsupported orders
     if x.numel() == 0:
         return x.clone()
-    y = _apply(x.reshape(-1, bs), bs, inverse)
-    return y.reshape(x.shape)
+    x2 = x.reshape(-1, bs)
+    if x.dtype in (torch.bfloat16, torch.float16) and not exact_in_low_precision(bs):
+        # 1/sqrt(12) or 1/sqrt(2) rounded to bf16 would scale the whole rotation by a constant off
+        # by up to 2**-9 per factor (the weights were rotated in float32): compute in float32 and
+        # round once at the end instead. Blocks like 64 or 256 (entries +-1/8, +-1/16) stay in x.dtype.
+        return _apply(x2.float(), bs, inverse).to(x.dtype).reshape(x.shape)
+    return _apply(x2, bs, inverse).reshape(x.shape)

@@ -19,7 +19,7 @@ with its reason — never a silent half-conversion.
 Recipe keys (all optional except `name`; a recipe may name a `base` recipe whose keys it overrides):
     keep: [regex, ...]            module paths (re.search) kept in the model's dtype
     keep_tied_to_embedding: bool  weights shared with an input embedding stay unquantized
-    mxfp4_scale_rule: floor|mse
+    mxfp4_scale_rule: floor|mse|act_mse
     int4_group_size: int          preferred INT4 group; falls back to the largest power-of-two divisor of K
     int4_min_group_size: int      below this, the matmul is kept instead
     int4_clip_ratio: null|float|search
@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 MODES = ("bf16", "mxfp4", "w4a16", "w4a4")
 INT4_MODES = ("w4a16", "w4a4")
 MXFP4_BLOCK = 32
+# floor: the OCP spec's exponent; mse: least squared weight error among e-1, e, e+1 (formats);
+# act_mse: the same, weighted by calibration E[x_k^2] (specq/transform/calibration.py)
+MXFP4_SCALE_RULES = ("floor", "mse", "act_mse")
 PLAN_VERSION = 1
 
 _FORMAT_KEYS = ("mxfp4_scale_rule", "int4_group_size", "int4_min_group_size", "int4_clip_ratio",
@@ -141,8 +144,9 @@ def load_recipe(recipe=None, model_type: str | None = None) -> dict:
 
 def _validate_recipe(r: dict) -> None:
     where = f"recipe {r.get('name')!r}"
-    if r["mxfp4_scale_rule"] not in ("floor", "mse"):
-        raise ValueError(f"{where}: mxfp4_scale_rule must be 'floor' or 'mse', got {r['mxfp4_scale_rule']!r}")
+    if r["mxfp4_scale_rule"] not in MXFP4_SCALE_RULES:
+        raise ValueError(f"{where}: mxfp4_scale_rule must be one of {MXFP4_SCALE_RULES}, "
+                         f"got {r['mxfp4_scale_rule']!r}")
     for k in ("int4_group_size", "int4_min_group_size"):
         if not isinstance(r[k], int) or r[k] < 8 or r[k] % 8:
             raise ValueError(f"{where}: {k} must be a positive multiple of 8, got {r[k]!r}")

@@ -201,36 +201,40 @@ def run_rows(model, ids: torch.Tensor, new_tokens: int = 256, rows=ROWS, gamma=N
                         row.mean_accepted[lvl.name] = round(lvl.mean_accepted_length, 3)
             row.new_tokens = int(row.sequences.shape[1]) * int(row.sequences.shape[0])
             row.tokens_per_s = row.new_tokens / row.seconds
+            _compare(row, out)  # now, so a run cut short still logged it
             log(f"[bench] {name}: {row.tokens_per_s:.1f} tok/s ({row.seconds:.3f} s, first call "
-                f"{row.warmup_s:.1f} s) acceptance {row.acceptance}")
+                f"{row.warmup_s:.1f} s) acceptance {row.acceptance}"
+                + (f"; leading tokens equal to {row.same_as}: {row.agree}/{row.sequences.shape[1]}"
+                   if row.same_as else ""))
         except Exception as e:  # a row that fails is reported, the others still run
             row.error = f"{type(e).__name__}: {str(e)[:300]}"
             log(f"[bench] {name}: FAILED {row.error}")
         finally:
             gc.collect()
-    def ref_row(base_ref):
-        """The first row (in order) whose base name is `base_ref`, with tokens."""
-        for r in out.values():
-            if r.name.partition("@")[0] == base_ref and r.sequences is not None:
-                return r
-        return None
-
     failures = []
     for name, row in out.items():
-        ref = SPECQ_ROWS.get(name.partition("@")[0], (None, None))[1]
-        rr = ref_row(ref) if ref else None
-        if rr is not None and rr is not row and row.sequences is not None:
-            ref = rr.name
-            a, b = row.sequences, rr.sequences
-            n = min(a.shape[1], b.shape[1])
-            eq = (a[:, :n] == b[:, :n]).all(dim=0).to(torch.int64)
-            row.same_as = ref
-            row.agree = int(eq.cumprod(0).sum())
-            if row.agree != n or a.shape != b.shape:
-                failures.append(f"row {name} differs from its reference {ref} at new token {row.agree}")
+        _compare(row, out)  # references that ran after the row
+        if row.same_as and (row.agree != row.sequences.shape[1]
+                            or row.sequences.shape != out[row.same_as].sequences.shape):
+            failures.append(f"row {name} differs from its reference {row.same_as} at new token {row.agree}")
     if strict and failures:
         raise LosslessError(failures, list(out.values()))
     return list(out.values())
+
+
+def _compare(row: Row, rows: dict) -> None:
+    """Set row.same_as / row.agree against the first finished row of its reference kind."""
+    ref = SPECQ_ROWS.get(row.name.partition("@")[0], (None, None))[1]
+    if not ref or row.sequences is None:
+        return
+    rr = next((r for r in rows.values() if r.name.partition("@")[0] == ref and r.sequences is not None
+               and r is not row), None)
+    if rr is None:
+        return
+    a, b = row.sequences, rr.sequences
+    n = min(a.shape[1], b.shape[1])
+    row.same_as = rr.name
+    row.agree = int((a[:, :n] == b[:, :n]).all(dim=0).to(torch.int64).cumprod(0).sum())
 
 
 class LosslessError(AssertionError):

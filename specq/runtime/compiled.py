@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -425,25 +426,28 @@ def _raise_recompile_limit(n: int) -> None:
 # Compiled greedy multi-level speculative decoding
 
 
-_STEPS_ATTR = "_specq_compiled_steps"
+AR_BURST = 16  # greedy tokens per graph replay when the target decodes alone (one host read each)
+# model -> its CompiledSteps. Kept beside the model, not on it: a CUDA graph cannot be deep-copied or
+# pickled, and copies of the model must not share its cache.
+_STEPS: "weakref.WeakKeyDictionary[torch.nn.Module, CompiledSteps]" = weakref.WeakKeyDictionary()
 
 
 def get_steps(model, batch_size: int, min_len: int, *, compile="auto", cuda_graphs=None,
               round_to: int = 256) -> CompiledSteps:
     """The model's `CompiledSteps` for this batch size, reused across calls (graphs and compiled
     code are kept), or a new one over a new static cache of at least `min_len` positions."""
-    steps = model.__dict__.get(_STEPS_ATTR)
+    steps = _STEPS.get(model)
     key = (int(batch_size), compile, cuda_graphs)
     if steps is not None and steps._key == key and steps.cache.layers[0].max_cache_len >= min_len:
         return steps
     max_len = -(-int(min_len) // round_to) * round_to
     if steps is not None:  # free the old graphs and cache before allocating new ones
-        model.__dict__.pop(_STEPS_ATTR, None)
+        _STEPS.pop(model, None)
         del steps
     cache = make_static_cache(model, batch_size, max_len)
     steps = CompiledSteps(model, cache, compile=compile, cuda_graphs=cuda_graphs)
     steps._key = key
-    model.__dict__[_STEPS_ATTR] = steps  # not a submodule: no state_dict entry
+    _STEPS[model] = steps
     return steps
 
 
@@ -476,10 +480,9 @@ def compiled_generate(model, input_ids: torch.Tensor, max_new_tokens: int = 256,
             n = int(lvl.split(":")[1]) if ":" in lvl else 3
             specs.append(("ngram", NgramDrafter(max_ngram=n)))
         elif isinstance(lvl, str) and lvl in MODE_NAMES:
-            if lvl != "bf16" or active_mode(model) != "bf16" or _is_multimode(model):
-                if lvl != "bf16" and not _is_multimode(model):
-                    raise ValueError(f"levels[{i}]: mode {lvl!r} needs a multi-mode model; run "
-                                     f"specq.transform(model, modes=('bf16', {lvl!r})) first")
+            if lvl != "bf16" and not _is_multimode(model):
+                raise ValueError(f"levels[{i}]: mode {lvl!r} needs a multi-mode model; run "
+                                 f"specq.transform(model, modes=('bf16', {lvl!r})) first")
             specs.append(("mode", lvl))
         else:
             raise NotImplementedError(
@@ -497,7 +500,8 @@ def compiled_generate(model, input_ids: torch.Tensor, max_new_tokens: int = 256,
     B, P = ids.shape
     eos = _eos_list(model, eos_token_id)
     pad = _pad_id(model, pad_token_id, eos)
-    needed = P + int(max_new_tokens) + 2 * (sum(gammas) + len(specs)) + 2
+    # positions written past the last kept token: a verify block per level, or one AR burst
+    needed = P + int(max_new_tokens) + 2 * (sum(gammas) + len(specs)) + AR_BURST + 2
     steps = get_steps(model, B, needed, compile=compile, cuda_graphs=cuda_graphs)
     stats = [LevelStats(name if isinstance(name, str) else "ngram") for name in levels]
 
@@ -563,8 +567,6 @@ def compiled_generate(model, input_ids: torch.Tensor, max_new_tokens: int = 256,
     t_start = time.perf_counter()
     with torch.inference_mode():
         x = steps.prefill(ids, mode=target)  # target KV for [0, P)
-        sync()
-        t_start = time.perf_counter()  # tokens/s excludes nothing but is timed from here too
         stats[top].forwards += 1
         x_h = x.cpu()
         new_rows = [[int(x_h[b, 0])] for b in range(B)]
@@ -575,9 +577,9 @@ def compiled_generate(model, input_ids: torch.Tensor, max_new_tokens: int = 256,
             want = max_new_tokens - produced
             t0 = time.perf_counter()
             if top == 0:  # target only: bursts of autoregressive steps, one host read each
-                g = min(16, want)
-                toks = steps.greedy_burst(x, pos, 16, mode=target)
-                stats[top].forwards += 16
+                g = min(AR_BURST, want)
+                toks = steps.greedy_burst(x, pos, AR_BURST, mode=target)
+                stats[top].forwards += AR_BURST
                 (t_h,) = host(toks)
                 kept = t_h[:, :g]
                 x = toks[:, g - 1:g].clone()

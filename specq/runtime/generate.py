@@ -139,7 +139,7 @@ class _Decoder:
         kwargs = dict(input_ids=self.buf[:, start:upto], position_ids=self.pos_ids[:, start:upto],
                       past_key_values=cache, use_cache=True)
         if self.attn is not None:
-            kwargs["attention_mask"] = self.attn
+            kwargs["attention_mask"] = self.attn[:, :upto]
         if lvl.accepts_logits_to_keep:
             kwargs["logits_to_keep"] = n_logits
         logits = lvl.module(**kwargs).logits[:, -n_logits:]
@@ -242,7 +242,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 256, levels=(
              gamma=4, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              attention_mask: torch.Tensor | None = None, eos_token_id=None, seed: int | None = None,
              pad_token_id: int | None = None, max_cache_len: int | None = None,
-             streamer: Callable[[torch.Tensor], None] | None = None) -> GenerateOutput:
+             streamer: Callable[[torch.Tensor], None] | None = None, compile=False) -> GenerateOutput:
     """Decode `max_new_tokens` tokens with a chain of speculative levels; lossless.
 
     levels: cheapest drafter ... target (last). Each entry is a mode of `model` ("w4a4", "mxfp4",
@@ -256,6 +256,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 256, levels=(
     attention_mask: for a batch of unequal prompts, left-padded (zeros first).
     eos_token_id: int or list; None takes the model's generation config; [] never stops early.
     streamer: called with the new tokens [B, m] of each round, as they are accepted.
+    compile: True (or a dynamo backend name) runs greedy chains of modes (and "ngram") on compiled steps
+        with CUDA graphs on GPU (specq.runtime.compiled.compiled_generate): same tokens, fewer launches.
 
     Returns `.sequences` [B, prompt + new] and `.stats` (per level and overall; `.stats.table()`).
     """
@@ -310,6 +312,15 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 256, levels=(
     if temperature > 0:
         generator = torch.Generator(device=device)
         generator.manual_seed(int(seed) if seed is not None else int(torch.randint(2**62, (1,))))
+
+    if compile:  # compiled steps / CUDA graphs (specq/runtime/compiled.py): greedy, equal-length prompts
+        if temperature != 0 or any(pads) or streamer is not None or max_cache_len is not None:
+            raise ValueError("compile=True runs greedy decoding (temperature 0) of equal-length prompts without "
+                             "a streamer or max_cache_len; use compile=False for the rest")
+        from specq.runtime.compiled import compiled_generate
+
+        return compiled_generate(model, input_ids, max_new_tokens, levels=levels, gamma=gamma, eos_token_id=eos,
+                                 pad_token_id=pad_id, compile="auto" if compile is True else compile)
 
     # ---- decode ------------------------------------------------------------------------------------
     dec = _Decoder(lvls, gammas, input_ids.to(device=device, dtype=torch.long), pads, cap, float(temperature),

@@ -6,8 +6,8 @@ opposite: a verify forward must overwrite the positions a draft forward wrote, a
 accepted length must simply be ignored until they are overwritten. So every layer here is a
 gpt-fast-style buffer `[batch, kv_heads, max_len, head_dim]` whose write offset is set by the runtime
 (`seek(pos)`) before each forward. The query offset the mask code reads (`get_seq_length`) is that same
-write offset, and the key length is the whole buffer, so the causal mask hides every slot past the
-queries: stale entries are never attended to and need no rollback. Sliding-window layers are kept at
+write offset, and the keys a forward sees are the slots up to its last query, so stale entries past the
+accepted length are never attended to and need no rollback. Sliding-window layers are kept at
 full length too; the window is then applied by the mask (distances in slots equal distances in
 positions because left padding shifts a row uniformly).
 
@@ -45,16 +45,19 @@ class PositionedStaticLayer(StaticLayer):
             raise RuntimeError(
                 f"KV cache overflow: writing {n} entries at position {self.start} into a cache of "
                 f"{self.max_cache_len}; this is a specq runtime bug (inputs are checked up front)")
-        self.keys[:, :, self.start:self.start + n].copy_(key_states)
-        self.values[:, :, self.start:self.start + n].copy_(value_states)
-        return self.keys, self.values
+        end = self.start + n
+        self.keys[:, :, self.start:end].copy_(key_states)
+        self.values[:, :, self.start:end].copy_(value_states)
+        # Only the slots up to the last query exist for this forward: attention (and transformers'
+        # GQA repeat_kv, which copies what it is given) costs the current length, not the capacity.
+        return self.keys[:, :, :end], self.values[:, :, :end]
 
     def get_seq_length(self) -> int:
         # Read by the mask code as the query offset: the slot of the first query of this forward.
         return self.start
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.max_cache_len, 0
+        return self.start + query_length, 0
 
     def reset(self) -> None:
         self.start = 0
@@ -111,7 +114,10 @@ class SharedStaticCache(Cache):
 
     @property
     def is_compileable(self) -> bool:
-        return True
+        # Key length varies per forward (views up to the last query), so this is an eager cache; it
+        # also lets transformers drop the mask of an unpadded one-token step (sdpa then uses GQA
+        # natively instead of materialising repeated K/V).
+        return False
 
     def seek(self, pos: int) -> None:
         """Make the next forward write its entries at positions [pos, pos + n)."""

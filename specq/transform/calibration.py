@@ -42,8 +42,13 @@ def self_generated_ids(model: torch.nn.Module, sequences: int = 4, length: int =
     start = torch.full((sequences, 1), int(bos), dtype=torch.long, device=device)
     from transformers import GenerationConfig
 
+    # pad with a token other than BOS (if any), or generate() mistakes the BOS prompt for padding
+    pad = getattr(config, "pad_token_id", None)
+    eos = getattr(config, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+    pad = next((t for t in (pad, eos, 0) if t is not None and t != bos), int(bos))
     gen = GenerationConfig(do_sample=True, top_k=50, temperature=1.0, max_new_tokens=length,
-                           min_new_tokens=length, pad_token_id=int(bos))
+                           min_new_tokens=length, pad_token_id=int(pad))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(seed)
         return model.generate(start, generation_config=gen)
@@ -84,7 +89,7 @@ def quantize_mxfp4_weighted(w: torch.Tensor, importance: torch.Tensor) -> tuple[
         raise ValueError(f"quantize_mxfp4_weighted: K={k} is not a multiple of {mxfp4.BLOCK_SIZE}")
     if importance.shape != (k,):
         raise ValueError(f"quantize_mxfp4_weighted: importance must have shape [{k}], got {tuple(importance.shape)}")
-    wf = w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32)
+    wf = w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32).contiguous()
     if not torch.isfinite(wf).all():
         raise ValueError("quantize_mxfp4_weighted: the weight has NaN/inf values; use scale_rule 'floor'")
     wb = wf.reshape(n, k // mxfp4.BLOCK_SIZE, mxfp4.BLOCK_SIZE)

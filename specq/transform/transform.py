@@ -18,6 +18,7 @@ from specq.formats import hadamard, int4, mxfp4
 from specq.passes.capture import capture
 from specq.passes.find_weight_matmuls import find_weight_matmuls
 from specq.passes.plan import INT4_MODES, MODES, load_recipe, make_plan, validate_modes
+from specq.transform import calibration
 from specq.transform.modes import STATE_ATTR, ModeState
 from specq.transform.multimode_linear import MultiModeLinear
 
@@ -37,13 +38,17 @@ def _model_dtype(model) -> torch.dtype:
     return torch.float32
 
 
-def transform(model: nn.Module, modes=MODES, recipe=None, input_ids: torch.Tensor | None = None) -> nn.Module:
+def transform(model: nn.Module, modes=MODES, recipe=None, input_ids: torch.Tensor | None = None,
+              calibration_ids: torch.Tensor | None = None) -> nn.Module:
     """Make every planned weight matmul of `model` a MultiModeLinear (in place) and return `model`.
 
     modes: which of ("bf16", "mxfp4", "w4a16", "w4a4") to keep; only their tensors are stored
     (without "bf16" the float weights of quantized matmuls are dropped). recipe: None (the family
     recipe for config.model_type, else "default"), a recipe name, a YAML path or a dict.
     The plan is stored as `model.specq_plan`; the initial mode is "bf16" if kept, else modes[0].
+    input_ids: example ids for graph capture (default: a few in-vocabulary ids).
+    calibration_ids: token ids for the `act_mse` MXFP4 scale rule (default: the model samples its
+    own, see calibration.py); unused by the other rules.
     """
     modes = validate_modes(modes)
     if not isinstance(model, nn.Module):
@@ -62,7 +67,15 @@ def transform(model: nn.Module, modes=MODES, recipe=None, input_ids: torch.Tenso
         reasons = "; ".join(f"{e['module']}: {e['reason']}" for e in plan["matmuls"])
         raise ValueError(f"specq.transform: all {len(plan['matmuls'])} weight matmuls would stay unquantized "
                          f"({reasons}). Use a recipe that quantizes some of them.")
-    return apply_plan(model, plan, quantize=True)
+    importance = None
+    act = [e["module"] for e in plan["matmuls"]
+           if e["action"] == "quantize" and e.get("mxfp4_scale_rule") == "act_mse"]
+    if act:
+        if calibration_ids is None:
+            calibration_ids = calibration.self_generated_ids(model)
+        importance = calibration.input_second_moments(model, act, calibration_ids)
+        log.info("transform: act_mse calibration on %d x %d tokens for %d matmuls", *calibration_ids.shape, len(act))
+    return apply_plan(model, plan, quantize=True, importance=importance)
 
 
 def _check_plan(plan: dict) -> None:
@@ -81,13 +94,15 @@ def _rotated_int4(w_nk: torch.Tensor, entry: dict, dtype: torch.dtype):
     return int4.quantize(w.to(dtype), entry["int4_group_size"], clip_ratio=entry.get("int4_clip_ratio"))
 
 
-def apply_plan(model: nn.Module, plan: dict, quantize: bool = True, modes=None) -> nn.Module:
+def apply_plan(model: nn.Module, plan: dict, quantize: bool = True, modes=None,
+               importance: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Swap each planned module of `model` for a MultiModeLinear (in place).
 
     quantize=True: quantize the module's current weight into the planned formats.
     quantize=False: allocate EMPTY packed buffers (right shapes/dtypes) for a checkpoint loader to
     fill (`model.load_state_dict(...)`); the bf16 weight (if kept) is the skeleton's own parameter.
     modes: a subset of plan["modes"] to materialise (default: all of them).
+    importance: module path -> E[x_k^2], needed to quantize entries with mxfp4_scale_rule act_mse.
     """
     _check_plan(plan)
     plan_modes = validate_modes(plan["modes"])
@@ -122,7 +137,7 @@ def apply_plan(model: nn.Module, plan: dict, quantize: bool = True, modes=None) 
             layout=e["layout"], int4_group_size=e.get("int4_group_size"), act_group_size=e.get("act_group_size"),
             had_block=e.get("had_block"), dtype=dtype, device=weight.device)
         if quantize:
-            _quantize_into(new, weight, e, modes, dtype)
+            _quantize_into(new, weight, e, modes, dtype, (importance or {}).get(e["module"]))
         parent_name, _, child = e["module"].rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, new)
@@ -134,11 +149,18 @@ def apply_plan(model: nn.Module, plan: dict, quantize: bool = True, modes=None) 
     return model
 
 
-def _quantize_into(new: MultiModeLinear, weight: torch.Tensor, e: dict, modes, dtype) -> None:
+def _quantize_into(new: MultiModeLinear, weight: torch.Tensor, e: dict, modes, dtype, importance=None) -> None:
     with torch.no_grad():
         w_nk = weight if e["layout"] == "out_in" else weight.t()
         if "mxfp4" in modes:
-            p, s = mxfp4.quantize(w_nk.detach().contiguous(), scale_rule=e.get("mxfp4_scale_rule") or "floor")
+            rule = e.get("mxfp4_scale_rule") or "floor"
+            if rule == "act_mse":
+                if importance is None:
+                    raise ValueError(f"apply_plan: {e['module']} uses mxfp4_scale_rule act_mse but no calibration "
+                                     "statistics were given (use specq.transform, or pass importance=)")
+                p, s = calibration.quantize_mxfp4_weighted(w_nk, importance)
+            else:
+                p, s = mxfp4.quantize(w_nk.detach().contiguous(), scale_rule=rule)
             new.mxfp4_packed.copy_(p)
             new.mxfp4_scales.copy_(s)
         if any(m in INT4_MODES for m in modes):
