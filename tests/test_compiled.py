@@ -14,7 +14,7 @@ from specq.runtime.compiled import (CompiledSteps, compiled_generate, get_steps,
                                     set_cache_position)
 
 PROMPT_LEN = 10
-NEW = 24
+NEW = 16
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +69,7 @@ def test_decode_greedy_equals_hf_and_no_recompiles(llama, prompt):
     assert torch.equal(out, ref)
     first = steps.compile_count
     assert first == 1  # one (mode, q=1) step; the prompt (q > max_graph_q) runs uncompiled
-    for _ in range(2):
-        assert torch.equal(steps.decode_greedy(prompt, NEW, burst=4), ref)
+    assert torch.equal(steps.decode_greedy(prompt, NEW, burst=4), ref)
     steps.greedy(prompt[:, :3], PROMPT_LEN)  # a new query length: exactly one more compile
     assert steps.compile_count == first + 1
     steps.greedy(prompt[:, 3:6], PROMPT_LEN + 3)  # same shape, other values and a slice: none
@@ -201,3 +200,21 @@ def test_generate_compile_hook(multimode, prompt):
     assert out.stats.kv_caches[0]["compiles"] >= 1
     with pytest.raises(ValueError, match="greedy"):
         specq.generate(multimode, prompt, 4, levels=["mxfp4", "bf16"], temperature=0.7, compile=True)
+
+
+def test_bench_rows_strict(multimode, prompt):
+    """The benchmark's rows (specq.runtime.bench.run_rows, used by `specq bench` and
+    benchmarks/e2e.py): lossless rows give their target's tokens in float32, and the table renders."""
+    from specq.runtime import bench
+
+    rows = bench.run_rows(multimode, prompt[:1], 8, rows=["hf_eager", "ar_bf16", "ngram_bf16", "mlspecqd2",
+                                                          "ar_w4a16", "qspec"],
+                          gamma={"mlspecqd2": 3, "qspec": 3, "ngram_bf16": 4}, compile=None, strict=True,
+                          log=lambda *a: None)
+    by = {r.name: r for r in rows}
+    assert all(r.error is None and r.new_tokens == 8 for r in rows)
+    assert by["mlspecqd2"].same_as == "hf_eager" and by["mlspecqd2"].agree == 8
+    assert by["qspec"].same_as == "ar_w4a16" and by["qspec"].agree == 8
+    assert "mxfp4" in by["mlspecqd2"].acceptance
+    table = bench.markdown_table(rows, baseline="hf_eager")
+    assert table.count("\n") == len(rows) + 1 and "| qspec |" in table

@@ -66,6 +66,7 @@ def _load(model, modes, recipe, dtype, quiet):
         return mm, tokenizer, name
     except ModelLoadError as e:
         raise click.ClickException(str(e)) from e
+    modes = modes or ALL_MODES
     if not quiet:
         click.echo(f"specq eval: transforming {name} to modes {','.join(modes)} ...", err=True)
     try:
@@ -77,8 +78,9 @@ def _load(model, modes, recipe, dtype, quiet):
 
 @click.command("eval")
 @click.argument("model", required=False)
-@click.option("--modes", default=",".join(ALL_MODES), show_default=True,
-              help="Comma-separated modes to transform for and evaluate.")
+@click.option("--modes", default=None,
+              help="Comma-separated modes to transform for (or load from a specq checkpoint) and evaluate "
+                   "[default: bf16,mxfp4,w4a16,w4a4; for a specq checkpoint, all it holds].")
 @click.option("--pairs", default=None,
               help="Comma-separated DRAFT:VERIFIER mode pairs for the agreement table "
                    "[default: mxfp4:bf16,w4a4:w4a16, those within --modes].")
@@ -107,8 +109,8 @@ def eval_cmd(model, modes, pairs, recipe, dtype, n_prompts, max_new_tokens, max_
     """
     from specq.evaluation import evaluate, load_eval_prompts
 
-    modes = _parse_modes(modes)
-    pair_list = _parse_pairs(pairs, modes)
+    modes = _parse_modes(modes) if modes is not None else None
+    pair_list = _parse_pairs(pairs, modes or ALL_MODES)
     mm, tokenizer, name = _load(model, modes, recipe, DTYPES[dtype], quiet)
     prompts = load_eval_prompts()
     if n_prompts is not None:

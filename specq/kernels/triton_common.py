@@ -84,9 +84,10 @@ class ConfigCache:
     """Per-process cache of the fastest config for each key.
 
     ``pick(key, candidates, launch)`` returns the cached winner, or times each candidate with
-    ``launch(config)`` (which must run the kernel once, writing only scratch outputs) and caches the
-    fastest. While a CUDA graph is being captured nothing can be timed: the first candidate is used
-    and not cached, so a later eager call still tunes.
+    ``launch(config)`` (which must run the kernel once, writing only its own outputs) and caches the
+    fastest. Candidates that fail to compile (Triton rejects some tile shapes with a pass failure, not
+    only with out-of-resources) are skipped. While a CUDA graph is being captured nothing can be
+    timed: the first candidate that compiles is used and not cached, so a later eager call still tunes.
     """
     name: str
     best: dict = field(default_factory=dict)
@@ -96,25 +97,45 @@ class ConfigCache:
         hit = self.best.get(key)
         if hit is not None:
             return hit
-        if not AUTOTUNE or len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
-            return candidates[0]
         with self.lock:
             hit = self.best.get(key)
             if hit is not None:
                 return hit
+            if INTERPRET:  # nothing to time and nothing that fails to compile
+                return candidates[0]
+            capturing = torch.cuda.is_current_stream_capturing()
+            if not AUTOTUNE or len(candidates) == 1 or capturing:
+                # no timing: the first candidate that compiles (Triton's compiler rejects some tile
+                # shapes outright, e.g. a pass failure for a small SUB_K with a wide tile)
+                best = self._first_that_compiles(candidates, launch)
+                if not capturing:
+                    self.best[key] = best
+                return best
             from triton.testing import do_bench
-            timings = []
+            timings, last_error = [], None
             for cfg in candidates:
                 try:
                     t = do_bench(lambda: launch(cfg), warmup=3, rep=15, return_mode="median")
-                except Exception as e:  # a config the compiler rejects (e.g. out of shared memory)
-                    if "out of resource" not in str(e).lower() and "OutOfResources" not in type(e).__name__:
-                        raise
+                except Exception as e:  # noqa: BLE001  compile failure or out of resources: skip it
+                    last_error = e
                     t = float("inf")
                 timings.append(t)
-            best = candidates[min(range(len(candidates)), key=timings.__getitem__)]
-            self.best[key] = best
-            return best
+            i = min(range(len(candidates)), key=timings.__getitem__)
+            if timings[i] == float("inf"):
+                raise RuntimeError(f"{self.name}: no launch configuration compiled for {key}") from last_error
+            self.best[key] = candidates[i]
+            return candidates[i]
+
+    @staticmethod
+    def _first_that_compiles(candidates: Sequence[Config], launch: Callable[[Config], None]) -> Config:
+        last_error = None
+        for cfg in candidates:
+            try:
+                launch(cfg)
+                return cfg
+            except Exception as e:  # noqa: BLE001  try the next configuration
+                last_error = e
+        raise RuntimeError("no launch configuration compiled") from last_error
 
 
 def dot_flags(dtype: torch.dtype) -> dict:

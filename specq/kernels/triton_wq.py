@@ -10,9 +10,10 @@ close to instruction-bound as well as memory-bound:
 
 - INT4 (bf16/fp16 activations): nibble ``u = q + 8`` OR-ed into the mantissa of a magic number is the
   float ``MAGIC + u`` (bf16 0x4300 = 128, fp16 0x6400 = 1024) with no int->float conversion. The dot
-  then gives ``sum x (MAGIC + 8 + q)``; subtracting ``(MAGIC + 8) * sum(x)`` per K-chunk leaves
-  ``sum x q``, which is scaled by the group scale after the dot (SUB_K divides the group size), so
-  the scale costs one multiply per output, not per weight. float32 activations take the exact path
+  then gives ``sum x (MAGIC + 8 + q)``; subtracting ``(MAGIC + 8) * sum(x)`` per K-chunk (sum(x) from a
+  second dot with a ones tile, on tensor cores that are idle at small M) leaves ``sum x q``, which is
+  scaled by the group scale after the dot (SUB_K divides the group size), so the scale costs one
+  multiply per output, not per weight. M = 1 takes a CUDA-core GEMV instead (``_wq_gemv_kernel``). float32 activations take the exact path
   (``(u - 8)`` as float, IEEE fp32 dot).
 - MXFP4: the E2M1 code ``c`` placed at bit 9 of an fp16 (sign at bit 15) is ``e2m1(c) * 2^-14``
   exactly (code 1, the only subnormal, included); it is multiplied by ``2^(e - 127 + 14)`` built
@@ -303,7 +304,7 @@ def _candidates(m: int, fmt: int, group: int) -> list[Config]:
     out, seen = [], set()
     for bn, sk, kstep, nw, st in raw:
         sub = _sub_k_for(fmt, group, sk)
-        if sub is None:
+        if sub is None:  # (Triton 3.6 rejects some SUB_K=32 wide tiles; ConfigCache skips those)
             continue
         cfg = Config.make(num_warps=nw, num_stages=st, BLOCK_M=bm, BLOCK_N=bn, SUB_K=sub,
                           N_SUB=max(1, kstep // sub), GROUP_M=gm)

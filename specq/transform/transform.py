@@ -70,9 +70,17 @@ def transform(model: nn.Module, modes=MODES, recipe=None, input_ids: torch.Tenso
     importance = None
     act = [e["module"] for e in plan["matmuls"]
            if e["action"] == "quantize" and e.get("mxfp4_scale_rule") == "act_mse"]
-    if act:
-        if calibration_ids is None:
+    if act and calibration_ids is None:
+        try:
             calibration_ids = calibration.self_generated_ids(model)
+        except ValueError as err:  # no generate()/BOS: the data-free rule instead, recorded in the plan
+            log.warning("transform: act_mse needs calibration ids (%s); using mxfp4_scale_rule 'mse'", err)
+            for e in plan["matmuls"]:
+                if e.get("mxfp4_scale_rule") == "act_mse":
+                    e["mxfp4_scale_rule"] = "mse"
+                    e["notes"].append("act_mse without calibration ids: fell back to mse")
+            act = []
+    if act:
         importance = calibration.input_second_moments(model, act, calibration_ids)
         log.info("transform: act_mse calibration on %d x %d tokens for %d matmuls", *calibration_ids.shape, len(act))
     return apply_plan(model, plan, quantize=True, importance=importance)
