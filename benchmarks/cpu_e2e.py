@@ -160,7 +160,8 @@ def main(argv=None):
         "",
         f"- device: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
-        f"- date: {now}",
+        f"- date: {now}; 1-min load average at the end: {os.getloadavg()[0]:.1f} (other work on the machine "
+        "slows every row alike; compare rows of one run)",
         f"- command: `{cmd.strip()}`",
         f"- {len(prompts)} chat prompts, {args.new_tokens} new tokens each, gamma {args.gamma}; tokens/s = all new "
         "tokens / all decode time (prefill included)",

@@ -23,7 +23,7 @@ def reference(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
     return q.reshape(x.shape), scale[..., 0]
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50, deadline=None, derandomize=True)
 @given(hnp.arrays(np.float32, st.tuples(st.integers(1, 3), st.integers(1, 4), st.sampled_from([32, 64])),
                   elements=st.floats(-1e4, 1e4, width=32)),
        st.sampled_from([0, 8, 32]))

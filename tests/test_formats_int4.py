@@ -46,7 +46,7 @@ def test_pack_order_and_sign_wrap():
     assert torch.equal(int4.unpack(words), q.to(torch.int8))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(hnp.arrays(np.int8, st.tuples(st.integers(1, 4), st.sampled_from([8, 16, 64])), elements=st.integers(-8, 7)))
 def test_pack_unpack_round_trip(q):
     qt = torch.from_numpy(q)
@@ -75,11 +75,13 @@ def _check_against_reference(w: torch.Tensor, group_size: int) -> None:
     np.testing.assert_array_equal(int4.unpack(packed).numpy(), q_ref)
     # error bound: no clipping, so |w - q * s| <= s / 2 (up to the scale's own rounding)
     deq = int4.dequantize(packed, scales, torch.float64).numpy().reshape(wd.shape)
-    assert (np.abs(deq - wd) <= s[..., None] * (0.5 + 1e-6)).all()
+    # (+ 8 of the dtype's smallest subnormal: a group whose amax / 7 underflows gets scale 0 -> zeros)
+    tiny = torch.finfo(w.dtype).smallest_normal * torch.finfo(w.dtype).eps * 8
+    assert (np.abs(deq - wd) <= s[..., None] * (0.5 + 1e-6) + tiny).all()
     assert (np.abs(q_ref) <= 7).all()
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50, deadline=None, derandomize=True)
 @given(hnp.arrays(np.float32, st.tuples(st.integers(1, 3), st.sampled_from([32, 64, 128])),
                   elements=st.floats(-1e6, 1e6, width=32)),
        st.sampled_from([8, 32]))
@@ -87,7 +89,7 @@ def test_matches_reference_random(w, group_size):
     _check_against_reference(torch.from_numpy(w), group_size)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(st.integers(-30, 30), st.integers(0, 2**31 - 1))
 def test_matches_reference_adversarial(exp, seed):
     """Exact .5 ties (integers + 0.5 times a power-of-two scale), zeros, single outliers."""

@@ -12,7 +12,9 @@ scale itself. ``clip_ratio`` (a float in (0, 1], or ``"search"``) shrinks the sc
 clipped outliers for finer steps; ``"search"`` picks, per group, the best of a small grid of
 ratios by squared error (the default stays plain; docs/formats.md gives the measured effect).
 
-Non-finite weights raise ValueError: integers have no NaN or inf, and a silent wrong weight is worse
+Scales are stored in the weight's dtype, as the layout prescribes: a group whose amax / 7 underflows
+that dtype gets scale 0 and dequantizes to zeros, and float16 scales below its normal range (groups
+with amax under ~4e-4) carry fewer bits. Non-finite weights raise ValueError: integers have no NaN or inf, and a silent wrong weight is worse
 than an error.
 """
 

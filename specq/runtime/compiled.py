@@ -21,6 +21,17 @@ What a caller gets (all tensors stay on the device; nothing here reads a value b
 * `decode_greedy(...)`: target-only greedy decoding built from bursts (one host read per burst, to
   stop at EOS), the compiled autoregressive baseline.
 
+`compiled_generate` (reached through `specq.generate(..., compile=True)`) is the greedy multi-level
+loop on these steps: a round of the two lowest model levels is one graph, the host reads the
+accepted count and tokens once per verify.
+
+Why transformers' `StaticCache` here and not the runtime's `SharedStaticCache`: the runtime seeks
+its cache with a Python int (`layer.start`), which dynamo would specialise on, compiling one graph
+per position. StaticCache keeps its write offset in a device tensor (`cumulative_length`), so the
+position is a graph input and one graph serves every position. The sharing rule is the same: one
+cache per model, every mode writes by position, a verify overwrites the draft's entries. Sliding
+window layers are refused (their ring buffer cannot be rewound).
+
 On CPU (or with `cuda_graphs=False`) the same API runs the compiled (or eager) step directly.
 Compile counts are observable (`compile_count`) so tests can assert there are no recompiles in
 steady state.
