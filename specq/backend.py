@@ -14,7 +14,8 @@ What it does with the graph dynamo hands it:
   backend passes the graph on unchanged (an `options` mode is refused: switch with set_mode).
 * **a plain model**: parameters arrive as graph placeholders whose tensors are the example inputs.
   The backend finds the weight matmuls (`find_weight_matmuls`), plans them with a recipe
-  (`options["recipe"]`, default the "default" recipe), quantizes each planned weight ONCE into the
+  (`options["recipe"]`, default the "default" recipe; its calibrated "act_mse" MXFP4 rule becomes
+  the data-free "mse" here, as in transform without calibration), quantizes each planned weight ONCE into the
   packed format of `options["mode"]` (cached per weight tensor, so a recompile does not quantize
   again) and rewrites the matmul nodes into specq op calls (`rewrite_weight_matmuls`), the packed
   tensors becoming graph constants. Mode "bf16" (the default) rewrites nothing.
@@ -162,6 +163,8 @@ def quantize_graph(gm: fx.GraphModule, example_inputs, mode: str, recipe=None,
     weights = {names[n]: t for n, t in tensors.items() if n in names}
     dtype = next((t.dtype for t in weights.values() if t.is_floating_point()), torch.float32)
     plan = make_plan(matmuls, load_recipe(recipe, model_type), (mode,), dtype=dtype, model_type=model_type)
+    if mode == "mxfp4":
+        _without_calibration(plan)
     packed = {}
     for e in plan["matmuls"]:
         if e["action"] != "quantize":
@@ -174,6 +177,23 @@ def quantize_graph(gm: fx.GraphModule, example_inputs, mode: str, recipe=None,
     gm, count = rewrite_weight_matmuls(gm, plan, packed, mode, param_names=names, aliases=aliases)
     _give_sources(gm)
     return gm, count
+
+
+def _without_calibration(plan: dict) -> None:
+    """The "act_mse" MXFP4 rule weighs each block's error by calibration statistics that transform
+    gathers by running the model on text; a backend sees one graph and its example inputs, not a
+    model it can sample from. Use the data-free "mse" rule instead, as transform itself does when it
+    has no calibration ids (recorded in the plan's notes). For act_mse, transform first and compile
+    the transformed model."""
+    changed = 0
+    for e in plan["matmuls"]:
+        if e.get("mxfp4_scale_rule") == "act_mse":
+            e["mxfp4_scale_rule"] = "mse"
+            e.setdefault("notes", []).append("specq backend: act_mse needs calibration; used mse")
+            changed += 1
+    if changed:
+        log.warning("specq backend: mxfp4_scale_rule act_mse needs calibration text; %d matmuls use 'mse' "
+                    "(transform the model with specq.transform for act_mse)", changed)
 
 
 def _give_sources(gm: fx.GraphModule) -> None:

@@ -21,6 +21,7 @@ from tiny_models import TINY_FAMILIES, make_tiny_model
 # gpt2: c_attn,c_proj,c_fc,c_proj (Conv1D addmm) + lm_head; opt: q,k,v,out,fc1,fc2 + lm_head
 HAND = {"llama": 15, "qwen2": 15, "qwen3": 15, "mistral": 15, "gemma3": 15, "phi3": 9, "gpt2": 9, "opt": 13}
 TIED = {"gemma3", "gpt2", "opt"}  # lm_head shares the input embedding in these tiny configs
+CALIB = torch.tensor([[5, 9, 17, 33, 2, 200, 7, 8, 100, 3, 60, 61]])  # act_mse calibration ids
 BIASED = {"qwen2": 6, "gpt2": 8, "opt": 12}  # matmuls with a bias
 
 
@@ -127,7 +128,7 @@ def test_recipes_load_and_validate():
 @pytest.mark.parametrize("family,mode", [("llama", "w4a4"), ("gpt2", "mxfp4"), ("opt", "w4a16"), ("phi3", "w4a4")])
 def test_rewrite_matches_transformed_eager_model(captured, family, mode):
     model, _, _ = captured[family]
-    mm = specq.transform(copy.deepcopy(model))
+    mm = specq.transform(copy.deepcopy(model), calibration_ids=CALIB)
     ids = torch.tensor([[5, 9, 17, 33, 2, 200]])
     gm = capture(model, ids).gm
     gm, n = rewrite_weight_matmuls(gm, mm.specq_plan, packed_tensors(mm), mode)
@@ -144,7 +145,7 @@ def test_rewrite_matches_transformed_eager_model(captured, family, mode):
 
 def test_rewrite_bad_input(captured):
     model, _, _ = captured["llama"]
-    mm = specq.transform(copy.deepcopy(model), modes=("bf16", "mxfp4"))
+    mm = specq.transform(copy.deepcopy(model), modes=("bf16", "mxfp4"), calibration_ids=CALIB)
     gm = capture(model).gm
     with pytest.raises(ValueError, match="not in the plan"):
         rewrite_weight_matmuls(gm, mm.specq_plan, packed_tensors(mm), "w4a4")

@@ -27,8 +27,13 @@ HAND_COUNT = {"llama": 14, "qwen2": 14, "qwen3": 14, "mistral": 14, "gemma3": 14
 
 
 def _ids(batch=2, length=9, seed=1):
+    """Deterministic token ids inside every tiny vocabulary."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, 250, (batch, length), generator=g)
+
+
+# explicit act_mse calibration ids keep the fixtures fast (self-generated calibration is tested once)
+CALIB = torch.randint(3, 250, (2, 32), generator=torch.Generator().manual_seed(7))
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +42,7 @@ def transformed():
     out = {}
     for fam in TINY_FAMILIES:
         ref = make_tiny_model(fam)
-        mm = specq.transform(copy.deepcopy(ref), modes=MODES)
+        mm = specq.transform(copy.deepcopy(ref), modes=MODES, calibration_ids=CALIB)
         out[fam] = (ref, mm)
     return out
 
@@ -185,7 +190,7 @@ def test_bytes_per_mode(transformed, family):
 
 def test_only_requested_modes_are_stored():
     ref = make_tiny_model("llama")
-    a = specq.transform(copy.deepcopy(ref), modes=("mxfp4", "bf16"))
+    a = specq.transform(copy.deepcopy(ref), modes=("mxfp4", "bf16"), calibration_ids=CALIB)
     for _, m in multimode_linears(a):
         assert not hasattr(m, "int4_packed") and hasattr(m, "mxfp4_packed") and hasattr(m, "weight")
     assert specq.get_mode(a) == "bf16"
@@ -310,7 +315,7 @@ def test_bad_arguments():
         specq.transform(m, recipe="no-such-recipe")
     with pytest.raises(ValueError, match="not a specq multi-mode model"):
         specq.set_mode(m, "bf16")
-    specq.transform(m, modes=("bf16", "mxfp4"))
+    specq.transform(m, modes=("bf16", "mxfp4"), calibration_ids=CALIB)
     with pytest.raises(ValueError, match="already a specq multi-mode model"):
         specq.transform(m)
 

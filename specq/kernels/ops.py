@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from specq.formats import activation, hadamard, int4, mxfp4
+from specq.kernels.dequant_cache import dequantized
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def _empty_out(x: Tensor, n: int) -> Tensor:
 @torch.library.custom_op("specq::linear_mxfp4", mutates_args=())
 def linear_mxfp4_op(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Tensor:
     check_mxfp4_args(x, packed, scales, bias)
-    w = mxfp4.dequantize(packed, scales, x.dtype)
+    w = dequantized(packed, scales, x.dtype, mxfp4.dequantize)
     return F.linear(x, w, bias)
 
 
@@ -146,7 +147,7 @@ def _rotate(x: Tensor, had_block: int) -> Tensor:
 def linear_w4a16_op(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor],
                     group_size: int, had_block: int) -> Tensor:
     check_int4_args("specq.linear_w4a16", x, packed, scales, bias, group_size, had_block)
-    w = int4.dequantize(packed, scales, x.dtype)
+    w = dequantized(packed, scales, x.dtype, int4.dequantize)
     return F.linear(_rotate(x, had_block), w, bias)
 
 
@@ -160,7 +161,7 @@ def _(x, packed, scales, bias, group_size, had_block):
 def linear_w4a4_op(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor],
                    group_size: int, act_group_size: int, had_block: int) -> Tensor:
     check_int4_args("specq.linear_w4a4", x, packed, scales, bias, group_size, had_block, act_group_size)
-    w = int4.dequantize(packed, scales, x.dtype)
+    w = dequantized(packed, scales, x.dtype, int4.dequantize)
     xq = activation.fake_quantize_int4(_rotate(x, had_block), act_group_size)
     return F.linear(xq, w, bias)
 

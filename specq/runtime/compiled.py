@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -202,6 +201,12 @@ class CompiledSteps:
             self._step = torch.compile(forward_logits, backend=counting_backend, fullgraph=True, dynamic=False)
         else:
             self._step = forward_logits
+
+    def __deepcopy__(self, memo):  # a copied model gets no steps (graphs and cache are device state)
+        return None
+
+    def __reduce__(self):
+        return (_none, ())
 
     # ------------------------------------------------------------------------------ single forwards
 
@@ -393,6 +398,10 @@ class CompiledSteps:
         return torch.cat([input_ids.to(new.device), new], dim=1)
 
 
+def _none():
+    return None
+
+
 def _n_accepted(drafts: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """Leading drafts [B, k] equal to the verifier's argmax a [B, k+1]: n_acc [B] (int64)."""
     k = drafts.shape[1]
@@ -438,27 +447,32 @@ def _raise_recompile_limit(n: int) -> None:
 
 
 AR_BURST = 16  # greedy tokens per graph replay when the target decodes alone (one host read each)
-# model -> its CompiledSteps. Kept beside the model, not on it: a CUDA graph cannot be deep-copied or
-# pickled, and copies of the model must not share its cache.
-_STEPS: "weakref.WeakKeyDictionary[torch.nn.Module, CompiledSteps]" = weakref.WeakKeyDictionary()
+# The model's CompiledSteps live in its __dict__ (not a submodule: no state_dict entry), so they go
+# away with the model; CompiledSteps copies and pickles as None (a CUDA graph can be neither).
+_STEPS_ATTR = "_specq_compiled_steps"
+
+
+def release_steps(model) -> None:
+    """Drop the model's compiled steps (graphs, static cache) now, e.g. before switching devices."""
+    model.__dict__.pop(_STEPS_ATTR, None)
 
 
 def get_steps(model, batch_size: int, min_len: int, *, compile="auto", cuda_graphs=None,
               round_to: int = 256) -> CompiledSteps:
     """The model's `CompiledSteps` for this batch size, reused across calls (graphs and compiled
     code are kept), or a new one over a new static cache of at least `min_len` positions."""
-    steps = _STEPS.get(model)
+    steps = model.__dict__.get(_STEPS_ATTR)
     key = (int(batch_size), compile, cuda_graphs)
     if steps is not None and steps._key == key and steps.cache.layers[0].max_cache_len >= min_len:
         return steps
     max_len = -(-int(min_len) // round_to) * round_to
     if steps is not None:  # free the old graphs and cache before allocating new ones
-        _STEPS.pop(model, None)
+        release_steps(model)
         del steps
     cache = make_static_cache(model, batch_size, max_len)
     steps = CompiledSteps(model, cache, compile=compile, cuda_graphs=cuda_graphs)
     steps._key = key
-    _STEPS[model] = steps
+    model.__dict__[_STEPS_ATTR] = steps
     return steps
 
 

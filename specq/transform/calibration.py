@@ -51,7 +51,7 @@ def self_generated_ids(model: torch.nn.Module, sequences: int = 4, length: int =
                            min_new_tokens=length, pad_token_id=int(pad))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(seed)
-        return model.generate(start, generation_config=gen)
+        return model.generate(start, attention_mask=torch.ones_like(start), generation_config=gen)
 
 
 def input_second_moments(model: torch.nn.Module, modules: list[str], input_ids: torch.Tensor
