@@ -56,13 +56,32 @@ def default_tokenizer(_default_pair_fp32):
 
 
 @pytest.fixture(scope="session")
-def default_multimode_fp32(default_model_fp32):
+def default_multimode_fp32(default_model_fp32, default_calibration_ids):
     """The default model transformed to ("bf16", "mxfp4", "w4a16", "w4a4"), float32; do not modify."""
     import copy
 
     import specq
 
-    return specq.transform(copy.deepcopy(default_model_fp32), modes=("bf16", "mxfp4", "w4a16", "w4a4"))
+    return specq.transform(copy.deepcopy(default_model_fp32), modes=("bf16", "mxfp4", "w4a16", "w4a4"),
+                           calibration_ids=default_calibration_ids)
+
+
+@pytest.fixture(scope="session")
+def default_eval_ids(default_tokenizer):
+    """The first 256 tokens of the shipped eval text, [1, 256]."""
+    from specq.evaluation import load_eval_texts
+
+    text = "\n\n".join(t for _, t in load_eval_texts())
+    ids = default_tokenizer(text, return_tensors="pt")["input_ids"][:, :256]
+    assert ids.shape[1] == 256
+    return ids
+
+
+@pytest.fixture(scope="session")
+def default_calibration_ids(default_eval_ids):
+    """Explicit MXFP4 calibration tokens (the eval window's second half): transform then skips sampling
+    its own calibration text, which costs a minute on 2 CPU cores."""
+    return default_eval_ids[:, 128:]
 
 
 @pytest.fixture

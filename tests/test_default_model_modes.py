@@ -7,7 +7,6 @@ within a measured factor of it, and switching modes back and forth gives identic
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -26,19 +25,14 @@ PPL_BOUND = {"bf16": 32.0, "mxfp4": 56.0, "w4a16": 70.0, "w4a4": 90.0}
 
 
 @pytest.fixture(scope="module")
-def transformed_default(default_model_fp32, eval_ids):
-    # explicit calibration ids (the eval window's second half) skip the self-generated calibration
-    return specq.transform(copy.deepcopy(default_model_fp32), modes=MODES, calibration_ids=eval_ids[:, 128:])
+def transformed_default(default_multimode_fp32):
+    # the session's shared transform (calibrated on the eval window's second half, see conftest.py)
+    return default_multimode_fp32
 
 
 @pytest.fixture(scope="module")
-def eval_ids(default_tokenizer):
-    from specq.evaluation import load_eval_texts
-
-    text = "\n\n".join(t for _, t in load_eval_texts())
-    ids = default_tokenizer(text, return_tensors="pt")["input_ids"][:, :256]
-    assert ids.shape[1] == 256
-    return ids
+def eval_ids(default_eval_ids):
+    return default_eval_ids
 
 
 def _ppl(model, ids):
