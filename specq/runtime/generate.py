@@ -347,4 +347,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 256, levels=(
                             kv_caches=[dict(model=type(roots[k]).__name__, layers=len(c.layers),
                                             allocations=c.allocations, bytes=c.nbytes(), max_len=cap)
                                        for k, c in dec.caches.items()])
-    return GenerateOutput(sequences=dec.buf[:, :dec.cur].clone(), stats=stats, num_new_tokens=dec.num_new)
+    # Like HF generate(): the sequences end with the longest row's last token (its EOS); the rest of a
+    # drafted block past every row's EOS is not output.
+    end = min(dec.cur, T + max(dec.num_new, default=0))
+    return GenerateOutput(sequences=dec.buf[:, :end].clone(), stats=stats, num_new_tokens=dec.num_new)
