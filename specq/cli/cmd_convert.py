@@ -11,17 +11,9 @@ import sys
 
 import click
 
-ALL_MODES = ("bf16", "mxfp4", "w4a16", "w4a4")
+from specq.cli.options import ALL_MODES, parse_modes
+
 DTYPES = ("bfloat16", "float16", "float32")
-
-
-def parse_modes(text: str) -> tuple[str, ...]:
-    modes = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
-    bad = [m for m in modes if m not in ALL_MODES]
-    if bad or not modes:
-        raise click.BadParameter(f"unknown mode(s) {bad or text!r}; choose from {','.join(ALL_MODES)}",
-                                 param_hint="--modes")
-    return modes
 
 
 def fail(e: BaseException, quiet: bool = False):

@@ -11,18 +11,10 @@ import sys
 
 import click
 
-ALL_MODES = ("bf16", "mxfp4", "w4a16", "w4a4")
+from specq.cli.options import ALL_MODES, parse_modes
+
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32",
           "float16": "float16", "fp16": "float16"}
-
-
-def _parse_modes(text: str) -> tuple[str, ...]:
-    modes = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
-    bad = [m for m in modes if m not in ALL_MODES]
-    if bad or not modes:
-        raise click.BadParameter(f"unknown mode(s) {bad or text!r}; choose from {','.join(ALL_MODES)}",
-                                 param_hint="--modes")
-    return modes
 
 
 def _parse_pairs(text: str | None, modes) -> list[tuple[str, str]] | None:
@@ -109,7 +101,7 @@ def eval_cmd(model, modes, pairs, recipe, dtype, n_prompts, max_new_tokens, max_
     """
     from specq.evaluation import evaluate, load_eval_prompts
 
-    modes = _parse_modes(modes) if modes is not None else None
+    modes = parse_modes(modes) if modes is not None else None
     pair_list = _parse_pairs(pairs, modes or ALL_MODES)
     mm, tokenizer, name = _load(model, modes, recipe, DTYPES[dtype], quiet)
     prompts = load_eval_prompts()
