@@ -1,14 +1,18 @@
-"""A cache of dequantized weights for the reference ops.
+"""A cache of weights derived from packed ones: dequantized copies (reference ops) and kernel layouts.
 
-Why: where no 4-bit kernel exists (the CPU), the reference ops dequantize the whole weight on every
-call. For decoding that is one full dequantization of every matrix per token — on the default model
-about 50x the cost of the matmul itself. Keeping the dense copy next to the packed one trades memory
-(one dense copy per packed weight and dtype) for speed; the numbers are unchanged (the cached tensor
-is exactly what dequantize returns).
+Why: where no 4-bit kernel reads our packed layout directly (the CPU), an op must first turn the
+packed weight into something it can multiply with: the reference ops dequantize the whole weight,
+the CPU INT4 kernel (cpu_int4.py) repacks it into aten's int4pack tiles. Doing that on every call
+costs, for decoding, one full conversion of every matrix per token — on the default model about 50x
+the cost of the matmul itself. Keeping the derived copy next to the packed one trades memory for
+speed; the numbers are unchanged (the cached tensor is exactly what the conversion returns).
 
-Entries are keyed by the identity of the packed tensor and invalidated when the packed tensor or its
-scales are written in place (their version counters) or freed (a weakref callback drops the entry).
-Set SPECQ_DEQUANT_CACHE=0 to turn it off (then every call dequantizes, as before).
+Entries are keyed by the identity of the packed tensor and a tag (what was derived, in which dtype),
+and invalidated when the packed tensor or its scales are written in place (their version counters
+and storage pointers) or freed (a weakref callback drops the entries). Compiled code (inductor) passes
+the module's own buffer objects to the ops, so the same entries serve eager and compiled steps.
+Set SPECQ_DEQUANT_CACHE=0 to stop caching dequantized weights (then every call dequantizes, as
+before); the int4pack layout has its own switch (SPECQ_INT4_CPU=0 turns that kernel off).
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import Callable
+from typing import Callable, Hashable
 
 import torch
 
 _lock = threading.Lock()
-_entries: dict[tuple[int, torch.dtype], tuple] = {}
+_entries: dict[tuple[int, Hashable], tuple] = {}
+_watched: set[int] = set()  # ids of packed tensors with a finalizer registered
 
 
 def enabled() -> bool:
@@ -35,28 +40,40 @@ def _version(t: torch.Tensor):
         return -1
 
 
-def dequantized(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
-                dequantize: Callable[[torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor]) -> torch.Tensor:
-    """`dequantize(packed, scales, dtype)`, remembered while `packed` lives and neither tensor changes."""
-    if not enabled() or torch.is_grad_enabled() and (packed.requires_grad or scales.requires_grad):
-        return dequantize(packed, scales, dtype)
-    key = (id(packed), dtype)
+def cached(packed: torch.Tensor, scales: torch.Tensor, tag: Hashable, build: Callable[[], object]):
+    """`build()`, remembered under (packed, tag) while `packed` lives and neither tensor changes."""
+    if torch.is_grad_enabled() and (packed.requires_grad or scales.requires_grad):
+        return build()
+    pid = id(packed)
+    key = (pid, tag)
     stamp = (packed.data_ptr(), _version(packed), scales.data_ptr(), _version(scales), tuple(packed.shape))
     with _lock:
         hit = _entries.get(key)
     if hit is not None and hit[0] == stamp:
         return hit[1]
     with torch.no_grad():
-        w = dequantize(packed, scales, dtype)
-    if hit is None:
-        weakref.finalize(packed, _drop, id(packed))
+        value = build()
     with _lock:
-        _entries[key] = (stamp, w)
-    return w
+        new = pid not in _watched
+        _watched.add(pid)
+        _entries[key] = (stamp, value)
+    if new:
+        weakref.finalize(packed, _drop, pid)
+    return value
+
+
+def dequantized(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+                dequantize: Callable[[torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor]) -> torch.Tensor:
+    """`dequantize(packed, scales, dtype)`, remembered while `packed` lives and neither tensor changes."""
+    if not enabled():
+        return dequantize(packed, scales, dtype)
+    return cached(packed, scales, ("dequantized", dtype, dequantize),
+                  lambda: dequantize(packed, scales, dtype))
 
 
 def _drop(packed_id: int) -> None:
     with _lock:
+        _watched.discard(packed_id)
         for key in [k for k in _entries if k[0] == packed_id]:
             del _entries[key]
 

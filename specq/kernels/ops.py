@@ -7,7 +7,9 @@ one node per quantized matmul) with:
 - a reference implementation for every device: dequantize the weight into x.dtype, rotate and
   (w4a4) fake-quantize the activation, ``F.linear``. It is the numerical definition of each op;
   faster kernels (Triton on CUDA, registered with ``<op>.register_kernel("cuda")`` from
-  ``specq/kernels/triton_*.py``) must match it.
+  ``specq/kernels/triton_*.py``; aten's int4pack matmul for bf16/fp16 INT4 ops on the CPU, registered
+  with ``register_kernel("cpu")`` from ``specq/kernels/cpu_int4.py``) must match it within the
+  rounding of x.dtype.
 
 Python wrappers of the same names (``linear_mxfp4(x, packed, scales, bias=None)`` ...) call the ops
 with defaults filled in. The argument checks are public (``check_mxfp4_args``, ``check_int4_args``)
@@ -139,16 +141,35 @@ def _(x, packed, scales, bias):
     return _empty_out(x, n)
 
 
-def _rotate(x: Tensor, had_block: int) -> Tensor:
+def rotate(x: Tensor, had_block: int) -> Tensor:
+    """H(x): the block-diagonal Hadamard rotation every INT4 op applies to x first (0 = none)."""
     return hadamard.hadamard_transform(x, had_block) if had_block > 0 else x
+
+
+def activation_w4a4(x: Tensor, act_group_size: int, had_block: int) -> Tensor:
+    """Q_ag(H(x)) in x.dtype: what linear_w4a4 multiplies the INT4 weight with."""
+    return activation.fake_quantize_int4(rotate(x, had_block), act_group_size)
+
+
+# The reference bodies (after the argument checks), public so that device kernels can fall back to
+# exactly these numbers for the shapes and dtypes they do not cover.
+
+def reference_w4a16(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor], had_block: int) -> Tensor:
+    w = dequantized(packed, scales, x.dtype, int4.dequantize)
+    return F.linear(rotate(x, had_block), w, bias)
+
+
+def reference_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor],
+                   act_group_size: int, had_block: int) -> Tensor:
+    w = dequantized(packed, scales, x.dtype, int4.dequantize)
+    return F.linear(activation_w4a4(x, act_group_size, had_block), w, bias)
 
 
 @torch.library.custom_op("specq::linear_w4a16", mutates_args=())
 def linear_w4a16_op(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor],
                     group_size: int, had_block: int) -> Tensor:
     check_int4_args("specq.linear_w4a16", x, packed, scales, bias, group_size, had_block)
-    w = dequantized(packed, scales, x.dtype, int4.dequantize)
-    return F.linear(_rotate(x, had_block), w, bias)
+    return reference_w4a16(x, packed, scales, bias, had_block)
 
 
 @linear_w4a16_op.register_fake
@@ -161,9 +182,7 @@ def _(x, packed, scales, bias, group_size, had_block):
 def linear_w4a4_op(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor],
                    group_size: int, act_group_size: int, had_block: int) -> Tensor:
     check_int4_args("specq.linear_w4a4", x, packed, scales, bias, group_size, had_block, act_group_size)
-    w = dequantized(packed, scales, x.dtype, int4.dequantize)
-    xq = activation.fake_quantize_int4(_rotate(x, had_block), act_group_size)
-    return F.linear(xq, w, bias)
+    return reference_w4a4(x, packed, scales, bias, act_group_size, had_block)
 
 
 @linear_w4a4_op.register_fake
@@ -246,6 +265,10 @@ def linear_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor
 
 
 # --------------------------------------------------------------------------- device kernels
+# The CPU INT4 kernel (aten's int4pack matmul) registers itself on linear_w4a16 / linear_w4a4 for
+# bfloat16/float16 x; float32 and every shape it does not cover keep the reference above.
+import specq.kernels.cpu_int4  # noqa: E402,F401
+
 # CUDA kernels live in specq/kernels/triton_*.py and register themselves on the ops above.
 if torch.cuda.is_available():
     try:

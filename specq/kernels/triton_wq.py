@@ -13,7 +13,8 @@ close to instruction-bound as well as memory-bound:
   then gives ``sum x (MAGIC + 8 + q)``; subtracting ``(MAGIC + 8) * sum(x)`` per K-chunk (sum(x) from a
   second dot with a ones tile, on tensor cores that are idle at small M) leaves ``sum x q``, which is
   scaled by the group scale after the dot (SUB_K divides the group size), so the scale costs one
-  multiply per output, not per weight. M = 1 takes a CUDA-core GEMV instead (``_wq_gemv_kernel``). float32 activations take the exact path
+  multiply per output, not per weight. M <= 4 with bf16/fp16 activations takes the CUDA-core GEMV
+  of ``triton_gemv`` instead. float32 activations take the exact path
   (``(u - 8)`` as float, IEEE fp32 dot).
 - MXFP4: the E2M1 code ``c`` placed at bit 9 of an fp16 (sign at bit 15) is ``e2m1(c) * 2^-14``
   exactly (code 1, the only subnormal, included); it is multiplied by ``2^(e - 127 + 14)`` built
@@ -30,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from specq.kernels import triton_gemv
 from specq.kernels.triton_common import Config, ConfigCache, dot_flags, m_bucket, next_pow2
 
 FORMAT_MXFP4 = 0
@@ -80,12 +82,6 @@ def _interleave8(a0, a1, a2, a3, a4, a5, a6, a7):
 def _int4_magic(pw, i: tl.constexpr, MAGIC: tl.constexpr, x_dtype: tl.constexpr):
     """INT4 nibble u = q + 8 as the 16-bit float MAGIC + u (exact; no int -> float conversion)."""
     return (_nib(pw, i) | MAGIC).to(tl.int16).to(x_dtype, bitcast=True)
-
-
-@triton.jit
-def _int4_unit(pw, i: tl.constexpr):
-    """INT4 nibble u as the fp32 1 + u/16 (u at the top of the mantissa): q = 16 * v - 24."""
-    return ((_nib(pw, i) << 19) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -200,79 +196,6 @@ def _wq_matmul_kernel(
              mask=m_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
-def _gemv_load(x_ptr, w_ptr, s_ptr, rn, k0, K, stride_wn, stride_sn,
-               FORMAT: tl.constexpr, GROUP: tl.constexpr, NS: tl.constexpr, SUB: tl.constexpr,
-               EVEN_K: tl.constexpr):
-    """One K-chunk of NS * SUB elements: x [NS, SUB] fp32, words [BLOCK_N, NS, SUB/8], scales [BLOCK_N, NS]."""
-    JW: tl.constexpr = SUB // 8
-    offs_s = tl.arange(0, NS)
-    kc = k0 + offs_s * SUB                                     # first k of each sub-chunk
-    offs_x = kc[:, None] + tl.arange(0, SUB)[None, :]
-    offs_w = (kc // 8)[:, None] + tl.arange(0, JW)[None, :]    # [NS, JW]
-    if FORMAT == 1:
-        offs_sc = kc // GROUP
-    else:
-        offs_sc = kc // 32
-    if EVEN_K:
-        x = tl.load(x_ptr + offs_x)
-        pw = tl.load(w_ptr + rn[:, None, None] * stride_wn + offs_w[None, :, :])
-        sc = tl.load(s_ptr + rn[:, None] * stride_sn + offs_sc[None, :])
-    else:
-        ok = kc < K
-        x = tl.load(x_ptr + offs_x, mask=ok[:, None], other=0.0)
-        pw = tl.load(w_ptr + rn[:, None, None] * stride_wn + offs_w[None, :, :], mask=ok[None, :, None], other=0)
-        sc = tl.load(s_ptr + rn[:, None] * stride_sn + offs_sc[None, :], mask=ok[None, :], other=0)
-    return x, pw, sc
-
-
-@triton.jit
-def _wq_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
-    N, K, stride_wn, stride_sn,
-    FORMAT: tl.constexpr, GROUP: tl.constexpr, SUB_K: tl.constexpr, N_SUB: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr,
-):
-    """M = 1: CUDA-core FMAs instead of a 16-row padded dot. Each weight costs a shift, two LOP3s
-    and an FMA (INT4: 1 + u/16 in fp32, with -24 * sum(x) and the group scale applied per sub-chunk;
-    MXFP4: the fp16 trick, with the block scale applied per 32-element block after its partial sum).
-
-    The loads of chunk c + 1 are issued before chunk c is computed (register double buffering):
-    plain loads are not software-pipelined by Triton, and a GEMV is all load latency otherwise."""
-    pid_n = tl.program_id(0)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    rn = offs_n % N  # loads of rows past N read row (n mod N); those results are not stored
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    KSTEP: tl.constexpr = SUB_K * N_SUB
-    NS: tl.constexpr = N_SUB if FORMAT == 1 else KSTEP // 32
-    SUB: tl.constexpr = SUB_K if FORMAT == 1 else 32
-    x, pw, sc = _gemv_load(x_ptr, w_ptr, s_ptr, rn, 0, K, stride_wn, stride_sn, FORMAT, GROUP, NS, SUB, EVEN_K)
-    for k0 in range(0, K, KSTEP):
-        if EVEN_K:
-            k_next = tl.minimum(k0 + KSTEP, K - KSTEP)  # the last prefetch re-reads the last chunk
-        else:
-            k_next = k0 + KSTEP
-        x_n, pw_n, sc_n = _gemv_load(x_ptr, w_ptr, s_ptr, rn, k_next, K, stride_wn, stride_sn,
-                                     FORMAT, GROUP, NS, SUB, EVEN_K)
-        xf = x.to(tl.float32)
-        if FORMAT == 1:
-            t = _interleave8(_int4_unit(pw, 0), _int4_unit(pw, 1), _int4_unit(pw, 2), _int4_unit(pw, 3),
-                             _int4_unit(pw, 4), _int4_unit(pw, 5), _int4_unit(pw, 6), _int4_unit(pw, 7))
-            part = tl.sum(tl.reshape(t, (BLOCK_N, NS, SUB)) * xf[None, :, :], axis=2)   # [BLOCK_N, NS]
-            corr = 24.0 * tl.sum(xf, axis=1)                                           # [NS]
-            acc += tl.sum((16.0 * part - corr[None, :]) * sc.to(tl.float32), axis=1)
-        else:
-            t = _interleave8(_e2m1(pw, 0), _e2m1(pw, 1), _e2m1(pw, 2), _e2m1(pw, 3),
-                             _e2m1(pw, 4), _e2m1(pw, 5), _e2m1(pw, 6), _e2m1(pw, 7))
-            part = tl.sum(tl.reshape(t, (BLOCK_N, NS, SUB)) * xf[None, :, :], axis=2)
-            acc += tl.sum(part * _e8m0_times_2p14(sc), axis=1)
-        x, pw, sc = x_n, pw_n, sc_n
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
-
-
 _CACHE = ConfigCache("wq_matmul")
 
 
@@ -318,31 +241,19 @@ def supported_int4_group(group: int) -> bool:
     return _sub_k_for(FORMAT_INT4, group, 128) is not None
 
 
-_GEMV_CACHE = ConfigCache("wq_gemv")
-
-
-def _gemv_candidates(fmt: int, group: int) -> list[Config]:
-    # (BLOCK_N, SUB_K wanted, K per iteration, warps, stages)
-    raw = [(32, 128, 512, 4, 1), (16, 128, 512, 2, 1), (64, 128, 256, 4, 1), (32, 128, 256, 2, 1),
-           (16, 128, 1024, 4, 1), (64, 128, 512, 8, 1)]
-    out, seen = [], set()
-    for bn, sk, kstep, nw, st in raw:
-        sub = _sub_k_for(fmt, group, sk)
-        if sub is None:
-            continue
-        cfg = Config.make(num_warps=nw, num_stages=st, BLOCK_N=bn, SUB_K=sub, N_SUB=max(1, kstep // sub))
-        if cfg not in seen:
-            seen.add(cfg)
-            out.append(cfg)
-    return out
+# Up to this many rows, bf16/fp16 activations take the CUDA-core GEMV (in launches of <= 4 rows,
+# each streaming the weights once); more rows take the tensor-core kernel. Chosen from
+# benchmarks/kernel_paths.py on the H100 (results in benchmarks/results/).
+GEMV_MAX_M = 4
 
 
 def wq_matmul(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
-              fmt: int, group: int) -> torch.Tensor:
+              fmt: int, group: int, path: str = "auto") -> torch.Tensor:
     """x2 [M, K] (unit stride along K) -> [M, N] in x2.dtype. Arguments are assumed validated.
 
     Both formats are read as int32 words [N, K/8] (an MXFP4 uint8 [N, K/2] viewed as int32: byte b
-    of word j holds elements 8j + 2b, 8j + 2b + 1 in its low, high nibble, the INT4 order)."""
+    of word j holds elements 8j + 2b, 8j + 2b + 1 in its low, high nibble, the INT4 order).
+    ``path``: "auto", or "gemv" / "dot" to force one kernel (benchmarks compare them)."""
     M, K = x2.shape
     N = packed.shape[0]
     y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
@@ -352,18 +263,24 @@ def wq_matmul(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias
     if fmt == FORMAT_MXFP4:
         words = words.view(torch.int32)
     scales = scales.contiguous()
+    gemv_ok = x2.dtype in (torch.bfloat16, torch.float16) and triton_gemv.supported(fmt, group, 1)
+    if path == "gemv" and not gemv_ok:
+        raise ValueError(f"the GEMV path needs bf16/fp16 activations and a supported group, got {x2.dtype}, {group}")
+    if path == "gemv" or (path == "auto" and gemv_ok and M <= GEMV_MAX_M):
+        for r in range(0, M, triton_gemv.MAX_ROWS):
+            rows = slice(r, min(M, r + triton_gemv.MAX_ROWS))
+            triton_gemv.gemv(x2[rows], words, scales, bias, fmt, group, out=y[rows])
+        return y
+    _dot_matmul(x2, words, scales, bias, fmt, group, y)
+    return y
+
+
+def _dot_matmul(x2, words, scales, bias, fmt: int, group: int, y: torch.Tensor) -> None:
+    """The tensor-core kernel (any M), writing y."""
+    M, K = x2.shape
+    N = words.shape[0]
     b_arg = bias if bias is not None else x2
     g = group if fmt == FORMAT_INT4 else 32
-    if M == 1 and x2.dtype in (torch.bfloat16, torch.float16):
-        def launch_gemv(cfg: Config, out=y):
-            grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
-            _wq_gemv_kernel[grid](x2, words, scales, b_arg, out, N, K, words.stride(0), scales.stride(0),
-                                  FORMAT=fmt, GROUP=g, HAS_BIAS=bias is not None,
-                                  EVEN_K=K % (cfg["SUB_K"] * cfg["N_SUB"]) == 0, **cfg.kwargs())
-
-        key = (fmt, group, N, K, x2.dtype, bias is not None, x2.device.index)
-        launch_gemv(_GEMV_CACHE.pick(key, _gemv_candidates(fmt, group), launch_gemv))
-        return y
     if fmt == FORMAT_INT4 and x2.dtype in (torch.bfloat16, torch.float16):
         magic, offset = (0x4300, 136.0) if x2.dtype == torch.bfloat16 else (0x6400, 1032.0)
     else:
@@ -379,4 +296,3 @@ def wq_matmul(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias
 
     key = (fmt, group, m_bucket(M), N, K, x2.dtype, bias is not None, x2.device.index)
     launch(_CACHE.pick(key, _candidates(M, fmt, group), launch))
-    return y

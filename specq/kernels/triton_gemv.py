@@ -1,0 +1,355 @@
+"""Weight-streaming GEMV on Triton for 4-bit weights: ``y = x @ dequant(W).T (+ bias)`` for M <= 4.
+
+Decoding (M = 1) and short verifies read every weight once and do a few FMAs per weight. An H100
+streams ~22 4-bit weights per clock per SM at its copy bandwidth, against ~90 instructions per clock
+per SM that a real kernel issues, so the budget is about four instructions per weight, loads,
+address arithmetic and dequantization included. Everything here serves that budget:
+
+- Layout. A program owns BN weight rows (BN = 1, 2, 4). Each thread loads 4 consecutive int32 words
+  (16 bytes, 32 weights) of each row per chunk, and the 32 matching x values as four 16-byte loads:
+  the words and their x values are in the same thread, so nothing moves between threads inside the
+  K loop, and each x value is converted once per thread for all BN rows. The 32 weights of a thread
+  share one scale group (groups are multiples of 32), so the scale costs one load and one FMA per
+  32 weights. The single cross-thread reduction runs once, after the loop.
+- Loads of chunk c + 1 are issued before chunk c's math (register double buffering: Triton does not
+  software-pipeline loads that do not feed a tl.dot).
+- INT4 dequantization, 2.25 instructions per weight (shift amortized, one LOP3, one FMA):
+  ``W << 7`` places nibbles 0..3 at bits 7, 11, 15, 19 and ``W >> 9`` nibbles 4..7; OR-ed into the
+  mantissa of 1.0 (one LOP3 with the mask as immediate and 1.0 in a register) a nibble u at bit b is
+  the fp32 ``1 + u 2^(b-23)``; multiplied by ``x 2^(23-b)`` (x scaled once per thread) and summed
+  by an FMA chain it gives ``sum x 2^(23-b) + sum u x``; the first sum and ``8 sum x`` depend on x
+  alone, so ``sum q x`` (q = u - 8) costs one subtraction per 32 weights.
+- MXFP4: magnitude bits at fp32 bits 22..24 and the sign at bit 31 give ``e2m1 * 2^-126`` exactly
+  (code 1 is an fp32 subnormal, which Triton's FMAs, emitted without .ftz, keep); the partial sum is
+  multiplied by 2^126 and the E8M0 scale 2^(e - 127), both exact, per 32 weights.
+
+Rows of x (M <= 4) share the words: one accumulator per row of x.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from specq.kernels.triton_common import Config, ConfigCache
+
+FORMAT_MXFP4 = 0
+FORMAT_INT4 = 1
+MAX_ROWS = 4
+
+
+@triton.jit
+def _split4(v):
+    """[JT, 4] (4 consecutive elements per thread) -> four [JT] tiles (element 4t + s for s = 0..3)."""
+    a, b = tl.split(tl.reshape(v, (v.shape[0], 2, 2)))   # b = odd s: [JT, 2] over s // 2
+    v0, v2 = tl.split(a)
+    v1, v3 = tl.split(b)
+    return v0, v1, v2, v3
+
+
+@triton.jit
+def _split8(v):
+    """[JT, 8] -> eight [JT] tiles (element 8t + i for i = 0..7)."""
+    a, b = tl.split(tl.reshape(v, (v.shape[0], 2, 2, 2)))  # i = 4p + 2q + r; split r
+    a0, a1 = tl.split(a)                                    # q
+    b0, b1 = tl.split(b)
+    x0, x4 = tl.split(a0)
+    x2, x6 = tl.split(a1)
+    x1, x5 = tl.split(b0)
+    x3, x7 = tl.split(b1)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _win(t, b: tl.constexpr, ONE):
+    """The nibble at bits b..b+3 of t in the mantissa of 1.0: the fp32 ``1 + u 2^(b-23)`` (one LOP3)."""
+    return ((t & (0xF << b)) | ONE).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e2m1(t, s_mag: tl.constexpr, s_sign: tl.constexpr):
+    """E2M1 code (magnitude bits at t >> s_mag, sign bit at bit 31 of t << s_sign) as fp32 e2m1 * 2^-126."""
+    if s_mag >= 0:
+        mag = (t << s_mag) & 0x1C00000
+    else:
+        mag = (t >> (-s_mag)) & 0x1C00000
+    return (mag | ((t << s_sign) & -2147483648)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _int4_word(w, y0, y1, y2, y3, y4, y5, y6, y7, ONE, p):
+    """p + sum_i (1 + u_i 2^-c_i) y_i for one word, y_i = x_i 2^c_i (c = 16, 12, 8, 4, 16, 12, 8, 4)."""
+    lo = w << 7
+    hi = w >> 9  # arithmetic: the sign-filled top bits are never read
+    p = tl.fma(_win(lo, 7, ONE), y0, p)
+    p = tl.fma(_win(lo, 11, ONE), y1, p)
+    p = tl.fma(_win(lo, 15, ONE), y2, p)
+    p = tl.fma(_win(lo, 19, ONE), y3, p)
+    p = tl.fma(_win(hi, 7, ONE), y4, p)
+    p = tl.fma(_win(hi, 11, ONE), y5, p)
+    p = tl.fma(_win(hi, 15, ONE), y6, p)
+    return tl.fma(_win(hi, 19, ONE), y7, p)
+
+
+@triton.jit
+def _mxfp4_word(w, x0, x1, x2, x3, x4, x5, x6, x7, p):
+    """p + sum_i e2m1_i 2^-126 x_i for one word (nibble i: magnitude at 4i..4i+2, sign at 4i+3)."""
+    p = tl.fma(_e2m1(w, 22, 28), x0, p)
+    p = tl.fma(_e2m1(w, 18, 24), x1, p)
+    p = tl.fma(_e2m1(w, 14, 20), x2, p)
+    p = tl.fma(_e2m1(w, 10, 16), x3, p)
+    p = tl.fma(_e2m1(w, 6, 12), x4, p)
+    p = tl.fma(_e2m1(w, 2, 8), x5, p)
+    p = tl.fma(_e2m1(w, -2, 4), x6, p)
+    return tl.fma(_e2m1(w, -6, 0), x7, p)
+
+
+@triton.jit
+def _x_sub(x_ptr, off, mask, MASKED: tl.constexpr):
+    """x values 8j + 0..7 of one word position per thread, as eight fp32 [JT] tiles."""
+    if MASKED:
+        v = tl.load(x_ptr + off, mask=mask, other=0.0)
+    else:
+        v = tl.load(x_ptr + off)
+    return _split8(v.to(tl.float32))
+
+
+@triton.jit
+def _row_partial(w0, w1, w2, w3, X, ONE, FORMAT: tl.constexpr):
+    """One weight row's [JT] partial sum over its 32 weights per thread, before the group scale."""
+    (a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7,
+     c0, c1, c2, c3, c4, c5, c6, c7, e0, e1, e2, e3, e4, e5, e6, e7, d) = X
+    p = tl.zeros(w0.shape, dtype=tl.float32)
+    if FORMAT == 1:
+        p = _int4_word(w0, a0, a1, a2, a3, a4, a5, a6, a7, ONE, p)
+        p = _int4_word(w1, b0, b1, b2, b3, b4, b5, b6, b7, ONE, p)
+        p = _int4_word(w2, c0, c1, c2, c3, c4, c5, c6, c7, ONE, p)
+        p = _int4_word(w3, e0, e1, e2, e3, e4, e5, e6, e7, ONE, p)
+        return p - d
+    else:
+        p = _mxfp4_word(w0, a0, a1, a2, a3, a4, a5, a6, a7, p)
+        p = _mxfp4_word(w1, b0, b1, b2, b3, b4, b5, b6, b7, p)
+        p = _mxfp4_word(w2, c0, c1, c2, c3, c4, c5, c6, c7, p)
+        p = _mxfp4_word(w3, e0, e1, e2, e3, e4, e5, e6, e7, p)
+        return p * 8.507059173023462e37  # * 2^126, exact
+
+
+@triton.jit
+def _scaled4(x0, x1, x2, x3, x4, x5, x6, x7):
+    """INT4: y_i = x_i 2^c_i and sum_i y_i + 8 x_i (the x-only part of the FMA chain)."""
+    y0 = x0 * 65536.0
+    y1 = x1 * 4096.0
+    y2 = x2 * 256.0
+    y3 = x3 * 16.0
+    y4 = x4 * 65536.0
+    y5 = x5 * 4096.0
+    y6 = x6 * 256.0
+    y7 = x7 * 16.0
+    d = ((x0 + x4) * 65544.0 + (x1 + x5) * 4104.0) + ((x2 + x6) * 264.0 + (x3 + x7) * 24.0)
+    return y0, y1, y2, y3, y4, y5, y6, y7, d
+
+
+@triton.jit
+def _load_x(x_ptr, row, stride_xm, k0, K, t, FORMAT: tl.constexpr, MASKED: tl.constexpr):
+    """The 32 x values of each thread (words 4t .. 4t + 3 of the chunk), ready for the FMA chains,
+    plus (INT4) the x-only correction d per thread."""
+    base = x_ptr + row * stride_xm + k0
+    o = 32 * t[:, None] + tl.arange(0, 8)[None, :]
+    m = (k0 + o) < K
+    a0, a1, a2, a3, a4, a5, a6, a7 = _x_sub(base, o, m, MASKED)
+    b0, b1, b2, b3, b4, b5, b6, b7 = _x_sub(base, o + 8, m, MASKED)
+    c0, c1, c2, c3, c4, c5, c6, c7 = _x_sub(base, o + 16, m, MASKED)
+    e0, e1, e2, e3, e4, e5, e6, e7 = _x_sub(base, o + 24, m, MASKED)
+    if FORMAT == 1:
+        a0, a1, a2, a3, a4, a5, a6, a7, da = _scaled4(a0, a1, a2, a3, a4, a5, a6, a7)
+        b0, b1, b2, b3, b4, b5, b6, b7, db = _scaled4(b0, b1, b2, b3, b4, b5, b6, b7)
+        c0, c1, c2, c3, c4, c5, c6, c7, dc = _scaled4(c0, c1, c2, c3, c4, c5, c6, c7)
+        e0, e1, e2, e3, e4, e5, e6, e7, de = _scaled4(e0, e1, e2, e3, e4, e5, e6, e7)
+        d = (da + db) + (dc + de)
+    else:
+        d = tl.zeros(a0.shape, dtype=tl.float32)
+    return (a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7,
+            c0, c1, c2, c3, c4, c5, c6, c7, e0, e1, e2, e3, e4, e5, e6, e7, d)
+
+
+@triton.jit
+def _load_row(w_ptr, s_ptr, n, k0, K, stride_wn, stride_sn, wo, t,
+              FORMAT: tl.constexpr, GS: tl.constexpr, MASKED: tl.constexpr):
+    """Row n, K-chunk k0: words [JT, 4] (4 consecutive per thread) and the fp32 group scale [JT]."""
+    w_idx = k0 // 8 + wo
+    s_idx = (k0 + 32 * t) // GS
+    if MASKED:
+        W = tl.load(w_ptr + n * stride_wn + w_idx, mask=w_idx < K // 8, other=0)
+        s = tl.load(s_ptr + n * stride_sn + s_idx, mask=(k0 + 32 * t) < K, other=0)
+    else:
+        W = tl.load(w_ptr + n * stride_wn + w_idx)
+        s = tl.load(s_ptr + n * stride_sn + s_idx)
+    if FORMAT == 1:
+        S = s.to(tl.float32)
+    else:
+        S = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2^(e - 127), exact (e = 0: subnormal)
+    return tl.reshape(W, (t.shape[0], 4)), S
+
+
+@triton.jit
+def _stack(a0, a1, a2, a3, BN: tl.constexpr):
+    """BN (1, 2, 4) per-row [JT] tiles -> [JT], [JT, 2] or [JT, 2, 2] with [t, x, y] = row 2x + y;
+    tl.join keeps them in the thread."""
+    if BN == 1:
+        return a0
+    elif BN == 2:
+        return tl.join(a0, a1)
+    else:
+        return tl.join(tl.join(a0, a2), tl.join(a1, a3))
+
+
+@triton.jit
+def _term(Wa, Wb, Wc, Wd, X, ONE, FORMAT: tl.constexpr, BN: tl.constexpr):
+    """The BN rows' partial sums against one row of x, stacked like _stack."""
+    a0, a1, a2, a3 = _split4(Wa)
+    pa = _row_partial(a0, a1, a2, a3, X, ONE, FORMAT)
+    if BN == 1:
+        return pa
+    elif BN == 2:
+        b0, b1, b2, b3 = _split4(Wb)
+        return tl.join(pa, _row_partial(b0, b1, b2, b3, X, ONE, FORMAT))
+    else:
+        b0, b1, b2, b3 = _split4(Wb)
+        pb = _row_partial(b0, b1, b2, b3, X, ONE, FORMAT)
+        c0, c1, c2, c3 = _split4(Wc)
+        pc = _row_partial(c0, c1, c2, c3, X, ONE, FORMAT)
+        d0, d1, d2, d3 = _split4(Wd)
+        pd = _row_partial(d0, d1, d2, d3, X, ONE, FORMAT)
+        return tl.join(tl.join(pa, pc), tl.join(pb, pd))
+
+
+@triton.jit
+def _store_rows(y_ptr, acc, bias_ptr, n0, N, HAS_BIAS: tl.constexpr, BN: tl.constexpr):
+    """Reduce acc [JT, (2, 2)] over K and store rows n0 .. n0 + BN - 1 of one output row."""
+    out = tl.sum(acc, axis=0)
+    if BN == 1:
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + n0).to(tl.float32)
+        tl.store(y_ptr + n0, out.to(y_ptr.dtype.element_ty))
+    else:
+        if BN == 2:
+            offs = n0 + tl.arange(0, 2)
+        else:
+            offs = n0 + 2 * tl.arange(0, 2)[:, None] + tl.arange(0, 2)[None, :]
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs, mask=offs < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=offs < N)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
+    M, N, K, stride_xm, stride_wn, stride_sn, stride_ym, ONE,
+    FORMAT: tl.constexpr,   # 0 MXFP4, 1 INT4; both read as int32 words [N, K/8]
+    GS: tl.constexpr,       # K elements per weight scale (32 for MXFP4; a multiple of 32)
+    ROWS: tl.constexpr,     # rows of x (1..4), all handled by every program
+    JT: tl.constexpr,       # thread slots per chunk: a chunk is 32 * JT elements of K
+    BN: tl.constexpr,       # weight rows per program: 1, 2 or 4
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,   # K % (32 * JT) == 0: no masks along K
+):
+    KSTEP: tl.constexpr = 32 * JT
+    n0 = tl.program_id(0) * BN
+    n1 = (n0 + 1) % N  # rows past N re-read a valid row; their results are not stored
+    n2 = (n0 + 2) % N
+    n3 = (n0 + 3) % N
+    t = tl.arange(0, JT)
+    wo = tl.arange(0, 4 * JT)
+    Wa, Sa = _load_row(w_ptr, s_ptr, n0, 0, K, stride_wn, stride_sn, wo, t, FORMAT, GS, not EVEN_K)
+    Wb, Sb = _load_row(w_ptr, s_ptr, n1, 0, K, stride_wn, stride_sn, wo, t, FORMAT, GS, not EVEN_K)
+    Wc, Sc = _load_row(w_ptr, s_ptr, n2, 0, K, stride_wn, stride_sn, wo, t, FORMAT, GS, not EVEN_K)
+    Wd, Sd = _load_row(w_ptr, s_ptr, n3, 0, K, stride_wn, stride_sn, wo, t, FORMAT, GS, not EVEN_K)
+    S = _stack(Sa, Sb, Sc, Sd, BN)
+    acc0 = tl.zeros(S.shape, dtype=tl.float32)
+    acc1 = tl.zeros(S.shape, dtype=tl.float32)
+    acc2 = tl.zeros(S.shape, dtype=tl.float32)
+    acc3 = tl.zeros(S.shape, dtype=tl.float32)
+    for k0 in range(0, K, KSTEP):
+        # prefetch the next chunk (masked: past the end it reads nothing); rows beyond BN are dead code
+        kn = k0 + KSTEP
+        Wa_n, Sa_n = _load_row(w_ptr, s_ptr, n0, kn, K, stride_wn, stride_sn, wo, t, FORMAT, GS, True)
+        if BN > 1:
+            Wb_n, Sb_n = _load_row(w_ptr, s_ptr, n1, kn, K, stride_wn, stride_sn, wo, t, FORMAT, GS, True)
+        else:
+            Wb_n, Sb_n = Wb, Sb
+        if BN > 2:
+            Wc_n, Sc_n = _load_row(w_ptr, s_ptr, n2, kn, K, stride_wn, stride_sn, wo, t, FORMAT, GS, True)
+            Wd_n, Sd_n = _load_row(w_ptr, s_ptr, n3, kn, K, stride_wn, stride_sn, wo, t, FORMAT, GS, True)
+        else:
+            Wc_n, Sc_n = Wc, Sc
+            Wd_n, Sd_n = Wd, Sd
+        X = _load_x(x_ptr, 0, stride_xm, k0, K, t, FORMAT, not EVEN_K)
+        acc0 = tl.fma(_term(Wa, Wb, Wc, Wd, X, ONE, FORMAT, BN), S, acc0)
+        if ROWS > 1:
+            X = _load_x(x_ptr, 1, stride_xm, k0, K, t, FORMAT, not EVEN_K)
+            acc1 = tl.fma(_term(Wa, Wb, Wc, Wd, X, ONE, FORMAT, BN), S, acc1)
+        if ROWS > 2:
+            X = _load_x(x_ptr, 2, stride_xm, k0, K, t, FORMAT, not EVEN_K)
+            acc2 = tl.fma(_term(Wa, Wb, Wc, Wd, X, ONE, FORMAT, BN), S, acc2)
+        if ROWS > 3:
+            X = _load_x(x_ptr, 3, stride_xm, k0, K, t, FORMAT, not EVEN_K)
+            acc3 = tl.fma(_term(Wa, Wb, Wc, Wd, X, ONE, FORMAT, BN), S, acc3)
+        Wa, Wb, Wc, Wd = Wa_n, Wb_n, Wc_n, Wd_n
+        S = _stack(Sa_n, Sb_n, Sc_n, Sd_n, BN)
+    _store_rows(y_ptr, acc0, b_ptr, n0, N, HAS_BIAS, BN)
+    if ROWS > 1:
+        _store_rows(y_ptr + stride_ym, acc1, b_ptr, n0, N, HAS_BIAS, BN)
+    if ROWS > 2:
+        _store_rows(y_ptr + 2 * stride_ym, acc2, b_ptr, n0, N, HAS_BIAS, BN)
+    if ROWS > 3:
+        _store_rows(y_ptr + 3 * stride_ym, acc3, b_ptr, n0, N, HAS_BIAS, BN)
+
+
+_CACHE = ConfigCache("gemv")
+
+# (BN weight rows per program, JT thread slots per chunk, warps); JT >= 32 * warps so that each
+# thread has >= 32 weights per row per chunk. The first entry is the default when nothing is timed.
+_RAW = [(4, 64, 2), (4, 128, 4), (2, 128, 4), (4, 128, 2), (2, 64, 2), (4, 256, 4), (1, 128, 4),
+        (4, 32, 1), (2, 256, 8)]
+
+
+def candidates(k: int) -> list[Config]:
+    """The configs worth timing for reduction length k (no chunk much longer than k)."""
+    out = [Config.make(num_warps=nw, num_stages=1, BN=bn, JT=jt) for bn, jt, nw in _RAW
+           if 32 * jt <= max(1024, 2 * k)]
+    return out or [Config.make(num_warps=1, num_stages=1, BN=4, JT=32)]
+
+
+def supported(fmt: int, group: int, m: int) -> bool:
+    """M <= MAX_ROWS, and (INT4) groups of whole 32-element thread slots."""
+    gs = group if fmt == FORMAT_INT4 else 32
+    return 1 <= m <= MAX_ROWS and gs % 32 == 0
+
+
+def gemv(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
+         fmt: int, group: int, config: Optional[Config] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x2 [M <= 4, K] bf16/fp16 (unit stride along K), words int32 [N, K/8], scales [N, K/group]
+    (bf16/fp16 for INT4, uint8 E8M0 for MXFP4) -> [M, N] in x2.dtype, written to ``out`` if given
+    (rows with unit stride along N)."""
+    M, K = x2.shape
+    N = words.shape[0]
+    if not supported(fmt, group, M):
+        raise ValueError(f"triton_gemv: unsupported M={M} (1..{MAX_ROWS}) or group {group} (a multiple of 32)")
+    gs = group if fmt == FORMAT_INT4 else 32
+    y = out if out is not None else torch.empty((M, N), device=x2.device, dtype=x2.dtype)
+    b_arg = bias if bias is not None else x2
+
+    def launch(cfg: Config, out=y):
+        grid = (triton.cdiv(N, cfg["BN"]),)
+        _gemv_kernel[grid](x2, words, scales, b_arg, out, M, N, K, x2.stride(0), words.stride(0),
+                           scales.stride(0), out.stride(0), 0x3F800000, FORMAT=fmt, GS=gs, ROWS=M,
+                           HAS_BIAS=bias is not None, EVEN_K=K % (32 * cfg["JT"]) == 0, **cfg.kwargs())
+
+    if config is None:
+        key = (fmt, group, M, N, K, x2.dtype, bias is not None, x2.device.index)
+        config = _CACHE.pick(key, candidates(K), launch)
+    launch(config)
+    return y
