@@ -125,7 +125,7 @@ def _e8m0_times_2p14(se):
 @triton.jit
 def _wq_matmul_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
-    M, N, K,
+    M, N, K, K_PER,
     stride_xm, stride_wn, stride_sn, stride_ym,
     FORMAT: tl.constexpr,   # 0 MXFP4, 1 INT4; both read as int32 words [N, K/8] (nibble i of word j = k 8j+i)
     GROUP: tl.constexpr,    # K elements per weight scale (32 for MXFP4)
@@ -137,8 +137,11 @@ def _wq_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     EVEN_K: tl.constexpr,   # K % (SUB_K * N_SUB) == 0: no masks along K
+    SPLIT_K: tl.constexpr,  # > 1: program (.., s) sums K-range [s K_PER, (s + 1) K_PER) into fp32 y[s]
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    k_lo = tl.program_id(1) * K_PER
+    k_hi = tl.minimum(K, k_lo + K_PER)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
@@ -151,7 +154,7 @@ def _wq_matmul_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     KSTEP: tl.constexpr = SUB_K * N_SUB
     G: tl.constexpr = SUB_K // 32
-    for k0 in range(0, K, KSTEP):
+    for k0 in range(k_lo, k_hi, KSTEP):
         for j in tl.static_range(N_SUB):
             kk = k0 + j * SUB_K
             offs_k = kk + tl.arange(0, SUB_K)
@@ -190,10 +193,29 @@ def _wq_matmul_kernel(
                     se = tl.load(s_ptr + rn[:, None] * stride_sn + offs_g[None, :], mask=g_ok[None, :], other=0)
                 wt = _mxfp4_tile(pw3, _e8m0_times_2p14(se), BLOCK_N, SUB_K)
                 acc += _dot(x, tl.trans(wt.to(x_dtype)), DOT_FP32, IEEE)
+    if SPLIT_K > 1:  # fp32 partial sums [SPLIT_K, M, N]; _splitk_reduce adds them (and the bias)
+        tl.store(y_ptr + tl.program_id(1) * M * N + offs_m[:, None] * N + offs_n[None, :], acc,
+                 mask=m_mask[:, None] & n_mask[None, :])
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _splitk_reduce_kernel(ws_ptr, b_ptr, y_ptr, M, N, stride_ym,
+                          SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """y[m, n] = sum_s ws[s, m, n] (+ bias[n]), in a fixed order (deterministic, unlike atomics)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0)
+    n = offs % N
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+        acc += tl.load(b_ptr + n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + (offs // N) * stride_ym + n, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 _CACHE = ConfigCache("wq_matmul")
@@ -211,7 +233,17 @@ def _sub_k_for(fmt: int, group: int, want: int) -> Optional[int]:
     return None
 
 
-def _candidates(m: int, fmt: int, group: int) -> list[Config]:
+def _split_for(m: int, n: int, k: int, bm: int, bn: int, kstep: int) -> int:
+    """Split-K factor that gives ~2 programs per SM (132 SMs) when the M x N tiles alone are too few
+    (a decode-shaped verify of a K = 14336 down projection has only N / BLOCK_N of them)."""
+    tiles = -(-m // bm) * -(-n // bn)
+    split = 1
+    while split < 8 and tiles * split < 264 and k // (kstep * split * 2) >= 2:
+        split *= 2
+    return split
+
+
+def _candidates(m: int, fmt: int, group: int, n: int = 1 << 30, k: int = 0) -> list[Config]:
     """A small, bounded set per regime; the first entry is the default when nothing is timed."""
     if m <= 64:
         bm = max(16, next_pow2(m))
@@ -229,11 +261,14 @@ def _candidates(m: int, fmt: int, group: int) -> list[Config]:
         sub = _sub_k_for(fmt, group, sk)
         if sub is None:  # (Triton 3.6 rejects some SUB_K=32 wide tiles; ConfigCache skips those)
             continue
-        cfg = Config.make(num_warps=nw, num_stages=st, BLOCK_M=bm, BLOCK_N=bn, SUB_K=sub,
-                          N_SUB=max(1, kstep // sub), GROUP_M=gm)
-        if cfg not in seen:
-            seen.add(cfg)
-            out.append(cfg)
+        n_sub = max(1, kstep // sub)
+        split = _split_for(m, n, k, bm, bn, sub * n_sub) if m <= 64 else 1
+        for sp in sorted({split, 1}, reverse=True):
+            cfg = Config.make(num_warps=nw, num_stages=st, BLOCK_M=bm, BLOCK_N=bn, SUB_K=sub,
+                              N_SUB=n_sub, GROUP_M=gm, SPLIT_K=sp)
+            if cfg not in seen:
+                seen.add(cfg)
+                out.append(cfg)
     return out
 
 
@@ -289,10 +324,19 @@ def _dot_matmul(x2, words, scales, bias, fmt: int, group: int, y: torch.Tensor) 
                  **dot_flags(x2.dtype))
 
     def launch(cfg: Config, out=y):
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        _wq_matmul_kernel[grid](x2, words, scales, b_arg, out, M, N, K,
+        kstep = cfg["SUB_K"] * cfg["N_SUB"]
+        split = cfg["SPLIT_K"]
+        k_per = triton.cdiv(triton.cdiv(K, split), kstep) * kstep  # whole chunks per split
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
+        dst = out if split == 1 else torch.empty((split, M, N), device=x2.device, dtype=torch.float32)
+        _wq_matmul_kernel[grid](x2, words, scales, b_arg, dst, M, N, K, k_per,
                                 x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
-                                EVEN_K=K % (cfg["SUB_K"] * cfg["N_SUB"]) == 0, **fixed, **cfg.kwargs())
+                                EVEN_K=K % kstep == 0, **fixed, **cfg.kwargs())
+        if split > 1:
+            block = 1024
+            _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](dst, b_arg, out, M, N, out.stride(0),
+                                                                SPLIT_K=split, HAS_BIAS=bias is not None,
+                                                                BLOCK=block, num_warps=4)
 
     key = (fmt, group, m_bucket(M), N, K, x2.dtype, bias is not None, x2.device.index)
-    launch(_CACHE.pick(key, _candidates(M, fmt, group), launch))
+    launch(_CACHE.pick(key, _candidates(M, fmt, group, N, K), launch))
