@@ -249,8 +249,7 @@ def _candidates(m: int, fmt: int, group: int, n: int = 1 << 30, k: int = 0) -> l
         bm = max(16, next_pow2(m))
         # (BLOCK_N, SUB_K wanted, K per iteration, warps, stages): narrow N tiles so N/BLOCK_N programs
         # fill the 132 SMs; 256..512 K per iteration so each program keeps KBs of weights in flight.
-        raw = [(32, 128, 256, 4, 4), (16, 128, 512, 4, 3), (64, 128, 256, 4, 3), (32, 256, 512, 4, 3),
-               (16, 256, 512, 4, 4), (64, 64, 256, 4, 3), (128, 128, 128, 4, 4), (32, 128, 512, 2, 4)]
+        raw = [(32, 128, 256, 4, 4), (16, 128, 512, 4, 3), (64, 128, 256, 4, 3), (32, 256, 512, 4, 3)]
         gm = 1
     else:
         bm = 64 if m <= 128 else 128
