@@ -171,6 +171,33 @@ def run_case(case, device: str, use_ops: bool) -> dict:
     return checks
 
 
+# Every GEMV tile configuration (weight rows per program 1/2/4; ragged and even K), run directly so that
+# the configs autotuning may pick on a GPU are all checked here, not only the untimed default.
+GEMV_CONFIG_CASES = [(fmt, m, bn, jt, nw, k) for fmt in (0, 1) for (m, bn, jt, nw, k) in
+                     [(1, 1, 32, 1, 1088), (2, 2, 32, 1, 1024), (3, 4, 64, 2, 2112), (4, 2, 64, 2, 2048)]]
+
+
+def run_gemv_config(fmt: int, m: int, bn: int, jt: int, nw: int, k: int, device: str = "cpu") -> dict:
+    from specq.formats import int4, mxfp4
+    from specq.kernels import triton_gemv
+    from specq.kernels.triton_common import Config
+
+    gen = torch.Generator().manual_seed(1000 * fmt + 100 * m + bn)
+    n = 7
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    b = (torch.randn(n, generator=gen) * 0.1).to(torch.bfloat16)
+    if fmt == triton_gemv.FORMAT_MXFP4:
+        p, s = mxfp4.quantize(w)
+        w64, words, group = mxfp4.dequantize(p, s, torch.float64), p.view(torch.int32), 32
+    else:
+        p, s = int4.quantize(w.bfloat16(), 64)
+        w64, words, group = int4.dequantize(p, s, torch.float64), p, 64
+    cfg = Config.make(num_warps=nw, num_stages=1, BN=bn, JT=jt)
+    y = triton_gemv.gemv(x.to(device), words.to(device), s.to(device), b.to(device), fmt, group, config=cfg)
+    return {"vs_float64": (_rel(y, x.double() @ w64.T + b.double()), 1.5e-2)}
+
+
 def _worker() -> None:
     """Runs in the subprocess, with TRITON_INTERPRET=1 set before anything imports triton."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "the worker must run with TRITON_INTERPRET=1"
@@ -184,6 +211,13 @@ def _worker() -> None:
             import traceback
 
             report[case[0]] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+    for case in GEMV_CONFIG_CASES:
+        try:
+            report[f"gemv{case}"] = {"checks": run_gemv_config(*case)}
+        except Exception as e:  # noqa: BLE001
+            import traceback
+
+            report[f"gemv{case}"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
     print(json.dumps(report))
 
 
@@ -207,6 +241,19 @@ def test_interpreted_kernel_matches_reference(interpreted, case):
     r = interpreted[case[0]]
     assert "error" not in r, f"{case[0]} raised: {r.get('error')}\n{r.get('trace')}"
     _assert_checks(case[0], r["checks"])
+
+
+@pytest.mark.parametrize("case", GEMV_CONFIG_CASES, ids=[f"fmt{c[0]}_m{c[1]}_bn{c[2]}_jt{c[3]}" for c in GEMV_CONFIG_CASES])
+def test_interpreted_gemv_every_config(interpreted, case):
+    r = interpreted[f"gemv{case}"]
+    assert "error" not in r, f"gemv {case} raised: {r.get('error')}\n{r.get('trace')}"
+    _assert_checks(f"gemv{case}", r["checks"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GEMV_CONFIG_CASES, ids=[f"fmt{c[0]}_m{c[1]}_bn{c[2]}_jt{c[3]}" for c in GEMV_CONFIG_CASES])
+def test_gpu_gemv_every_config(case):
+    _assert_checks(f"gemv{case}", run_gemv_config(*case, device="cuda"))
 
 
 @pytest.mark.gpu

@@ -95,16 +95,40 @@ def _int4_word(w, y0, y1, y2, y3, y4, y5, y6, y7, ONE, p):
 
 
 @triton.jit
+def _e2m1_pair(w, i: tl.constexpr):
+    """Nibbles i and i + 4 of w (16 bits apart) as the two fp16 halves of one int32: magnitude bits
+    at fp16 bits 9..11 and the sign at bit 15 are exactly e2m1 * 2^-14 (code 1 is an fp16 subnormal).
+    Two shifts and two LOP3s build two weights."""
+    if i < 3:
+        mag = (w << (9 - 4 * i)) & 0x0E000E00
+    else:
+        mag = (w >> 3) & 0x0E000E00
+    return mag | ((w << (12 - 4 * i)) & -2147450880)  # 0x80008000
+
+
+@triton.jit
+def _halves(v):
+    """int32 holding two fp16 -> (low, high) as fp32 (cvt.f32.f16 reads a half of the register)."""
+    lo = v.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
 def _mxfp4_word(w, x0, x1, x2, x3, x4, x5, x6, x7, p):
-    """p + sum_i e2m1_i 2^-126 x_i for one word (nibble i: magnitude at 4i..4i+2, sign at 4i+3)."""
-    p = tl.fma(_e2m1(w, 22, 28), x0, p)
-    p = tl.fma(_e2m1(w, 18, 24), x1, p)
-    p = tl.fma(_e2m1(w, 14, 20), x2, p)
-    p = tl.fma(_e2m1(w, 10, 16), x3, p)
-    p = tl.fma(_e2m1(w, 6, 12), x4, p)
-    p = tl.fma(_e2m1(w, 2, 8), x5, p)
-    p = tl.fma(_e2m1(w, -2, 4), x6, p)
-    return tl.fma(_e2m1(w, -6, 0), x7, p)
+    """p + sum_i e2m1_i 2^-14 x_i for one word (nibble i: magnitude at 4i..4i+2, sign at 4i+3)."""
+    v0, v4 = _halves(_e2m1_pair(w, 0))
+    v1, v5 = _halves(_e2m1_pair(w, 1))
+    v2, v6 = _halves(_e2m1_pair(w, 2))
+    v3, v7 = _halves(_e2m1_pair(w, 3))
+    p = tl.fma(v0, x0, p)
+    p = tl.fma(v1, x1, p)
+    p = tl.fma(v2, x2, p)
+    p = tl.fma(v3, x3, p)
+    p = tl.fma(v4, x4, p)
+    p = tl.fma(v5, x5, p)
+    p = tl.fma(v6, x6, p)
+    return tl.fma(v7, x7, p)
 
 
 @triton.jit
@@ -134,7 +158,7 @@ def _row_partial(w0, w1, w2, w3, X, ONE, FORMAT: tl.constexpr):
         p = _mxfp4_word(w1, b0, b1, b2, b3, b4, b5, b6, b7, p)
         p = _mxfp4_word(w2, c0, c1, c2, c3, c4, c5, c6, c7, p)
         p = _mxfp4_word(w3, e0, e1, e2, e3, e4, e5, e6, e7, p)
-        return p * 8.507059173023462e37  # * 2^126, exact
+        return p * 16384.0  # * 2^14, exact
 
 
 @triton.jit
