@@ -57,6 +57,7 @@ CPU_CASES = [
     ("w4a4_bf16_g32_h32", "w4a4", "bfloat16", 17, 256, 33, 128, 32, 32, False),
     ("w4a4_fp16_tok_h12", "w4a4", "float16", 3, 192, 24, 64, 0, 12, False),
     ("w4a4_fp32_g32", "w4a4", "float32", 4, 64, 24, 32, 32, 0, True),
+    ("w4a4_bf16_g32_h32_gemv_m2", "w4a4", "bfloat16", 2, 256, 33, 128, 32, 32, True),
     ("w4a4_bf16_largeM_tok_h64", "w4a4", "bfloat16", 70, 256, 40, 128, 0, 64, False),
 ]
 
@@ -76,6 +77,7 @@ GPU_CASES = [
     ("w4a16_fp32_m5", "w4a16", "float32", 5, 1024, 520, 128, 0, 0, True),
     ("w4a4_m1_tok_h128", "w4a4", "bfloat16", 1, 4096, 1000, 128, 0, 128, False),
     ("w4a4_m7_g32", "w4a4", "bfloat16", 7, 1152, 4099, 128, 32, 0, True),
+    ("w4a4_m2_g32_h64", "w4a4", "bfloat16", 2, 2048, 1000, 128, 32, 64, True),
     ("w4a4_m300_g32_h128", "w4a4", "bfloat16", 300, 1152, 1000, 128, 32, 128, False),
     ("w4a4_m1030_tok_h64", "w4a4", "bfloat16", 1030, 512, 260, 64, 0, 64, True),
     ("w4a4_m260_tok_h12", "w4a4", "bfloat16", 260, 1152, 520, 128, 0, 12, False),
@@ -160,6 +162,13 @@ def run_case(case, device: str, use_ops: bool) -> dict:
         checks["act_codes_mismatch_frac"] = (float((diff > 0).float().mean()), max(1e-3, 2.0 / diff.numel()))
         checks["act_codes_max_step"] = (float(diff.max()), 1.0)
         checks["act_scales"] = (_rel(sx, s_ref.reshape(sx.shape)), 1e-6)
+        # the fake-quantized activation (the GEMV route of W4A4 at decode sizes) against the
+        # reference's fake quantization of the kernel's own rotated x
+        fq = triton_act.fake_quantize(x2, act_group, had_block).cpu()
+        # (limits: the interpreter truncates fp32 -> bf16 where the GPU rounds; a rare tie may move one
+        # INT4 code by a step on the GPU)
+        fq_limit = 1e-2 if (device == "cpu" and dtype == torch.bfloat16) else 5e-3
+        checks["fake_quant_vs_reference"] = (_rel(fq, activation.fake_quantize_int4(xr.cpu(), act_group)), fq_limit)
         ag = act_group if act_group > 0 else K
         xq64 = (q.double().cpu().reshape(M, K // ag, ag) * sx.double().cpu().reshape(M, -1, 1)).reshape(M, K)
         checks["vs_float64_same_codes"] = (_rel(y, xq64 @ w64.T + b64), tol)

@@ -47,6 +47,7 @@ def _act_prep_kernel(
     CH: tl.constexpr, CHP: tl.constexpr, NCP: tl.constexpr, AG: tl.constexpr,
     ROTATE: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr,
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    FAKE: tl.constexpr = False,  # quantize modes: write q * scale in x's dtype to y instead of q, s
 ):
     pid_m = tl.program_id(0)
     c = tl.program_id(1)
@@ -73,12 +74,16 @@ def _act_prep_kernel(
             scale = tl.math.div_rn(tl.max(tl.abs(r3), axis=2), 7.0)  # [BLOCK_M, NG]
             safe = tl.where(scale > 0, scale, 1.0)
             qv = _round_clamp_int4(tl.math.div_rn(r3, safe[:, :, None]))
-            tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], tl.reshape(qv, (BLOCK_M, CHP)),
-                     mask=mk_mask)
-            offs_g = tl.arange(0, NG)
-            g_mask = (offs_g < CH // AG) & (c * CH + offs_g * AG < K)
-            tl.store(s_ptr + offs_m[:, None] * stride_sm + (c * (CH // AG) + offs_g)[None, :], scale,
-                     mask=m_mask[:, None] & g_mask[None, :])
+            if FAKE:
+                fq = tl.reshape(qv.to(tl.float32) * scale[:, :, None], (BLOCK_M, CHP)).to(x_dtype)
+                tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_k[None, :], fq, mask=mk_mask)
+            else:
+                tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], tl.reshape(qv, (BLOCK_M, CHP)),
+                         mask=mk_mask)
+                offs_g = tl.arange(0, NG)
+                g_mask = (offs_g < CH // AG) & (c * CH + offs_g * AG < K)
+                tl.store(s_ptr + offs_m[:, None] * stride_sm + (c * (CH // AG) + offs_g)[None, :], scale,
+                         mask=m_mask[:, None] & g_mask[None, :])
         elif MODE == 2:
             tl.store(amax_ptr + offs_m * stride_am + c, tl.max(tl.abs(r), axis=1), mask=m_mask)
         else:
@@ -88,8 +93,12 @@ def _act_prep_kernel(
             scale = tl.math.div_rn(tl.max(am, axis=1), 7.0)  # [BLOCK_M]
             safe = tl.where(scale > 0, scale, 1.0)
             qv = _round_clamp_int4(tl.math.div_rn(r, safe[:, None]))
-            tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], qv, mask=mk_mask)
-            tl.store(s_ptr + offs_m * stride_sm, scale, mask=m_mask & (c == 0))
+            if FAKE:
+                fq = (qv.to(tl.float32) * scale[:, None]).to(x_dtype)
+                tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_k[None, :], fq, mask=mk_mask)
+            else:
+                tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], qv, mask=mk_mask)
+                tl.store(s_ptr + offs_m * stride_sm, scale, mask=m_mask & (c == 0))
 
 
 _H_CACHE: dict = {}
@@ -131,7 +140,7 @@ def supported(k: int, had_block: int, act_group: int) -> bool:
     return _chunk(k, had_block, act_group) is not None
 
 
-def _launch(x2, mode, had_block, act_group, y=None, q=None, s=None, amax=None, n_chunks=1):
+def _launch(x2, mode, had_block, act_group, y=None, q=None, s=None, amax=None, n_chunks=1, fake=False):
     M, K = x2.shape
     ch = _chunk(K, had_block, act_group)
     chp = next_pow2(ch)
@@ -147,7 +156,7 @@ def _launch(x2, mode, had_block, act_group, y=None, q=None, s=None, amax=None, n
         s.stride(0) if s is not None else 0, amax.stride(0) if amax is not None else 0,
         n_chunks, 1.0 / math.sqrt(had_block) if rotate else 1.0,
         CH=ch, CHP=chp, NCP=next_pow2(n_chunks), AG=max(act_group, 1), ROTATE=rotate, MODE=mode,
-        BLOCK_M=block_m, num_warps=8 if chp > 128 else 4, num_stages=1, **dot_flags(x2.dtype))
+        BLOCK_M=block_m, FAKE=fake, num_warps=8 if chp > 128 else 4, num_stages=1, **dot_flags(x2.dtype))
     return ch
 
 
@@ -174,3 +183,21 @@ def quantize(x2: torch.Tensor, act_group: int, had_block: int) -> tuple[torch.Te
         _launch(x2, MODE_AMAX, had_block, 0, amax=amax, n_chunks=n_chunks)
         _launch(x2, MODE_QUANT_TOKEN, had_block, 0, q=q, s=s, amax=amax, n_chunks=n_chunks)
     return q, s
+
+
+def fake_quantize(x2: torch.Tensor, act_group: int, had_block: int) -> torch.Tensor:
+    """x2 [M, K] -> dequantize(quantize_int4(rotate(x2))) in x2.dtype, like
+    ``activation.fake_quantize_int4(hadamard_transform(x2))`` (the W4A4 reference's activation).
+    Used where the matmul after it is a weight-only kernel (W4A4 at decode sizes)."""
+    M, K = x2.shape
+    y = torch.empty_like(x2)
+    if M == 0:
+        return y
+    if act_group > 0:
+        _launch(x2, MODE_QUANT_GROUP, had_block, act_group, y=y, fake=True)
+    else:
+        n_chunks = triton.cdiv(K, _chunk(K, had_block, 0))
+        amax = torch.empty((M, n_chunks), device=x2.device, dtype=torch.float32)
+        _launch(x2, MODE_AMAX, had_block, 0, amax=amax, n_chunks=n_chunks)
+        _launch(x2, MODE_QUANT_TOKEN, had_block, 0, y=y, amax=amax, n_chunks=n_chunks, fake=True)
+    return y

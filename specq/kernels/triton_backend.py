@@ -10,7 +10,8 @@ Each validates its arguments with the ops' own checks, flattens x to [M, K], and
 - mxfp4: one weight-streaming / tiled kernel (``triton_wq``);
 - w4a16: the Hadamard pre-kernel when had_block > 0 (``triton_act.rotate``), then ``triton_wq``;
 - w4a4: one pre-kernel that rotates and quantizes x to INT4 (two for per-token scales), then the
-  INT8-tensor-core kernel (``triton_w4a4``).
+  INT8-tensor-core kernel (``triton_w4a4``); at decode sizes (M <= 4) the pre-kernel writes the
+  fake-quantized x instead and the W4A16 GEMV runs on it.
 
 Shapes the kernels do not cover (an INT4 group size with no power-of-two divisor >= 16, a Hadamard
 block over 256 columns, ...) fall back to the same math in PyTorch, so every valid call works.
@@ -90,6 +91,15 @@ def linear_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor
             xr = hadamard.hadamard_transform(x2, had_block) if had_block > 0 else x2
             xq = activation.fake_quantize_int4(xr, act_group_size)
             y = F.linear(xq, int4.dequantize(packed, scales, x.dtype), bias)
+            return y.reshape(*x.shape[:-1], n)
+        if (x2.shape[0] <= triton_wq.GEMV_MAX_M and x2.dtype in (torch.bfloat16, torch.float16)
+                and triton_wq.triton_gemv.supported(triton_wq.FORMAT_INT4, group_size, x2.shape[0])
+                and triton_act.supported(k, had_block, act_group_size)):
+            # decode sizes: the INT8 tensor-core kernel pads M to 16 rows and is 2-4x slower than
+            # the weight-streaming GEMV, so quantize x (the reference's own fake-quantized
+            # activation, in x.dtype) and run the W4A16 GEMV on it
+            xq = triton_act.fake_quantize(x2, act_group_size, had_block)
+            y = triton_wq.wq_matmul(xq, packed, scales, bias, triton_wq.FORMAT_INT4, group_size)
             return y.reshape(*x.shape[:-1], n)
         if triton_act.supported(k, had_block, act_group_size):
             q, sx = triton_act.quantize(x2, act_group_size, had_block)
