@@ -32,7 +32,9 @@ import triton
 import triton.language as tl
 
 from specq.kernels import triton_gemv
-from specq.kernels.triton_common import Config, ConfigCache, dot_flags, m_bucket, next_pow2
+from specq.kernels.triton_common import INTERPRET, Config, ConfigCache, dot_flags, m_bucket, next_pow2
+
+_INTERPRET = tl.constexpr(INTERPRET)  # a constexpr global, readable inside kernels
 
 FORMAT_MXFP4 = 0
 FORMAT_INT4 = 1
@@ -79,12 +81,6 @@ def _interleave8(a0, a1, a2, a3, a4, a5, a6, a7):
 
 
 @triton.jit
-def _int4_magic(pw, i: tl.constexpr, MAGIC: tl.constexpr, x_dtype: tl.constexpr):
-    """INT4 nibble u = q + 8 as the 16-bit float MAGIC + u (exact; no int -> float conversion)."""
-    return (_nib(pw, i) | MAGIC).to(tl.int16).to(x_dtype, bitcast=True)
-
-
-@triton.jit
 def _e2m1(pw, i: tl.constexpr):
     """E2M1 code in nibble i as fp32 e2m1 * 2^-14: the code's magnitude bits at fp16 bit 9 and its
     sign at bit 15 make an fp16 whose value is exact, code 1 (0.5, an fp16 subnormal) included."""
@@ -93,18 +89,36 @@ def _e2m1(pw, i: tl.constexpr):
 
 
 @triton.jit
-def _int4_tile(pw, MAGIC: tl.constexpr, x_dtype: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr):
-    """[BLOCK_N, SUB_K/8] words -> [BLOCK_N, SUB_K] dot operand (MAGIC + u, or q exactly when MAGIC == 0)."""
+def _pair16(v, x_dtype: tl.constexpr):
+    """int32 -> its two 16-bit halves as floats of x_dtype (a register rename on the GPU)."""
+    if _INTERPRET:
+        lo = (v & 0xFFFF).to(tl.int16).to(x_dtype, bitcast=True)
+        hi = ((v >> 16) & 0xFFFF).to(tl.int16).to(x_dtype, bitcast=True)
+        return lo, hi
+    else:
+        lo, hi = tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [v],
+                                           dtype=(tl.int16, tl.int16), is_pure=True, pack=1)
+        return lo.to(x_dtype, bitcast=True), hi.to(x_dtype, bitcast=True)
+
+
+@triton.jit
+def _int4_tile(pw, MAGIC: tl.constexpr, x_dtype: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr,
+               MAGIC2):
+    """[BLOCK_N, SUB_K/8] words -> [BLOCK_N, SUB_K] dot operand (MAGIC + u, or q exactly when MAGIC == 0).
+
+    16-bit path: nibbles i and i + 4 of a word are 16 bits apart, so one shift and one LOP3
+    (``MAGIC2`` = MAGIC in both halves, a run-time value that ptxas keeps in a register) make both
+    16-bit floats ``MAGIC + u`` at once, and tl.join of the two halves is the register itself."""
     if MAGIC == 0:
         t = _interleave8(_nib(pw, 0), _nib(pw, 1), _nib(pw, 2), _nib(pw, 3),
                          _nib(pw, 4), _nib(pw, 5), _nib(pw, 6), _nib(pw, 7))
         return (tl.reshape(t, (BLOCK_N, SUB_K)) - 8).to(tl.float32)
     else:
-        t = _interleave8(_int4_magic(pw, 0, MAGIC, x_dtype), _int4_magic(pw, 1, MAGIC, x_dtype),
-                         _int4_magic(pw, 2, MAGIC, x_dtype), _int4_magic(pw, 3, MAGIC, x_dtype),
-                         _int4_magic(pw, 4, MAGIC, x_dtype), _int4_magic(pw, 5, MAGIC, x_dtype),
-                         _int4_magic(pw, 6, MAGIC, x_dtype), _int4_magic(pw, 7, MAGIC, x_dtype))
-        return tl.reshape(t, (BLOCK_N, SUB_K))
+        a0, a4 = _pair16((pw & 0x000F000F) | MAGIC2, x_dtype)
+        a1, a5 = _pair16(((pw >> 4) & 0x000F000F) | MAGIC2, x_dtype)
+        a2, a6 = _pair16(((pw >> 8) & 0x000F000F) | MAGIC2, x_dtype)
+        a3, a7 = _pair16(((pw >> 12) & 0x000F000F) | MAGIC2, x_dtype)
+        return tl.reshape(_interleave8(a0, a1, a2, a3, a4, a5, a6, a7), (BLOCK_N, SUB_K))
 
 
 @triton.jit
@@ -126,7 +140,7 @@ def _e8m0_times_2p14(se):
 def _wq_matmul_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
     M, N, K, K_PER,
-    stride_xm, stride_wn, stride_sn, stride_ym,
+    stride_xm, stride_wn, stride_sn, stride_ym, MAGIC2,
     FORMAT: tl.constexpr,   # 0 MXFP4, 1 INT4; both read as int32 words [N, K/8] (nibble i of word j = k 8j+i)
     GROUP: tl.constexpr,    # K elements per weight scale (32 for MXFP4)
     MAGIC: tl.constexpr,    # INT4: 0x4300 (bf16), 0x6400 (fp16), 0 (exact float path)
@@ -169,7 +183,7 @@ def _wq_matmul_kernel(
                 else:
                     pw = tl.load(w_ptr + rn[:, None] * stride_wn + offs_w[None, :],
                                  mask=(offs_w < K // 8)[None, :], other=0)
-                wt = _int4_tile(pw, MAGIC, x_dtype, BLOCK_N, SUB_K)
+                wt = _int4_tile(pw, MAGIC, x_dtype, BLOCK_N, SUB_K, MAGIC2)
                 d = _dot(x, tl.trans(wt), DOT_FP32, IEEE)
                 if MAGIC != 0:
                     # sum(x) per row via the (otherwise idle) tensor cores: a cross-warp tl.sum
@@ -329,7 +343,7 @@ def _dot_matmul(x2, words, scales, bias, fmt: int, group: int, y: torch.Tensor) 
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
         dst = out if split == 1 else torch.empty((split, M, N), device=x2.device, dtype=torch.float32)
         _wq_matmul_kernel[grid](x2, words, scales, b_arg, dst, M, N, K, k_per,
-                                x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
+                                x2.stride(0), words.stride(0), scales.stride(0), out.stride(0), magic * 0x10001,
                                 EVEN_K=K % kstep == 0, **fixed, **cfg.kwargs())
         if split > 1:
             block = 1024
