@@ -39,3 +39,11 @@ def test_generate_bad_levels_is_a_clear_error():
                                     "--dtype", "float32"])
     assert res.exit_code != 0
     assert "unknown level" in res.output
+
+
+def test_generate_compile_is_greedy_only():
+    """--compile runs the compiled greedy path; sampling with it is refused before any model work."""
+    res = CliRunner().invoke(main, ["generate", "--prompt", "x", "--levels", "ngram,bf16", "--max-new-tokens", "4",
+                                    "--dtype", "float32", "--compile", "inductor", "--temperature", "0.7"])
+    assert res.exit_code != 0
+    assert "greedily" in res.output

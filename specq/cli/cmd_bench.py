@@ -23,7 +23,10 @@ import click
 @click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
 @click.option("--dtype", default="bfloat16", show_default=True)
 @click.option("--compile", "compile_", default="auto", show_default=True,
-              help="How specq steps are compiled: auto (inductor on CUDA, eager on CPU), inductor, none.")
+              help="How specq steps are compiled: auto (inductor on CUDA, eager on CPU), inductor, none. "
+                   "On the CPU, inductor uses the frozen-weight CPU recipe (specq/runtime/compiled_cpu.py): "
+                   "~2x eager, but ~30-50 s of compile per graph (one per mode and query length), not "
+                   "counted in tok/s (reported as 'first call s').")
 @click.option("--strict", is_flag=True, help="Fail unless lossless rows give their target's tokens (use float32).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def bench(model, rows, prompt_len, new_tokens, gamma, gamma3, gamma_ngram, device, dtype, compile_, strict, as_json):

@@ -140,7 +140,7 @@ def _factor(p: int, dtype: torch.dtype, device: torch.device, transpose: bool, c
         if transpose:
             m = m.T
         f = m.to(dtype=dtype, device=device).contiguous()
-        if cache:
+        if cache and cacheable(f):  # built while tracing (fake tensors): never cache it
             _FACTOR_CACHE[key] = f
     return f
 

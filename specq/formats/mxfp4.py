@@ -195,8 +195,11 @@ def _scaled_pair_table(dtype: torch.dtype, device: torch.device, cache: bool) ->
         b = torch.arange(256)
         vals = torch.tensor(E2M1_VALUES, dtype=torch.float64)
         pair = torch.stack([vals[b & 0xF], vals[b >> 4]], dim=1)                 # [256 bytes, 2]
-        scale = torch.ldexp(torch.ones(256, dtype=torch.float64), torch.arange(256) - SCALE_BIAS)
-        scale[SCALE_NAN] = float("nan")
+        e = torch.arange(256)
+        scale = torch.ldexp(torch.ones(256, dtype=torch.float64), e - SCALE_BIAS)
+        # no in-place write: the table is also built inside traced code (inductor's decomposition of
+        # the MXFP4 op on the CPU), where in-place writes to fresh tensors are not allowed
+        scale = torch.where(e == SCALE_NAN, torch.full_like(scale, float("nan")), scale)
         t = (scale[:, None, None] * pair[None]).reshape(256 * 256, 2).to(dtype=dtype, device=device)
         if cache:
             _SCALE_TABLE_CACHE[key] = t

@@ -56,23 +56,31 @@ def usable(x: Tensor, packed: Tensor, scales: Tensor, group_size: int) -> bool:
             and not (torch.is_grad_enabled() and scales.requires_grad))
 
 
-def _repack(packed: Tensor, scales: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def repack(packed: Tensor, scales: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(int4pack weight, scale_and_zero [K/g, N, 2] in dtype) for the aten kernel; traceable."""
     u = int4.unpack(packed).to(torch.int32) + 8  # the stored nibbles 0..15, [N, K]
     weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), _INNER_K_TILES)
     s = scales.t().to(dtype)  # rounded to x.dtype first, as the reference's dequantize does
-    scale_and_zero = torch.stack([s, torch.zeros_like(s)], dim=-1).contiguous()  # [K/g, N, 2]
+    scale_and_zero = torch.stack([s, torch.zeros_like(s)], dim=-1).contiguous()
     return weight, scale_and_zero
 
 
-def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor], group_size: int) -> Tensor:
-    """x [..., K] @ int4.dequantize(packed, scales).T + bias, through the int4pack kernel."""
-    weight, scale_and_zero = cached(packed, scales, ("int4pack_cpu", x.dtype),
-                                    lambda: _repack(packed, scales, x.dtype))
-    n, k = packed.shape[0], x.shape[-1]
+def int4pack_mm(x: Tensor, weight: Tensor, scale_and_zero: Tensor, bias: Optional[Tensor],
+                group_size: int) -> Tensor:
+    """x [..., K] times a repacked weight (N = scale_and_zero.shape[1]), + bias."""
+    n, k = scale_and_zero.shape[1], x.shape[-1]
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, k).contiguous(), weight, group_size,
                                                    scale_and_zero)
     y = y.reshape(*x.shape[:-1], n)
     return y if bias is None else y + bias
+
+
+def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor], group_size: int) -> Tensor:
+    """x [..., K] @ int4.dequantize(packed, scales).T + bias, through the int4pack kernel (the
+    repacked weight is cached next to the packed one)."""
+    weight, scale_and_zero = cached(packed, scales, ("int4pack_cpu", x.dtype),
+                                    lambda: repack(packed, scales, x.dtype))
+    return int4pack_mm(x, weight, scale_and_zero, bias, group_size)
 
 
 def linear_w4a16(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor],

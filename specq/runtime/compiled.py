@@ -32,7 +32,8 @@ position is a graph input and one graph serves every position. The sharing rule 
 cache per model, every mode writes by position, a verify overwrites the draft's entries. Sliding
 window layers are refused (their ring buffer cannot be rewound).
 
-On CPU (or with `cuda_graphs=False`) the same API runs the compiled (or eager) step directly.
+On CPU (or with `cuda_graphs=False`) the same API runs the compiled (or eager) step directly; with
+inductor on the CPU the step is compiled with the recipe of compiled_cpu.py (frozen weights).
 Compile counts are observable (`compile_count`) so tests can assert there are no recompiles in
 steady state.
 """
@@ -120,10 +121,13 @@ def set_cache_position(cache, position: torch.Tensor) -> None:
 def forward_logits(model, cache, input_ids: torch.Tensor, position: torch.Tensor, mode: str = "bf16"):
     """The pure step function: logits [B, q, V] of `input_ids` [B, q] placed at `position`.
 
-    `mode` is not used in the body: it is an argument so that compiled code is specialised (and
-    guarded) per mode even if a model's mode holder could not be guarded on.
+    `mode` is the model's active mode (the caller switches it): an argument so that compiled code is
+    specialised and guarded per mode even where the model's mode holder is not guarded on (the CPU
+    recipe skips the guards on the model's modules, compiled_cpu.py). Reading its value here is what
+    makes dynamo install that guard; an unused argument gets none.
     """
-    del mode
+    if not isinstance(mode, str) or not mode:
+        raise ValueError(f"mode must be a mode name, got {mode!r}")
     set_cache_position(cache, position)
     b, q = input_ids.shape
     position_ids = (position + torch.arange(q, device=input_ids.device)).unsqueeze(0).expand(b, q)
@@ -131,12 +135,20 @@ def forward_logits(model, cache, input_ids: torch.Tensor, position: torch.Tensor
     return out.logits
 
 
+def forward_step(model, cache, input_ids: torch.Tensor, position: torch.Tensor, mode: str = "bf16"):
+    """What CompiledSteps compiles: (logits [B, q, V], their argmax [B, q]). The argmax inside the
+    compiled code: on the CPU eager argmax over a bf16 vocabulary costs ~0.2-0.6 ms a step, a fused
+    reduction a fraction of that."""
+    logits = forward_logits(model, cache, input_ids, position, mode)
+    return logits, logits.argmax(-1)
+
+
 def _greedy_burst(step, model, cache, token, position, n: int, mode: str):
     """n greedy steps, each feeding its argmax to the next; returns tokens [B, n] (device only)."""
     tokens = []
     for i in range(n):
-        logits = step(model, cache, token, position + i, mode)
-        token = logits[:, -1].argmax(-1).unsqueeze(1)  # [B, 1] with the strides of a fresh tensor
+        _, a = step(model, cache, token, position + i, mode)
+        token = a[:, -1:].clone()  # [B, 1] with the strides of a fresh tensor
         tokens.append(token)
     return torch.cat(tokens, dim=1)
 
@@ -166,14 +178,17 @@ class CompiledSteps:
             which graph a call uses).
         cache: a `StaticCache` allocated up front (`make_static_cache`), shared by all modes.
         compile: "inductor" (default on CUDA), any dynamo backend name, or None/False for eager
-            (default on CPU: inductor's CPU compile costs more than it saves on small steps).
+            (default on CPU: each inductor graph takes ~30-50 s to compile there, which one short
+            request does not win back; with "inductor" the CPU gets the frozen-weight recipe).
         cuda_graphs: capture and replay CUDA graphs (default: True on CUDA).
         max_graph_q: queries longer than this (a prefill) run uncompiled and uncaptured: they happen
             once per request, and compiling one graph per prompt length would cost more than it saves.
+        freeze: compile with the CPU recipe of compiled_cpu.py (frozen weights, decomposed specq ops,
+            grouped-query SDPA, no module guards). Default: on for "inductor" on the CPU.
     """
 
     def __init__(self, model, cache, *, compile="auto", cuda_graphs: bool | None = None,
-                 max_graph_q: int = 32):
+                 max_graph_q: int = 32, freeze: bool | None = None):
         _check_cache(cache)
         self.model = model
         self.cache = cache
@@ -181,6 +196,10 @@ class CompiledSteps:
         on_cuda = self.device.type == "cuda"
         if compile == "auto":
             compile = "inductor" if on_cuda else None
+        # CPU + inductor: weights frozen into the compiled code (see compiled_cpu.py)
+        self.freeze = (compile == "inductor" and not on_cuda) if freeze is None else bool(freeze)
+        if self.freeze and compile != "inductor":
+            raise ValueError("freeze=True needs compile='inductor' (freezing is an inductor feature)")
         self.cuda_graphs = on_cuda if cuda_graphs is None else bool(cuda_graphs)
         if self.cuda_graphs and not on_cuda:
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
@@ -196,11 +215,21 @@ class CompiledSteps:
             def counting_backend(gm, example_inputs):
                 self.compile_count += 1
                 backend = torch._dynamo.lookup_backend(inner) if isinstance(inner, str) else inner
-                return backend(gm, example_inputs)
+                t0 = time.perf_counter()
+                out = backend(gm, example_inputs)
+                log.info("compiled step graph %d (%s) in %.0f s", self.compile_count,
+                         inner if isinstance(inner, str) else getattr(inner, "__name__", "backend"),
+                         time.perf_counter() - t0)
+                return out
 
-            self._step = torch.compile(forward_logits, backend=counting_backend, fullgraph=True, dynamic=False)
+            if self.freeze:  # the CPU recipe: frozen weights, no per-call Python (compiled_cpu.py)
+                from specq.runtime.compiled_cpu import frozen_step
+
+                self._step = frozen_step(forward_step, model, counting_backend)
+            else:
+                self._step = torch.compile(forward_step, backend=counting_backend, fullgraph=True, dynamic=False)
         else:
-            self._step = forward_logits
+            self._step = forward_step
 
     def __deepcopy__(self, memo):  # a copied model gets no steps (graphs and cache are device state)
         return None
@@ -236,7 +265,7 @@ class CompiledSteps:
 
         def fn(ids, pos):
             with _mode(model, mode):
-                a = step(model, cache, ids, pos, mode).argmax(-1)
+                _, a = step(model, cache, ids, pos, mode)
             return a, _n_accepted(ids[:, 1:], a)
 
         return self._run(("verify", mode, tuple(input_ids.shape)), fn, (input_ids, position))
@@ -257,7 +286,7 @@ class CompiledSteps:
                 drafts = _greedy_burst(step, model, cache, tok, pos, gamma, draft_mode)
             ids = torch.cat([tok, drafts], dim=1)
             with _mode(model, target_mode):
-                a = step(model, cache, ids, pos, target_mode).argmax(-1)
+                _, a = step(model, cache, ids, pos, target_mode)
             return a, _n_accepted(drafts, a)
 
         key = ("round", draft_mode, gamma, target_mode, tuple(token.shape))
@@ -286,8 +315,7 @@ class CompiledSteps:
 
         def fn(ids, pos):
             with _mode(model, mode):
-                logits = step(model, cache, ids, pos, mode)
-            return logits, logits.argmax(-1)
+                return step(model, cache, ids, pos, mode)
 
         return fn
 

@@ -1,0 +1,112 @@
+"""How inductor compiles the specq ops on the CPU: traceable decompositions, folded under freezing.
+
+Why: the ops are opaque custom ops, so compiled code calls them back through Python — ~40 us per
+call for the dispatch, argument checks, the Hadamard transform and the weight-cache lookup, which at
+one token is several times the INT4 matmul itself (benchmarks/ops_cpu.py). A decoder step of the
+default model makes 210 of them: ~9 ms of overhead on a ~20 ms step, enough to make a 4-bit draft
+as slow as its bf16 target. With these decompositions registered, inductor traces each call into
+plain aten ops instead:
+
+- INT4 ops the CPU kernel covers (cpu_int4.usable): rotate (and, for w4a4, fake-quantize) x with the
+  reference's own code, repack the weight (cpu_int4.repack), ``aten._weight_int4pack_mm_for_cpu``;
+- every other call (MXFP4, float32, shapes the kernel lacks): dequantize + ``F.linear``, the
+  reference's own math.
+
+The weight preparation (repacking, dequantizing) depends only on the packed buffers, so inductor's
+freezing (``torch._inductor.config.freezing``: parameters and buffers become constants) evaluates
+it once at compile time; what runs per step is the rotation and one matmul. Without freezing the
+preparation would run on every call, so the decompositions apply only while freezing is on (they
+return NotImplemented otherwise and the op stays an opaque call). They leave dynamo graphs, export
+and other backends alone: only inductor's own decomposition table holds them. The numbers are those
+of the eager CPU path (same rotation, same kernel; dequantize + linear is the reference).
+
+``register()`` is idempotent; the runtime calls it before compiling CPU steps.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from specq.formats import activation, hadamard, int4, mxfp4
+from specq.kernels import cpu_int4
+
+_REGISTERED = False
+
+
+def _freezing() -> bool:
+    import torch._inductor.config as inductor_config
+
+    return bool(inductor_config.freezing)
+
+
+def _on_cpu(x: torch.Tensor) -> bool:
+    return _freezing() and x.device.type == "cpu"
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard_rows(n: int) -> tuple:
+    """hadamard_matrix(n) as Python floats, computed outside the trace (no fake tensors involved)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        return tuple(map(tuple, hadamard.hadamard_matrix(n, dtype=torch.float32).tolist()))
+
+
+def _rotate(x: torch.Tensor, had_block: int) -> torch.Tensor:
+    """H(x) as one multiply-and-sum that inductor fuses into a single loop. The reference's
+    hadamard_transform is a [rows, 64] @ [64, 64] matmul, which compiled code would hand to oneDNN:
+    ~20 us per call at one token, six times per layer. Same numbers: the products x * (+-1/sqrt(b))
+    are exact in float32 for power-of-4 blocks, the sum is accumulated in float32 and rounded once to
+    x.dtype, as the matmul does (other blocks: the reference also computes in float32)."""
+    if had_block == 0:
+        return x
+    h = torch.tensor(_hadamard_rows(had_block), dtype=torch.float32, device=x.device)  # a graph constant
+    xb = x.float().reshape(-1, had_block, 1)
+    return (xb * h).sum(dim=-2).to(x.dtype).reshape(x.shape)
+
+
+def _linear_mxfp4(x, packed, scales, bias):
+    if not _on_cpu(x):
+        return NotImplemented
+    return F.linear(x, mxfp4.dequantize(packed, scales, x.dtype), bias)
+
+
+def _int4(x_in, x, packed, scales, bias, group_size):
+    """x_in: the op's x (decides the path); x: what multiplies the weight (rotated, quantized)."""
+    if cpu_int4.usable(x_in, packed, scales, group_size):
+        weight, scale_and_zero = cpu_int4.repack(packed, scales, x.dtype)
+        return cpu_int4.int4pack_mm(x, weight, scale_and_zero, bias, group_size)
+    return F.linear(x, int4.dequantize(packed, scales, x.dtype), bias)
+
+
+def _linear_w4a16(x, packed, scales, bias, group_size, had_block):
+    if not _on_cpu(x):
+        return NotImplemented
+    return _int4(x, _rotate(x, had_block), packed, scales, bias, group_size)
+
+
+def _linear_w4a4(x, packed, scales, bias, group_size, act_group_size, had_block):
+    if not _on_cpu(x):
+        return NotImplemented
+    xq = activation.fake_quantize_int4(_rotate(x, had_block), act_group_size)
+    return _int4(x, xq, packed, scales, bias, group_size)
+
+
+def register() -> None:
+    """Add the decompositions to inductor's table (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from torch._inductor import decomposition as inductor_decomp
+
+    table = inductor_decomp.decompositions
+    table[torch.ops.specq.linear_mxfp4.default] = _linear_mxfp4
+    table[torch.ops.specq.linear_w4a16.default] = _linear_w4a16
+    table[torch.ops.specq.linear_w4a4.default] = _linear_w4a4
+    cached = getattr(inductor_decomp, "fast_random_decomps", None)
+    if cached is not None and hasattr(cached, "cache_clear"):  # a memoised copy of the table
+        cached.cache_clear()
+    _REGISTERED = True
