@@ -2,7 +2,7 @@
 
 On the CPU there are no CUDA graphs to hide per-call costs, and at one token a 135M-parameter step
 is ~15 ms, so every Python-level cost inside a step shows. `frozen_step` compiles the step function
-with inductor under four measures (benchmarks/results/cpu_e2e.md has the numbers):
+with inductor under five measures (benchmarks/results/cpu_e2e.md has the numbers):
 
 1. Freezing (``torch._inductor.config.freezing``, on while dynamo traces and inductor compiles):
    parameters and buffers become constants of the compiled code. inductor then prepacks every bf16
@@ -18,11 +18,17 @@ with inductor under four measures (benchmarks/results/cpu_e2e.md has the numbers
    argument, shapes), and a graph is only reused by the `torch.compile` wrapper (backend) that made
    it: each `frozen_step` compiles with a backend object of its own, so one model's frozen graphs
    are never offered to another model (tests/test_compiled_cpu.py checks both).
+5. Sibling linears are fused (specq.passes.fuse_siblings, on dynamo's graph before inductor): q/k/v
+   and gate/up, which read the same input, become one matmul over concatenated weights (folded into
+   one constant by 1.) and a split. Default model, one token, interleaved A/B in one process
+   (lab measurement, 12 rounds x 5 steps): bf16 step 0.87x the time, w4a16 0.86x, bf16 4-token
+   verify 0.85x. ``SPECQ_FUSE_SIBLINGS=0`` turns it off.
 
-Not used: inductor's C++ wrapper (``cpp_wrapper``, the code that calls a step's ~400 kernels in C++
-instead of Python). Measured on the default model (4 prompts x 128 tokens, 4 interleaved rounds,
-with / without it): autoregressive 57.3 / 58.7 tok/s, n-gram -> bf16 65.1 / 64.0 — no gain beyond
-the noise, for compiles 1.8x as long (~75 s per graph).
+Not used: inductor's C++ wrapper (``cpp_wrapper``, the code that calls a step's ~300 kernels in C++
+instead of Python): with fused siblings, an interleaved A/B measured bf16 steps at 0.94x the time
+and w4a16 at 0.95x, for compiles ~1.8x as long (~75 s per graph). Also tried and dropped: attention
+at one query as fused elementwise loops instead of the flash kernel (a 3x win in isolation, ~1% in
+the step, and 1.3x slower at a 4-token verify).
 
 The price of 1 and 4: a compiled step keeps the weights and module attributes it was traced with.
 After changing the model in place, drop its steps (`specq.runtime.compiled.release_steps(model)`).
@@ -30,7 +36,12 @@ After changing the model in place, drop its steps (`specq.runtime.compiled.relea
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+# 5. (fuse_siblings): SPECQ_FUSE_SIBLINGS=0 turns it off (for A/B measurements)
+FUSE_SIBLINGS = os.environ.get("SPECQ_FUSE_SIBLINGS", "1") != "0"
 
 
 def frozen_step(step_fn, model: torch.nn.Module, backend):
@@ -38,11 +49,14 @@ def frozen_step(step_fn, model: torch.nn.Module, backend):
     import torch._inductor.config as inductor_config
 
     from specq.kernels import inductor_cpu
+    from specq.passes.fuse_siblings import fuse_sibling_linears
     from specq.runtime.attention import grouped_sdpa, sdpa_configs
 
     inductor_cpu.register()
 
     def own_backend(gm, example_inputs):  # a backend object of this model's own (see 4. above)
+        if FUSE_SIBLINGS:
+            gm, _ = fuse_sibling_linears(gm)  # the weight concatenations fold under freezing (1.)
         return backend(gm, example_inputs)
 
     compiled = torch.compile(step_fn, backend=own_backend, fullgraph=True, dynamic=False,
