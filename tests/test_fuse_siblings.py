@@ -120,3 +120,68 @@ def test_a_tiny_llama_graph_fuses_qkv_and_gate_up(mode):
     torch._dynamo.reset()
     assert seen == [2 * model.config.num_hidden_layers]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ shared storage (the CUDA route)
+
+def _tiny_multimode(seed=2):
+    import specq
+    from tiny_models import make_tiny_model
+
+    return specq.transform(make_tiny_model("llama", seed=seed), modes=("bf16", "mxfp4", "w4a16"),
+                           recipe={"name": "mse", "base": "default", "mxfp4_scale_rule": "mse"})
+
+
+def test_siblings_rehomed_into_one_storage_are_fused_as_views():
+    """Without freezing, CompiledSteps re-homes q/k/v and gate/up into one tensor per attribute (same
+    values) and the pass reads each group as one as_strided view: no torch.cat in any graph, logits as
+    the untouched eager model's in every mode."""
+    import specq
+    from specq.runtime.compiled import CompiledSteps, make_static_cache
+
+    model = _tiny_multimode()
+    ids = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(7))
+    want = {}
+    for mode in ("bf16", "mxfp4", "w4a16"):
+        with torch.no_grad(), specq.mode(model, mode):
+            want[mode] = model(ids).logits
+    graphs = []
+
+    def inner(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    steps = CompiledSteps(model, make_static_cache(model, 1, 32), compile=inner)
+    layers = model.config.num_hidden_layers
+    assert steps.sibling_groups == 2 * layers
+    attn = model.model.layers[0].self_attn
+    for name in ("weight", "int4_packed", "int4_scales", "mxfp4_packed", "mxfp4_scales"):
+        q, k, v = (getattr(getattr(attn, p), name) for p in ("q_proj", "k_proj", "v_proj"))
+        assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+        assert k.storage_offset() == q.numel() and v.storage_offset() == q.numel() + k.numel()
+    for mode in ("bf16", "mxfp4", "w4a16"):
+        got = steps.logits(ids, 0, mode)
+        torch.testing.assert_close(got, want[mode], rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 3
+    for gm in graphs:
+        calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+        weight_cats = [n for n in calls if n.target is torch.cat
+                       and any(a.op in ("placeholder", "get_attr") for a in n.args[0])]
+        assert weight_cats == []  # the model's own cats (rotary embedding) read activations
+        assert sum(n.target is torch.as_strided for n in calls) >= 2 * layers
+
+
+def test_tied_tensors_are_not_rehomed():
+    from specq.runtime.sibling_storage import share_sibling_storage
+
+    a, b = torch.nn.Linear(8, 4, bias=False), torch.nn.Linear(8, 4, bias=False)
+    model = torch.nn.ModuleDict({"a": a, "b": b, "tied": torch.nn.Linear(8, 4, bias=False)})
+    model["tied"].weight = a.weight
+    assert share_sibling_storage(model, [["a", "b"]]) == 0
+    assert a.weight.untyped_storage().data_ptr() != b.weight.untyped_storage().data_ptr()
+    del model["tied"]
+    before = (a.weight.clone(), b.weight.clone())
+    assert share_sibling_storage(model, [["a", "b"]]) == 1
+    assert a.weight.untyped_storage().data_ptr() == b.weight.untyped_storage().data_ptr()
+    assert torch.equal(a.weight, before[0]) and torch.equal(b.weight, before[1])
+    assert share_sibling_storage(model, [["a", "b"]]) == 1  # already one storage: nothing copied

@@ -1,6 +1,6 @@
 """Pass — fuse sibling matmuls: linears that read the same input become one linear and a split.
 
-    fuse_sibling_linears(gm) -> (gm, groups_fused)
+    fuse_sibling_linears(gm, example_inputs=None, allow_copies=True) -> (gm, groups_fused)
 
 Why: a decoder layer multiplies one normalised hidden state by q, k and v (and another by gate and
 up). At one token each of those is a small matmul whose fixed costs (a kernel call, its threads'
@@ -20,9 +20,14 @@ channels as rows: bf16 [N, K], INT4 packed [N, K/8] and scales [N, K/g], MXFP4 [
 [N, K/32]), one call of the op, and `torch.split` of the result along the last dim. Every output
 element is the same dot product over K as before (same weights, same x, same rotation).
 
-The concatenations are computed in the graph: fuse only where they are folded into constants before
-running — inductor with freezing (`torch._inductor.config.freezing`), as the CPU step recipe
-(specq.runtime.compiled_cpu) compiles. Elsewhere they would copy every weight on every call.
+Where a group's tensors already are consecutive row slices of one storage (the runtime re-homes them
+so on CUDA: specq.runtime.sibling_storage), the group is read as one `as_strided` view of it: no copy.
+Otherwise the concatenation is computed in the graph, which pays only where it is folded into a
+constant before running — inductor with freezing (`torch._inductor.config.freezing`), as the CPU step
+recipe (specq.runtime.compiled_cpu) compiles. Elsewhere it would copy every weight on every call:
+pass `allow_copies=False` there, and only groups with shared storage are fused. The real tensors
+come from `example_inputs` (for placeholders, as a dynamo backend receives them) or from `gm`'s
+attributes (get_attr).
 """
 
 from __future__ import annotations
@@ -96,9 +101,14 @@ def _group_key(node: fx.Node, layout):
     return (node.target, args[0], scalars, bias is None, tuple(metas))
 
 
-def fuse_sibling_linears(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
+def fuse_sibling_linears(gm: fx.GraphModule, example_inputs=None, allow_copies: bool = True
+                         ) -> tuple[fx.GraphModule, int]:
     """Fuse every group of sibling linears in `gm` (in place); returns (gm, number of groups fused)."""
     layouts = _layouts()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    real = {}
+    if example_inputs is not None and len(example_inputs) == len(placeholders):
+        real = {n: t for n, t in zip(placeholders, example_inputs) if isinstance(t, torch.Tensor)}
     groups: dict = {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in layouts:
@@ -110,7 +120,12 @@ def fuse_sibling_linears(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     for key, nodes in groups.items():
         if len(nodes) < 2:
             continue
-        _fuse(gm.graph, nodes, layouts[key[0]])
+        weights, bias_at, _ = layouts[key[0]]
+        at = weights + ((bias_at,) if nodes[0].args[bias_at] is not None else ())
+        blocks = {i: shared_block([_real_tensor(gm, real, n.args[i]) for n in nodes]) for i in at}
+        if not allow_copies and any(b is None for b in blocks.values()):
+            continue
+        _fuse(gm.graph, nodes, layouts[key[0]], blocks)
         fused += 1
     if fused:
         gm.graph.lint()
@@ -118,7 +133,42 @@ def fuse_sibling_linears(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     return gm, fused
 
 
-def _fuse(graph: fx.Graph, nodes: list[fx.Node], layout) -> None:
+def _real_tensor(gm: fx.GraphModule, real: dict, node: fx.Node):
+    if node.op == "placeholder":
+        return real.get(node)
+    try:
+        return gm.get_parameter(node.target)
+    except AttributeError:
+        try:
+            return gm.get_buffer(node.target)
+        except AttributeError:
+            return None
+
+
+def shared_block(tensors: list) -> tuple | None:
+    """(size, stride, storage_offset) of the one tensor that `tensors` are consecutive row slices of,
+    or None. Row slices: contiguous, same storage and dtype, each starting where the previous ends."""
+    if any(not isinstance(t, torch.Tensor) for t in tensors):
+        return None
+    first = tensors[0]
+    if not all(t.is_contiguous() and t.dtype == first.dtype and t.shape[1:] == first.shape[1:] for t in tensors):
+        return None
+    try:
+        ptr = first.untyped_storage().data_ptr()
+        if any(t.untyped_storage().data_ptr() != ptr for t in tensors):
+            return None
+    except (RuntimeError, NotImplementedError):  # fake or functional tensors without real storage
+        return None
+    offset = first.storage_offset()
+    for t in tensors:
+        if t.storage_offset() != offset:
+            return None
+        offset += t.numel()
+    rows = sum(t.shape[0] for t in tensors)
+    return (rows, *first.shape[1:]), tuple(first.stride()), first.storage_offset()
+
+
+def _fuse(graph: fx.Graph, nodes: list[fx.Node], layout, blocks: dict) -> None:
     weights, bias_at, _ = layout
     first = nodes[0]  # graph order: x comes before it
     tensor_at = weights + ((bias_at,) if first.args[bias_at] is not None else ())
@@ -132,10 +182,17 @@ def _fuse(graph: fx.Graph, nodes: list[fx.Node], layout) -> None:
     with graph.inserting_before(first):
         args = list(first.args)
         for i in tensor_at:
-            args[i] = graph.call_function(torch.cat, ([n.args[i] for n in nodes],), {"dim": 0})
+            if blocks.get(i) is not None:  # one storage already: a view of it
+                args[i] = graph.call_function(torch.as_strided, (first.args[i], *blocks[i]))
+            else:
+                args[i] = graph.call_function(torch.cat, ([n.args[i] for n in nodes],), {"dim": 0})
         fused = graph.call_function(first.target, tuple(args))
         parts = graph.call_function(torch.split, (fused, sizes), {"dim": -1})
         outs = [graph.call_function(operator.getitem, (parts, j)) for j in range(len(nodes))]
+    reads = [n.args[i] for n in nodes[1:] for i in tensor_at if n.args[i].op == "get_attr"]
     for node, out in zip(nodes, outs):
         node.replace_all_uses_with(out)
         graph.erase_node(node)
+    for read in dict.fromkeys(reads):  # attribute reads that only the views' groups used
+        if not read.users:
+            graph.erase_node(read)

@@ -184,11 +184,16 @@ class CompiledSteps:
         max_graph_q: queries longer than this (a prefill) run uncompiled and uncaptured: they happen
             once per request, and compiling one graph per prompt length would cost more than it saves.
         freeze: compile with the CPU recipe of compiled_cpu.py (frozen weights, decomposed specq ops,
-            grouped-query SDPA, no module guards). Default: on for "inductor" on the CPU.
+            grouped-query SDPA, no module guards, fused sibling linears). Default: on for "inductor"
+            on the CPU.
+        fuse_siblings: without freezing (CUDA), re-home sibling linears' weights (q/k/v, gate/up)
+            into one tensor each (specq.runtime.sibling_storage: same values, no extra memory) and
+            run each group as one matmul (specq.passes.fuse_siblings). Default: on when compiling
+            without freezing.
     """
 
     def __init__(self, model, cache, *, compile="auto", cuda_graphs: bool | None = None,
-                 max_graph_q: int = 32, freeze: bool | None = None):
+                 max_graph_q: int = 32, freeze: bool | None = None, fuse_siblings: bool | None = None):
         _check_cache(cache)
         self.model = model
         self.cache = cache
@@ -208,12 +213,24 @@ class CompiledSteps:
         self.stats = StepStats()
         self._graphs: dict[tuple, _Captured] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        self.fuse_siblings = bool(compile) and not self.freeze if fuse_siblings is None else bool(fuse_siblings)
+        self.sibling_groups = 0
+        if self.fuse_siblings and not self.freeze:
+            from specq.runtime.sibling_storage import share_sibling_storage, sibling_groups
+
+            one = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+            self.sibling_groups = share_sibling_storage(model, sibling_groups(model, one))
         if compile:
             _raise_recompile_limit(64)
             inner = compile
+            fuse = self.fuse_siblings and not self.freeze  # (the CPU recipe fuses in its own backend)
 
             def counting_backend(gm, example_inputs):
                 self.compile_count += 1
+                if fuse:
+                    from specq.passes.fuse_siblings import fuse_sibling_linears
+
+                    gm, _ = fuse_sibling_linears(gm, example_inputs, allow_copies=False)
                 backend = torch._dynamo.lookup_backend(inner) if isinstance(inner, str) else inner
                 t0 = time.perf_counter()
                 out = backend(gm, example_inputs)
