@@ -178,3 +178,21 @@ def test_deepcopy_and_explicit_freeze_flag(mm_fp32):
     steps = CompiledSteps(mm_fp32, make_static_cache(mm_fp32, 1, 16), compile="inductor", freeze=False)
     assert not steps.freeze
     assert copy.deepcopy(steps) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_mxfp4_weight_of_the_cpu_decomposition_is_exact(dtype):
+    """The MXFP4 decomposition's dequantizer (built from the packed bytes alone, so that freezing can
+    fold it) gives mxfp4.dequantize's values bit for bit, signed zeros and NaN blocks included."""
+    from specq.formats import mxfp4
+    from specq.kernels.inductor_cpu import mxfp4_weight
+
+    g = torch.Generator().manual_seed(0)
+    packed = torch.randint(0, 256, (48, 64), dtype=torch.uint8, generator=g)
+    scales = torch.randint(0, 256, (48, 4), dtype=torch.uint8, generator=g)
+    scales[0] = torch.tensor([0, 0xFF, 254, 127], dtype=torch.uint8)  # subnormal, NaN, overflow, 1.0
+    got, want = mxfp4_weight(packed, scales, dtype), mxfp4.dequantize(packed, scales, dtype)
+    assert got.dtype == want.dtype == dtype
+    assert torch.equal(got.isnan(), want.isnan()) and got[0, 32:64].isnan().all()
+    ok = ~want.isnan()
+    assert torch.equal(got[ok], want[ok]) and torch.equal(got[ok].signbit(), want[ok].signbit())

@@ -68,10 +68,35 @@ def _rotate(x: torch.Tensor, had_block: int) -> torch.Tensor:
     return (xb * h).sum(dim=-2).to(x.dtype).reshape(x.shape)
 
 
+def mxfp4_weight(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """mxfp4.dequantize's exact values, computed from the packed bytes alone.
+
+    Why not mxfp4.dequantize: its lookup table is built from `arange` and friends, tensors with no
+    tensor inputs, which inductor's constant folding leaves unfolded ("constructors"); everything
+    downstream of the table then stays in the graph, and inductor fused the dequantization into the
+    one-token matmul, re-run on every step (an MXFP4 step of the default model took ~85 ms instead of
+    ~14). Here every op reads `packed` or `scales`, so freezing folds the whole weight into one
+    prepacked constant. Same numbers: an E2M1 value times a power of two is exact in float32, rounded
+    once to `dtype` (scale byte 0xFF: NaN, as the format says)."""
+    n, half_k = packed.shape
+    p = packed.to(torch.int32)
+    codes = torch.stack([p & 0xF, p >> 4], dim=-1).reshape(n, 2 * half_k)   # element 2i: low nibble
+    e = ((codes >> 1) & 3).float()
+    m = (codes & 1).float()
+    magnitude = torch.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * torch.exp2(e - 1.0))
+    value = torch.where((codes & 8) != 0, -magnitude, magnitude)
+    s = scales.to(torch.int32)
+    scale = torch.exp2((s - mxfp4.SCALE_BIAS).float())  # byte 0xFF: 2**128 = inf in float32
+    # NaN as inf - inf: a scalar NaN (or full_like) would be a "constructor", which folding skips
+    scale = torch.where(s == mxfp4.SCALE_NAN, scale - scale, scale)
+    w = value.reshape(n, scales.shape[1], -1) * scale.unsqueeze(-1)
+    return w.reshape(n, 2 * half_k).to(dtype)
+
+
 def _linear_mxfp4(x, packed, scales, bias):
     if not _on_cpu(x):
         return NotImplemented
-    return F.linear(x, mxfp4.dequantize(packed, scales, x.dtype), bias)
+    return F.linear(x, mxfp4_weight(packed, scales, x.dtype), bias)
 
 
 def _int4(x_in, x, packed, scales, bias, group_size):

@@ -56,7 +56,7 @@ def frozen_step(step_fn, model: torch.nn.Module, backend):
 
     def own_backend(gm, example_inputs):  # a backend object of this model's own (see 4. above)
         if FUSE_SIBLINGS:
-            gm, _ = fuse_sibling_linears(gm)  # the weight concatenations fold under freezing (1.)
+            gm, _ = fuse_sibling_linears(gm)  # the concatenations fold under freezing (1.)
         return backend(gm, example_inputs)
 
     compiled = torch.compile(step_fn, backend=own_backend, fullgraph=True, dynamic=False,
