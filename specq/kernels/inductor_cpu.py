@@ -9,7 +9,9 @@ plain aten ops instead:
 
 - INT4 ops the CPU kernel covers (cpu_int4.usable): rotate (and, for w4a4, fake-quantize) x with the
   reference's own code, repack the weight (cpu_int4.repack), ``aten._weight_int4pack_mm_for_cpu``;
-- every other call (MXFP4, float32, shapes the kernel lacks): dequantize + ``F.linear``, the
+- MXFP4: `mxfp4_weight` (the reference's values, computed from the packed bytes alone so that
+  freezing folds it; see there) + ``F.linear``;
+- every other INT4 call (float32, shapes the kernel lacks): dequantize + ``F.linear``, the
   reference's own math.
 
 The weight preparation (repacking, dequantizing) depends only on the packed buffers, so inductor's
