@@ -64,13 +64,7 @@ def _tensor_meta(node):
         return None
     val = node.meta.get("example_value", node.meta.get("val"))
     if val is None and node.op == "get_attr":
-        try:
-            val = node.graph.owning_module.get_parameter(node.target)
-        except AttributeError:
-            try:
-                val = node.graph.owning_module.get_buffer(node.target)
-            except AttributeError:
-                return None
+        val = _attribute(node.graph.owning_module, node.target)
     if not isinstance(val, torch.Tensor):
         return None
     return val.dtype, tuple(val.shape)
@@ -133,16 +127,19 @@ def fuse_sibling_linears(gm: fx.GraphModule, example_inputs=None, allow_copies: 
     return gm, fused
 
 
-def _real_tensor(gm: fx.GraphModule, real: dict, node: fx.Node):
-    if node.op == "placeholder":
-        return real.get(node)
+def _attribute(gm: fx.GraphModule, target: str):
+    """The parameter or buffer `target` of gm, or None."""
     try:
-        return gm.get_parameter(node.target)
+        return gm.get_parameter(target)
     except AttributeError:
         try:
-            return gm.get_buffer(node.target)
+            return gm.get_buffer(target)
         except AttributeError:
             return None
+
+
+def _real_tensor(gm: fx.GraphModule, real: dict, node: fx.Node):
+    return real.get(node) if node.op == "placeholder" else _attribute(gm, node.target)
 
 
 def shared_block(tensors: list) -> tuple | None:

@@ -215,7 +215,8 @@ class CompiledSteps:
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self.fuse_siblings = bool(compile) and not self.freeze if fuse_siblings is None else bool(fuse_siblings)
         self.sibling_groups = 0
-        if self.fuse_siblings and not self.freeze:
+        share_storage = self.fuse_siblings and not self.freeze  # (the CPU recipe fuses in its own backend)
+        if share_storage:
             from specq.runtime.sibling_storage import share_sibling_storage, sibling_groups
 
             one = torch.zeros((1, 1), dtype=torch.long, device=self.device)
@@ -223,11 +224,10 @@ class CompiledSteps:
         if compile:
             _raise_recompile_limit(64)
             inner = compile
-            fuse = self.fuse_siblings and not self.freeze  # (the CPU recipe fuses in its own backend)
 
             def counting_backend(gm, example_inputs):
                 self.compile_count += 1
-                if fuse:
+                if share_storage:
                     from specq.passes.fuse_siblings import fuse_sibling_linears
 
                     gm, _ = fuse_sibling_linears(gm, example_inputs, allow_copies=False)
