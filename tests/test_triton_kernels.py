@@ -16,6 +16,10 @@ What is compared (``rel`` = ||out - ref|| / ||ref||):
   and against the reference op. That last check is loose in bf16/fp16: the reference rounds the
   rotated x to bf16 through several Kronecker factors, so about 1% of the values land one bf16 ulp
   away from ours and 1% of the INT4 codes move by one step, which moves the output by a few percent.
+- dense GEMV (triton_dense_gemv): every tile config against float64 ``x @ W.T + b``; on the GPU also
+  the op with CUDA-graph capture.
+- decode attention (triton_attention): against float64 softmax attention with GQA and causal masks
+  per batch row (whole masked blocks skipped).
 Tolerances: float32 1e-5 (2e-5 for reductions over K > 4096); bf16/fp16 1.5e-2 (the interpreter truncates fp32 -> bf16
 instead of rounding, so it sits near 5e-3 rather than 2e-3).
 """
@@ -207,6 +211,66 @@ def run_gemv_config(fmt: int, m: int, bn: int, jt: int, nw: int, k: int, device:
     return {"vs_float64": (_rel(y, x.double() @ w64.T + b.double()), 1.5e-2)}
 
 
+# Dense GEMV (triton_dense_gemv): every tile config at ragged K and N, rows of x 1..4, bias or not.
+DENSE_CONFIG_CASES = [(m, i, k, bias) for i in range(11) for (m, k, bias) in [(1, 1100, True), (3, 2112, False)]]
+DENSE_CONFIG_CASES += [(4, i, 1024, True) for i in (0, 1, 2)] + [(2, i, 64, False) for i in (0, 3)]
+
+
+def run_dense_config(m: int, index: int, k: int, bias: bool, device: str = "cpu", dtype=torch.bfloat16) -> dict:
+    from specq.kernels import triton_dense_gemv
+
+    gen = torch.Generator().manual_seed(97 * m + index + k)
+    n = 13
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w = (torch.randn(n, k, generator=gen) * 0.05).to(dtype)
+    b = (torch.randn(n, generator=gen) * 0.1).to(dtype) if bias else None
+    cfgs = triton_dense_gemv.candidates(k, with_cublas=False)
+    cfg = cfgs[min(index, len(cfgs) - 1)]
+    y = triton_dense_gemv.gemv(x.to(device), w.to(device), None if b is None else b.to(device), config=cfg)
+    ref = x.double() @ w.double().T + (b.double() if bias else 0.0)
+    return {"vs_float64": (_rel(y.cpu(), ref), 1.5e-2), "shape": (float(tuple(y.shape) != (m, n)), 0.0)}
+
+
+# Decode attention (triton_attention): (B, Hq, Hkv, q, D, L, valid lengths per row of the batch or
+# None for no mask). Masks are causal up to each row's length, so whole blocks are skipped.
+ATTENTION_CASES = [(1, 4, 1, 1, 32, 100, [37]), (2, 6, 2, 3, 16, 70, [10, 64]), (1, 8, 2, 5, 64, 130, [129]),
+                   (1, 9, 3, 1, 64, 200, None), (3, 4, 4, 2, 32, 40, [2, 40, 17])]
+
+
+def attention_inputs(case, device: str = "cpu", dtype=torch.bfloat16):
+    b, hq, hkv, q, d, length, valid = case
+    gen = torch.Generator().manual_seed(b * 1000 + hq * 10 + q)
+    qt = torch.randn(b, hq, q, d, generator=gen).to(dtype)
+    kt = torch.randn(b, hkv, length, d, generator=gen).to(dtype)
+    vt = torch.randn(b, hkv, length, d, generator=gen).to(dtype)
+    mask = None
+    if valid is not None:
+        pos = torch.arange(length)
+        mask = torch.stack([pos[None, :] <= (n - q + torch.arange(q))[:, None] for n in valid])[:, None]
+    return [t.to(device) if t is not None else None for t in (qt, kt, vt, mask)]
+
+
+def attention_float64(query, key, value, mask, scale):
+    groups = query.shape[1] // key.shape[1]
+    k = key.double().repeat_interleave(groups, 1)
+    v = value.double().repeat_interleave(groups, 1)
+    s = (query.double() @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(s, -1) @ v).transpose(1, 2)
+
+
+def run_attention(case, device: str = "cpu") -> dict:
+    from specq.kernels import triton_attention
+
+    q, k, v, mask = attention_inputs(case, device)
+    scale = q.shape[-1] ** -0.5
+    y = triton_attention.decode_attention(q, k, v, mask, scale)
+    ref = attention_float64(q.cpu(), k.cpu(), v.cpu(), None if mask is None else mask.cpu(), scale)
+    return {"vs_float64": (_rel(y.cpu(), ref), 1.5e-2),
+            "shape": (float(tuple(y.shape) != (q.shape[0], q.shape[2], q.shape[1], q.shape[3])), 0.0)}
+
+
 def _worker() -> None:
     """Runs in the subprocess, with TRITON_INTERPRET=1 set before anything imports triton."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "the worker must run with TRITON_INTERPRET=1"
@@ -227,6 +291,20 @@ def _worker() -> None:
             import traceback
 
             report[f"gemv{case}"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+    for case in DENSE_CONFIG_CASES:
+        try:
+            report[f"dense{case}"] = {"checks": run_dense_config(*case)}
+        except Exception as e:  # noqa: BLE001
+            import traceback
+
+            report[f"dense{case}"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+    for case in ATTENTION_CASES:
+        try:
+            report[f"attention{case}"] = {"checks": run_attention(case)}
+        except Exception as e:  # noqa: BLE001
+            import traceback
+
+            report[f"attention{case}"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
     print(json.dumps(report))
 
 
@@ -259,6 +337,63 @@ def test_interpreted_gemv_every_config(interpreted, case):
     _assert_checks(f"gemv{case}", r["checks"])
 
 
+@pytest.mark.parametrize("case", DENSE_CONFIG_CASES, ids=[f"m{c[0]}_cfg{c[1]}_k{c[2]}_bias{int(c[3])}" for c in DENSE_CONFIG_CASES])
+def test_interpreted_dense_gemv_every_config(interpreted, case):
+    r = interpreted[f"dense{case}"]
+    assert "error" not in r, f"dense gemv {case} raised: {r.get('error')}\n{r.get('trace')}"
+    _assert_checks(f"dense{case}", r["checks"])
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=[f"b{c[0]}_hq{c[1]}_hkv{c[2]}_q{c[3]}_d{c[4]}_l{c[5]}" for c in ATTENTION_CASES])
+def test_interpreted_decode_attention(interpreted, case):
+    r = interpreted[f"attention{case}"]
+    assert "error" not in r, f"decode attention {case} raised: {r.get('error')}\n{r.get('trace')}"
+    _assert_checks(f"attention{case}", r["checks"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", DENSE_CONFIG_CASES, ids=[f"m{c[0]}_cfg{c[1]}_k{c[2]}_bias{int(c[3])}" for c in DENSE_CONFIG_CASES])
+def test_gpu_dense_gemv_every_config(case):
+    _assert_checks(f"dense{case}", run_dense_config(*case, device="cuda"))
+
+
+GPU_ATTENTION_CASES = ATTENTION_CASES + [(1, 32, 8, 1, 128, 512, [384]), (2, 32, 8, 5, 128, 512, [140, 500]),
+                                         (1, 9, 3, 4, 64, 1024, [1000])]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_ATTENTION_CASES, ids=[f"b{c[0]}_hq{c[1]}_q{c[3]}_l{c[5]}" for c in GPU_ATTENTION_CASES])
+def test_gpu_decode_attention(case):
+    import specq.kernels.ops  # noqa: F401
+
+    _assert_checks(f"attention{case}", run_attention(case, device="cuda"))
+
+
+@pytest.mark.gpu
+def test_gpu_dense_gemv_op_and_graph_capture():
+    """torch.ops.specq.linear_dense on CUDA: after an eager call (which times the GEMV against
+    F.linear), a captured call replays with new inputs and equals the eager result; [B, T, K] inputs
+    keep their leading dims; M > 4 is F.linear."""
+    import specq.kernels.ops  # noqa: F401
+
+    w = torch.randn(1000, 2048, device="cuda", dtype=torch.bfloat16) * 0.05
+    b = torch.randn(1000, device="cuda", dtype=torch.bfloat16)
+    for shape in ((1, 1, 2048), (2, 2, 2048), (7, 2048)):
+        x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+        eager = torch.ops.specq.linear_dense(x, w, b)
+        ref = x.double() @ w.double().T + b.double()
+        assert eager.shape == (*shape[:-1], 1000)
+        assert _rel(eager, ref) < 1.5e-2
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = torch.ops.specq.linear_dense(x, w, b)
+        x2 = torch.randn_like(x)
+        x.copy_(x2)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, torch.ops.specq.linear_dense(x2, w, b))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GEMV_CONFIG_CASES, ids=[f"fmt{c[0]}_m{c[1]}_bn{c[2]}_jt{c[3]}" for c in GEMV_CONFIG_CASES])
 def test_gpu_gemv_every_config(case):
@@ -269,7 +404,7 @@ def test_gpu_gemv_every_config(case):
 def test_triton_kernels_registered_for_cuda():
     from specq.kernels import ops  # noqa: F401  (imports triton_backend on CUDA machines)
 
-    for op in ("linear_mxfp4", "linear_w4a16", "linear_w4a4"):
+    for op in ("linear_mxfp4", "linear_w4a16", "linear_w4a4", "linear_dense", "decode_attention"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"specq::{op}", "CUDA"), op
 
 

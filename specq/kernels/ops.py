@@ -191,6 +191,22 @@ def _(x, packed, scales, bias, group_size, act_group_size, had_block):
     return _empty_out(x, n)
 
 
+@torch.library.custom_op("specq::linear_dense", mutates_args=())
+def linear_dense_op(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``F.linear(x, weight, bias)``; on CUDA a weight-streaming GEMV where it is faster at a few rows
+    of x (specq.kernels.triton_dense_gemv). The compiled CUDA steps route small-M dense linears here
+    (specq.passes.dense_gemv): an opaque op keeps inductor from replacing it with its own matmul."""
+    return F.linear(x, weight, bias)
+
+
+@linear_dense_op.register_fake
+def _(x, weight, bias):
+    if x.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"specq.linear_dense: x.shape[-1] ({x.shape[-1]}) must equal the weight's K "
+                         f"({weight.shape[-1]})")
+    return _empty_out(x, weight.shape[0])
+
+
 # --------------------------------------------------------------------------- autograd
 # Gradients flow to x only (the packed weights are not trainable). For w4a4 the activation
 # quantizer is treated as identity (straight-through), which is the usual choice and keeps the
@@ -267,6 +283,7 @@ def linear_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor
 # --------------------------------------------------------------------------- device kernels
 # The CPU INT4 kernel (aten's int4pack matmul) registers itself on linear_w4a16 / linear_w4a4 for
 # bfloat16/float16 x; float32 and every shape it does not cover keep the reference above.
+import specq.kernels.attention_op  # noqa: E402,F401  (torch.ops.specq.decode_attention)
 import specq.kernels.cpu_int4  # noqa: E402,F401
 
 # CUDA kernels live in specq/kernels/triton_*.py and register themselves on the ops above.

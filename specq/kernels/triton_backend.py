@@ -1,7 +1,8 @@
 """Triton implementations of the specq ops, registered as their CUDA kernels.
 
 ``specq/kernels/ops.py`` imports this module on machines with CUDA; importing it registers
-``linear_mxfp4``, ``linear_w4a16`` and ``linear_w4a4`` below with ``<op>.register_kernel("cuda")``,
+``linear_mxfp4``, ``linear_w4a16``, ``linear_w4a4`` and ``linear_dense`` below with
+``<op>.register_kernel("cuda")``,
 so ``torch.ops.specq.*`` on CUDA tensors runs them while CPU tensors keep the reference.
 
 The functions are also callable directly (tests run them on CPU tensors under TRITON_INTERPRET=1).
@@ -11,7 +12,10 @@ Each validates its arguments with the ops' own checks, flattens x to [M, K], and
 - w4a16: the Hadamard pre-kernel when had_block > 0 (``triton_act.rotate``), then ``triton_wq``;
 - w4a4: one pre-kernel that rotates and quantizes x to INT4 (two for per-token scales), then the
   INT8-tensor-core kernel (``triton_w4a4``); at decode sizes (M <= 4) the pre-kernel writes the
-  fake-quantized x instead and the W4A16 GEMV runs on it.
+  fake-quantized x instead and the W4A16 GEMV runs on it;
+- dense (bf16/fp16 weights): at 1..4 rows of x the weight-streaming GEMV of ``triton_dense_gemv``
+  where it times faster than F.linear for the shape, else F.linear;
+- ``decode_attention`` (specq.kernels.attention_op): the split-KV kernel of ``triton_attention``.
 
 Shapes the kernels do not cover (an INT4 group size with no power-of-two divisor >= 16, a Hadamard
 block over 256 columns, ...) fall back to the same math in PyTorch, so every valid call works.
@@ -29,7 +33,7 @@ from torch import Tensor
 
 from specq.formats import activation, hadamard, int4
 from specq.kernels import ops as _ops
-from specq.kernels import triton_act, triton_w4a4, triton_wq
+from specq.kernels import attention_op, triton_act, triton_attention, triton_dense_gemv, triton_w4a4, triton_wq
 
 log = logging.getLogger(__name__)
 _warned: set = set()
@@ -112,6 +116,16 @@ def linear_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor
     return y.reshape(*x.shape[:-1], n)
 
 
+def linear_dense(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """F.linear, or at 1..4 rows of x the dense GEMV where it times faster for the shape."""
+    x2 = _as_2d(x)
+    if not triton_dense_gemv.supported(x2, weight) or (bias is not None and bias.dtype != x.dtype):
+        return F.linear(x, weight, bias)
+    with _device_ctx(x):
+        y = triton_dense_gemv.gemv(x2, weight, bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
 _REGISTERED = False
 
 
@@ -123,6 +137,8 @@ def register() -> None:
     _ops.linear_mxfp4_op.register_kernel("cuda")(linear_mxfp4)
     _ops.linear_w4a16_op.register_kernel("cuda")(linear_w4a16)
     _ops.linear_w4a4_op.register_kernel("cuda")(linear_w4a4)
+    _ops.linear_dense_op.register_kernel("cuda")(linear_dense)
+    attention_op.decode_attention_op.register_kernel("cuda")(triton_attention.decode_attention)
     _REGISTERED = True
 
 

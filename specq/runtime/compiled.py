@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -143,6 +144,25 @@ def forward_step(model, cache, input_ids: torch.Tensor, position: torch.Tensor, 
     return logits, logits.argmax(-1)
 
 
+# Grouped-query attention as one SDPA head per key/value head (specq.runtime.attention) in the compiled
+# steps: on CUDA it drops the two copies that repeat K and V over the whole static cache for every
+# query head (~2 x 3.8 us per layer on the 8B shape). SPECQ_GROUPED_SDPA=0 turns it off (A/B).
+GROUPED_SDPA = os.environ.get("SPECQ_GROUPED_SDPA", "1") != "0"
+
+
+def _with_grouped_sdpa(step, model):
+    """`step` run with the model's "sdpa" attention switched to grouped SDPA (traced that way too)."""
+    from specq.runtime.attention import grouped_sdpa, sdpa_configs
+
+    configs = sdpa_configs(model)
+
+    def call(*args):
+        with grouped_sdpa(model, configs):
+            return step(*args)
+
+    return call
+
+
 def _greedy_burst(step, model, cache, token, position, n: int, mode: str):
     """n greedy steps, each feeding its argmax to the next; returns tokens [B, n] (device only)."""
     tokens = []
@@ -186,6 +206,10 @@ class CompiledSteps:
         freeze: compile with the CPU recipe of compiled_cpu.py (frozen weights, decomposed specq ops,
             grouped-query SDPA, no module guards, fused sibling linears). Default: on for "inductor"
             on the CPU.
+        (On CUDA the compiled steps also route dense linears at <= 4 rows of x to specq's GEMV op
+        (specq.passes.dense_gemv) and attention to grouped SDPA / specq's decode-attention kernel
+        (specq.runtime.attention); SPECQ_DENSE_GEMV=0, SPECQ_GROUPED_SDPA=0 and
+        SPECQ_DECODE_ATTENTION=0 turn them off for A/B measurements.)
         fuse_siblings: without freezing (CUDA), re-home sibling linears' weights (q/k/v, gate/up)
             into one tensor each (specq.runtime.sibling_storage: same values, no extra memory) and
             run each group as one matmul (specq.passes.fuse_siblings). Default: on when compiling
@@ -215,6 +239,10 @@ class CompiledSteps:
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self.fuse_siblings = bool(compile) and not self.freeze if fuse_siblings is None else bool(fuse_siblings)
         self.sibling_groups = 0
+        # dense linears at <= 4 rows of x -> specq's GEMV op where it is faster (CUDA; specq.passes.
+        # dense_gemv); SPECQ_DENSE_GEMV=0 keeps inductor's cuBLAS calls (for A/B measurements)
+        self.dense_gemv = (bool(compile) and on_cuda and not self.freeze
+                           and os.environ.get("SPECQ_DENSE_GEMV", "1") != "0")
         share_storage = self.fuse_siblings and not self.freeze  # (the CPU recipe fuses in its own backend)
         if share_storage:
             from specq.runtime.sibling_storage import share_sibling_storage, sibling_groups
@@ -231,6 +259,10 @@ class CompiledSteps:
                     from specq.passes.fuse_siblings import fuse_sibling_linears
 
                     gm, _ = fuse_sibling_linears(gm, example_inputs, allow_copies=False)
+                if self.dense_gemv:
+                    from specq.passes.dense_gemv import route_small_linears
+
+                    gm, _ = route_small_linears(gm)
                 backend = torch._dynamo.lookup_backend(inner) if isinstance(inner, str) else inner
                 t0 = time.perf_counter()
                 out = backend(gm, example_inputs)
@@ -244,7 +276,8 @@ class CompiledSteps:
 
                 self._step = frozen_step(forward_step, model, counting_backend)
             else:
-                self._step = torch.compile(forward_step, backend=counting_backend, fullgraph=True, dynamic=False)
+                compiled = torch.compile(forward_step, backend=counting_backend, fullgraph=True, dynamic=False)
+                self._step = _with_grouped_sdpa(compiled, model) if GROUPED_SDPA else compiled
         else:
             self._step = forward_step
 
