@@ -6,6 +6,8 @@ For K x N in {4096x4096, 4096x14336, 14336x4096} and M in {1, 2, 4, 8, 16, 32, 6
 it times (median, CUDA-graph replays, so launch overhead is what a captured decode step sees):
 
 - ``bf16``       torch.nn.functional.linear with bf16 weights (cuBLAS)
+- ``dense``      torch.ops.specq.linear_dense, the same bf16 weights: specq's weight-streaming GEMV at
+                 M <= 4 where it timed faster than cuBLAS for the shape, else F.linear
 - ``tinygemm``   torch.ops.aten._weight_int4pack_mm, group 128 (gpt-fast's int4 path)
 - ``mxfp4``      torch.ops.specq.linear_mxfp4
 - ``w4a16``      torch.ops.specq.linear_w4a16, group 128, no rotation
@@ -84,7 +86,7 @@ def make_weights(kind: str, n: int, k: int, device):
     from specq.formats import int4, mxfp4
 
     w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
-    if kind == "bf16":
+    if kind in ("bf16", "dense"):
         return (w,), w.numel() * 2
     if kind == "tinygemm":
         p, sz = _tinygemm_weights(n, k, device)
@@ -99,6 +101,8 @@ def make_weights(kind: str, n: int, k: int, device):
 def call(kind: str, x: torch.Tensor, wts: tuple):
     if kind == "bf16":
         return F.linear(x, wts[0])
+    if kind == "dense":  # specq's dense op: its GEMV at <= 4 rows where faster, else F.linear
+        return torch.ops.specq.linear_dense(x, wts[0], None)
     if kind == "tinygemm":
         return torch.ops.aten._weight_int4pack_mm(x, wts[0], 128, wts[1])
     if kind == "mxfp4":
@@ -119,7 +123,7 @@ def call(kind: str, x: torch.Tensor, wts: tuple):
     raise ValueError(kind)
 
 
-KINDS = ["bf16", "tinygemm", "mxfp4", "w4a16", "w4a16+h", "w4a4/tok+h", "w4a4/g32+h", "w4a4-gemm"]
+KINDS = ["bf16", "dense", "tinygemm", "mxfp4", "w4a16", "w4a16+h", "w4a4/tok+h", "w4a4/g32+h", "w4a4-gemm"]
 
 
 def run(shapes, ms, kinds, copy_bw, bf16_rate, log=print):

@@ -62,6 +62,27 @@ def test_steps_write_by_position_and_rewind(llama, prompt):
     torch.testing.assert_close(last, full[:, PROMPT_LEN + 4:PROMPT_LEN + 6], rtol=0, atol=1e-5)
 
 
+def test_bucketed_prefill_equals_unpadded(llama, prompt):
+    """A prefill longer than max_graph_q runs the graph of its power-of-two bucket, padded on the
+    right: the prompt's logits and the decoding after it equal HF's (float32), and prompts of other
+    lengths in the same bucket reuse that graph (no recompile)."""
+    ref = hf_greedy(llama, prompt)
+    torch._dynamo.reset()
+    steps = CompiledSteps(llama, make_static_cache(llama, 2, 128), compile="eager", cuda_graphs=False,
+                          max_graph_q=4, max_prefill_graph=64)
+    with torch.no_grad():
+        full = llama(prompt, use_cache=False).logits
+    logits = steps.logits(prompt, 0)
+    assert logits.shape == full.shape
+    torch.testing.assert_close(logits, full, rtol=0, atol=1e-5)
+    assert torch.equal(steps.decode_greedy(prompt, NEW, burst=4), ref)
+    compiles = steps.compile_count
+    steps.logits(prompt[:, :7], 0)  # bucket 64 again: no new graph
+    assert steps.compile_count == compiles
+    assert steps._prefill_bucket(PROMPT_LEN, 0) == 64 and steps._prefill_bucket(PROMPT_LEN, 100) is None
+    assert steps._prefill_bucket(65, 0) is None and steps._prefill_bucket(4, 0) is None  # past max / a step
+
+
 def test_decode_greedy_equals_hf_and_no_recompiles(llama, prompt):
     """Compiled (dynamo, "eager" backend: cheap on CPU) target-only decoding gives HF's tokens;
     after the first request, further requests compile nothing (same shapes, same mode)."""
