@@ -20,6 +20,10 @@ What it does with the graph dynamo hands it:
   again) and rewrites the matmul nodes into specq op calls (`rewrite_weight_matmuls`), the packed
   tensors becoming graph constants. Mode "bf16" (the default) rewrites nothing.
 
+On CUDA (`options["dense_gemv"]`: "auto", the default; True forces it, False turns it off), dense
+linears with <= 4 rows of bf16/fp16 x become `torch.ops.specq.linear_dense` calls
+(specq.passes.dense_gemv): specq's weight-streaming GEMV where it times faster than cuBLAS.
+
 Then the graph goes to inductor (`compile_fx`); `torch.compile(..., mode="reduce-overhead")` and
 `options["inductor"]` (a dict of inductor config patches) are forwarded. `options["inner"]` picks
 another dynamo backend instead ("eager", "aot_eager": for debugging and cheap CPU tests).
@@ -39,7 +43,7 @@ import torch.fx as fx
 log = logging.getLogger(__name__)
 
 BACKEND_NAME = "specq"
-OPTION_KEYS = ("mode", "recipe", "model_type", "inner", "inductor")
+OPTION_KEYS = ("mode", "recipe", "model_type", "inner", "inductor", "dense_gemv")
 
 # id(weight) -> (weakref to the weight, {(mode, format settings): packed tensors}). Keyed by id with a
 # finalizer (not a WeakKeyDictionary, whose lookups compare tensors with ==): dropping the model
@@ -64,6 +68,7 @@ class SpecqBackendStats:
         self.graphs = 0
         self.rewrites = 0
         self.quantized = 0  # weights quantized (cache misses)
+        self.dense_routed = 0  # dense linears routed to specq's GEMV op (specq.passes.dense_gemv)
         self.by_mode: dict[str, int] = {}
 
     def reset(self):
@@ -81,6 +86,7 @@ def _specq_op_modes(gm: fx.GraphModule) -> set[str]:
             name = str(node.target)
             if name.startswith("specq.linear_") or ".specq.linear_" in name or "specq::linear_" in name:
                 out.add(name.split("linear_")[1].split(".")[0])
+    out.discard("dense")  # specq.linear_dense is F.linear (this backend's own routing), not a mode
     return out
 
 
@@ -89,6 +95,9 @@ def _check_options(options: dict | None) -> dict:
     unknown = sorted(set(options) - set(OPTION_KEYS))
     if unknown:
         raise ValueError(f"specq backend: unknown option(s) {unknown}; known options are {OPTION_KEYS}")
+    if options.get("dense_gemv", "auto") not in ("auto", True, False):
+        raise ValueError(f"specq backend: options['dense_gemv'] must be 'auto', True or False, got "
+                         f"{options['dense_gemv']!r}")
     mode = options.get("mode")
     if mode is not None:
         from specq.passes.plan import MODES
@@ -210,6 +219,10 @@ def _give_sources(gm: fx.GraphModule) -> None:
             table[name] = ConstantSource(f"__specq_{name}")
 
 
+def _on_cuda(example_inputs) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+
+
 def _inner_compiler(options: dict, torch_mode: str | None):
     inner = options.get("inner", "inductor")
     if inner == "inductor":
@@ -250,6 +263,12 @@ def specq_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None, o
         qmode = qmode or "bf16"
         gm, count = quantize_graph(gm, example_inputs, qmode, options.get("recipe"), options.get("model_type"))
         effective = qmode
+    dense = options.get("dense_gemv", "auto")
+    if dense is True or (dense == "auto" and _on_cuda(example_inputs)):
+        from specq.passes.dense_gemv import route_small_linears
+
+        gm, routed = route_small_linears(gm)
+        stats.dense_routed += routed
     stats.graphs += 1
     stats.rewrites += count
     stats.by_mode[effective] = stats.by_mode.get(effective, 0) + 1

@@ -99,6 +99,26 @@ def test_bf16_mode_rewrites_nothing(llama, ids):
     assert torch.equal(out, ref)
 
 
+def test_dense_gemv_routing_forced_on_cpu(llama):
+    """options["dense_gemv"]=True routes every linear of a one-token bf16 forward to specq.linear_dense
+    (on the CPU the op is F.linear, so the logits are identical); "auto" does nothing off CUDA."""
+    model = copy.deepcopy(llama).to(torch.bfloat16)
+    one = torch.randint(3, 256, (1, 1), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(one, use_cache=False).logits
+        for option, routed in ((True, 7 * model.config.num_hidden_layers + 1), ("auto", 0)):
+            torch._dynamo.reset()
+            backend.stats.reset()
+            out = torch.compile(model, backend="specq", options={"inner": "eager", "dense_gemv": option})(
+                one, use_cache=False).logits
+            assert backend.stats.dense_routed == routed
+            assert torch.equal(out, ref)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="dense_gemv"):
+        torch.compile(model, backend="specq", options={"dense_gemv": "yes"})(one, use_cache=False)
+    torch._dynamo.reset()
+
+
 def test_transformed_model_follows_active_mode(llama_mm, ids):
     """On a multi-mode model, set_mode switches the compiled graph: one compile per mode, none when
     switching back; each mode's output equals its eager output."""

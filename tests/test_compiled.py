@@ -81,6 +81,7 @@ def test_bucketed_prefill_equals_unpadded(llama, prompt):
     assert steps.compile_count == compiles
     assert steps._prefill_bucket(PROMPT_LEN, 0) == 64 and steps._prefill_bucket(PROMPT_LEN, 100) is None
     assert steps._prefill_bucket(65, 0) is None and steps._prefill_bucket(4, 0) is None  # past max / a step
+    assert steps._prefill_bucket(PROMPT_LEN, 0, batch=64) is None  # 64 x 64 tokens: too big for a graph
 
 
 def test_decode_greedy_equals_hf_and_no_recompiles(llama, prompt):

@@ -150,6 +150,10 @@ def forward_step(model, cache, input_ids: torch.Tensor, position: torch.Tensor, 
 GROUPED_SDPA = os.environ.get("SPECQ_GROUPED_SDPA", "1") != "0"
 
 
+# Most prompt tokens (batch x padded length) a prefill graph may hold; past this the prefill is eager.
+PREFILL_GRAPH_TOKENS = 2048
+
+
 def _with_grouped_sdpa(step, model):
     """`step` run with the model's "sdpa" attention switched to grouped SDPA (traced that way too)."""
     from specq.runtime.attention import grouped_sdpa, sdpa_configs
@@ -358,17 +362,20 @@ class CompiledSteps:
                 return fn(*args)
         return self._replay(key, fn, args)
 
-    def _prefill_bucket(self, q: int, position) -> int | None:
-        """The padded length of a q-token prefill at `position` (a host int), or None: run it eagerly."""
+    def _prefill_bucket(self, q: int, position, batch: int = 1) -> int | None:
+        """The padded length of a q-token prefill at `position` (a host int), or None: run it eagerly.
+        Eager too when batch x bucket passes PREFILL_GRAPH_TOKENS: a graph keeps its logits buffer
+        ([B, bucket, vocab]) for good, gigabytes at batch 32."""
         if q <= self.max_graph_q or q > self.max_prefill_graph or isinstance(position, torch.Tensor):
             return None
         bucket = max(64, 1 << (q - 1).bit_length())
-        if int(position) + bucket > self.cache.layers[0].max_cache_len:
+        if int(position) + bucket > self.cache.layers[0].max_cache_len or batch * bucket > PREFILL_GRAPH_TOKENS:
             return None
         return bucket
 
     def _forward(self, input_ids, position, mode=None):
-        bucket = self._prefill_bucket(input_ids.shape[-1], position) if input_ids.dim() == 2 else None
+        bucket = (self._prefill_bucket(input_ids.shape[1], position, input_ids.shape[0])
+                  if input_ids.dim() == 2 else None)
         input_ids, position = self._prepare(input_ids, position)
         q = input_ids.shape[1]
         mode = mode or self.mode
