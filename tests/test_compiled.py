@@ -243,3 +243,28 @@ def test_bench_rows_strict(multimode, prompt):
     assert "mxfp4" in by["mlspecqd2"].acceptance
     table = bench.markdown_table(rows, baseline="hf_eager")
     assert table.count("\n") == len(rows) + 1 and "| qspec |" in table
+
+
+@pytest.mark.gpu
+def test_cuda_bucketed_prefill_and_bf16_decode_ops(llama):
+    """On CUDA with CUDA graphs (defaults): a 40-token prompt runs the bucket-64 graph and its logits
+    equal a cache-free HF forward (float32); in bf16 the compiled steps (decode attention kernel,
+    dense GEMV) give one-token logits within bf16 rounding of a cache-free eager forward."""
+    model = copy.deepcopy(llama).cuda()
+    ids = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(5)).cuda()
+    steps = CompiledSteps(model, make_static_cache(model, 1, 128), compile="inductor")
+    assert steps.max_prefill_graph == 512
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+    got = steps.logits(ids, 0)
+    assert ("fwd", "bf16", (1, 64)) in steps._graphs
+    torch.testing.assert_close(got, full, rtol=0, atol=1e-4)
+
+    bf = copy.deepcopy(llama).to(device="cuda", dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    bsteps = CompiledSteps(bf, make_static_cache(bf, 1, 128), compile="inductor")
+    tok = bsteps.prefill(ids)
+    with torch.no_grad():
+        ref = bf(torch.cat([ids, tok], 1), use_cache=False).logits[:, -1]
+    step = bsteps.logits(tok, 40)[:, -1]
+    assert (step.float() - ref.float()).abs().max() <= 0.05 * ref.float().abs().max()
