@@ -18,6 +18,7 @@ What is compared (``rel`` = ||out - ref|| / ||ref||):
   away from ours and 1% of the INT4 codes move by one step, which moves the output by a few percent.
 - dense GEMV (triton_dense_gemv): every tile config against float64 ``x @ W.T + b``; on the GPU also
   the op with CUDA-graph capture.
+- W4A4 GEMM: every large-M tile config, both operand orders (SWAP), against float64 from its codes.
 - decode attention (triton_attention): against float64 softmax attention with GQA and causal masks
   per batch row (whole masked blocks skipped).
 Tolerances: float32 1e-5 (2e-5 for reductions over K > 4096); bf16/fp16 1.5e-2 (the interpreter truncates fp32 -> bf16
@@ -231,6 +232,38 @@ def run_dense_config(m: int, index: int, k: int, bias: bool, device: str = "cpu"
     return {"vs_float64": (_rel(y.cpu(), ref), 1.5e-2), "shape": (float(tuple(y.shape) != (m, n)), 0.0)}
 
 
+# W4A4 GEMM (triton_w4a4): every large-M config (both operand orders, SWAP 0/1), per-token and
+# per-group activation scales, against float64 from the kernel's own INT4 codes and scales.
+W4A4_CONFIG_CASES = [(ag, i) for ag in (0, 32) for i in range(8)]
+
+
+def run_w4a4_config(ag: int, index: int, device: str = "cpu") -> dict:
+    import triton
+
+    from specq.formats import activation, int4
+    from specq.kernels import triton_w4a4
+
+    m, k, n = 70, 256, 40
+    gen = torch.Generator().manual_seed(31 * ag + index)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    b = (torch.randn(n, generator=gen) * 0.1).to(torch.bfloat16)
+    p, s = int4.quantize(w.bfloat16(), 128)
+    q, sx = activation.quantize_int4(x, ag)
+    sx = sx.reshape(m, -1).contiguous().float()
+    xd = (q.double().reshape(m, -1, ag or k) * sx.double().reshape(m, -1, 1)).reshape(m, k)
+    ref = xd @ int4.dequantize(p, s, torch.float64).T + b.double()
+    cfgs = triton_w4a4._candidates(m, 128, ag)
+    cfg = cfgs[index]
+    q, sx, p, s, b = (t.to(device) for t in (q, sx, p, s, b))
+    out = torch.empty(m, n, dtype=torch.bfloat16, device=device)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    triton_w4a4._w4a4_matmul_kernel[grid](
+        q, sx, p, s, b, out, m, n, k, q.stride(0), sx.stride(0), p.stride(0), s.stride(0), out.stride(0),
+        EVEN_K=k % (cfg["SUB_K"] * cfg["N_SUB"]) == 0, WG=128, AG=ag, HAS_BIAS=True, **cfg.kwargs())
+    return {"vs_float64": (_rel(out, ref), 1.5e-2), "configs": (float(len(cfgs) != 8), 0.0)}
+
+
 # Decode attention (triton_attention): (B, Hq, Hkv, q, D, L, valid lengths per row of the batch or
 # None for no mask). Masks are causal up to each row's length, so whole blocks are skipped.
 ATTENTION_CASES = [(1, 4, 1, 1, 32, 100, [37]), (2, 6, 2, 3, 16, 70, [10, 64]), (1, 8, 2, 5, 64, 130, [129]),
@@ -298,6 +331,13 @@ def _worker() -> None:
             import traceback
 
             report[f"dense{case}"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+    for case in W4A4_CONFIG_CASES:
+        try:
+            report[f"w4a4{case}"] = {"checks": run_w4a4_config(*case)}
+        except Exception as e:  # noqa: BLE001
+            import traceback
+
+            report[f"w4a4{case}"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
     for case in ATTENTION_CASES:
         try:
             report[f"attention{case}"] = {"checks": run_attention(case)}
@@ -342,6 +382,19 @@ def test_interpreted_dense_gemv_every_config(interpreted, case):
     r = interpreted[f"dense{case}"]
     assert "error" not in r, f"dense gemv {case} raised: {r.get('error')}\n{r.get('trace')}"
     _assert_checks(f"dense{case}", r["checks"])
+
+
+@pytest.mark.parametrize("case", W4A4_CONFIG_CASES, ids=[f"ag{c[0]}_cfg{c[1]}" for c in W4A4_CONFIG_CASES])
+def test_interpreted_w4a4_every_large_m_config(interpreted, case):
+    r = interpreted[f"w4a4{case}"]
+    assert "error" not in r, f"w4a4 config {case} raised: {r.get('error')}\n{r.get('trace')}"
+    _assert_checks(f"w4a4{case}", r["checks"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", W4A4_CONFIG_CASES, ids=[f"ag{c[0]}_cfg{c[1]}" for c in W4A4_CONFIG_CASES])
+def test_gpu_w4a4_every_large_m_config(case):
+    _assert_checks(f"w4a4{case}", run_w4a4_config(*case, device="cuda"))
 
 
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=[f"b{c[0]}_hq{c[1]}_hkv{c[2]}_q{c[3]}_d{c[4]}_l{c[5]}" for c in ATTENTION_CASES])

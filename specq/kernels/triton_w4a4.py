@@ -8,8 +8,9 @@ Hopper has no INT4 tensor cores, so both operands are held as int8 values in [-8
   into signed nibbles in registers: XOR with 0x88888888 maps ``q + 8`` to q's 4-bit two's complement,
   then ``(word << (28 - 4i)) >> 28`` (arithmetic) sign-extends nibble i: two shifts per weight.
 
-The K loop runs in chunks of SUB_K that lie inside one weight group and one activation group, so
-each chunk's dot is exact in int32; it is then scaled into the fp32 accumulator by
+The K loop runs in chunks of SUB_K (<= 128) that lie inside one weight group and one activation
+group, so each chunk's dot is exact in int32 (|dot| <= 128 * 64 < 2^22, which the fast int -> float
+conversion below needs); it is then scaled into the fp32 accumulator by
 ``s_w[n, g]`` (and ``s_x[m, g']`` for per-group activations; per-token scales multiply once at the end).
 """
 
@@ -33,6 +34,14 @@ def _snib(pw, i: tl.constexpr):
 
 
 @triton.jit
+def _small_i32_to_f32(d):
+    """int32 |d| < 2^22 -> fp32, exactly, with an integer add and a float subtract: the int32 + fp32
+    magic constant 1.5 * 2^23 puts d in the mantissa. (A plain conversion is an I2F instruction per
+    element, a slow pipe on Hopper; every K chunk converts a whole [BLOCK_M, BLOCK_N] tile.)"""
+    return (d + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+
+@triton.jit
 def _w4a4_matmul_kernel(
     q_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr,
     M, N, K,
@@ -44,6 +53,7 @@ def _w4a4_matmul_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % (SUB_K * N_SUB) == 0: no masks along K
+    SWAP: tl.constexpr,    # compute y.T tiles: the decoded weights are the dot's A operand (see below)
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -52,7 +62,10 @@ def _w4a4_matmul_kernel(
     n_mask = offs_n < N
     rm = offs_m % M  # out-of-range rows/columns load valid data that is never stored: no predicates
     rn = offs_n % N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     KSTEP: tl.constexpr = SUB_K * N_SUB
     for k0 in range(0, K, KSTEP):
         for j in tl.static_range(N_SUB):
@@ -70,19 +83,35 @@ def _w4a4_matmul_kernel(
             wv = tl.reshape(_interleave8(_snib(pw, 0), _snib(pw, 1), _snib(pw, 2), _snib(pw, 3),
                                          _snib(pw, 4), _snib(pw, 5), _snib(pw, 6), _snib(pw, 7)),
                             (BLOCK_N, SUB_K))
-            d = tl.dot(a, tl.trans(wv), out_dtype=tl.int32).to(tl.float32)
             sw = tl.load(sw_ptr + rn * stride_swn + kk // WG, mask=(kk < K) & (rn >= 0), other=0.0).to(tl.float32)
-            if AG > 0:
-                sx = tl.load(sx_ptr + rm * stride_sxm + kk // AG, mask=(kk < K) & (rm >= 0), other=0.0)
-                acc += d * (sx[:, None] * sw[None, :])
+            if SWAP:
+                d = _small_i32_to_f32(tl.dot(wv, tl.trans(a), out_dtype=tl.int32))  # [BLOCK_N, BLOCK_M]
+                if AG > 0:
+                    sx = tl.load(sx_ptr + rm * stride_sxm + kk // AG, mask=(kk < K) & (rm >= 0), other=0.0)
+                    acc += d * (sw[:, None] * sx[None, :])
+                else:
+                    acc += d * sw[:, None]
             else:
-                acc += d * sw[None, :]
-    if AG == 0:
-        acc *= tl.load(sx_ptr + offs_m * stride_sxm, mask=m_mask, other=0.0)[:, None]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+                d = _small_i32_to_f32(tl.dot(a, tl.trans(wv), out_dtype=tl.int32))
+                if AG > 0:
+                    sx = tl.load(sx_ptr + rm * stride_sxm + kk // AG, mask=(kk < K) & (rm >= 0), other=0.0)
+                    acc += d * (sx[:, None] * sw[None, :])
+                else:
+                    acc += d * sw[None, :]
+    if SWAP:
+        if AG == 0:
+            acc *= tl.load(sx_ptr + offs_m * stride_sxm, mask=m_mask, other=0.0)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
+                 mask=m_mask[None, :] & n_mask[:, None])
+    else:
+        if AG == 0:
+            acc *= tl.load(sx_ptr + offs_m * stride_sxm, mask=m_mask, other=0.0)[:, None]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
 
 
 _CACHE = ConfigCache("w4a4_matmul")
@@ -105,18 +134,24 @@ def supported(wg: int, ag: int) -> bool:
 def _candidates(m: int, wg: int, ag: int) -> list[Config]:
     if m <= 64:
         bm = max(16, next_pow2(m))
-        # (BLOCK_N, SUB_K wanted, K per iteration, warps, stages)
-        raw = [(32, 128, 256, 4, 4), (16, 128, 512, 4, 3), (64, 128, 256, 4, 3), (64, 128, 128, 4, 4)]
+        # (BLOCK_N, SUB_K wanted, K per iteration, warps, stages, SWAP, BLOCK_M or None for bm)
+        raw = [(32, 128, 256, 4, 4, 0, None), (16, 128, 512, 4, 3, 0, None), (64, 128, 256, 4, 3, 0, None),
+               (64, 128, 128, 4, 4, 0, None)]
         gm = 1
     else:
         bm = 64 if m <= 128 else 128
-        raw = [(128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (128, 128, 128, 4, 4), (64, 128, 128, 4, 4)]
+        # SWAP: the decoded weight tile is the dot's first operand, which Hopper's wgmma may take from
+        # registers (its second operand must come from shared memory), so the weight tile is
+        # decoded in registers and the activation tile is the pipelined shared-memory operand
+        raw = [(128, 128, 128, 8, 4, 0, None), (256, 128, 128, 8, 3, 0, None), (128, 128, 128, 4, 4, 0, None),
+               (64, 128, 128, 4, 4, 0, None), (128, 128, 128, 4, 4, 1, 128), (128, 128, 128, 8, 3, 1, 256),
+               (256, 128, 128, 8, 3, 1, 128), (64, 128, 128, 4, 4, 1, 128)]
         gm = 8
     out, seen = [], set()
-    for bn, sk, kstep, nw, st in raw:
+    for bn, sk, kstep, nw, st, swap, bm_cfg in raw:
         sub = _sub_k(wg, ag, sk)
-        cfg = Config.make(num_warps=nw, num_stages=st, BLOCK_M=bm, BLOCK_N=bn, SUB_K=sub,
-                          N_SUB=max(1, kstep // sub), GROUP_M=gm)
+        cfg = Config.make(num_warps=nw, num_stages=st, BLOCK_M=bm_cfg or bm, BLOCK_N=bn, SUB_K=sub,
+                          N_SUB=max(1, kstep // sub), GROUP_M=gm, SWAP=swap)
         if cfg not in seen:
             seen.add(cfg)
             out.append(cfg)
