@@ -293,7 +293,7 @@ def attention_float64(query, key, value, mask, scale):
     return (torch.softmax(s, -1) @ v).transpose(1, 2)
 
 
-def run_attention(case, device: str = "cpu") -> dict:
+def run_attention(*case, device: str = "cpu") -> dict:
     from specq.kernels import triton_attention
 
     q, k, v, mask = attention_inputs(case, device)
@@ -304,48 +304,35 @@ def run_attention(case, device: str = "cpu") -> dict:
             "shape": (float(tuple(y.shape) != (q.shape[0], q.shape[2], q.shape[1], q.shape[3])), 0.0)}
 
 
+# the families of interpreter checks besides CPU_CASES: (report key prefix, cases, check function)
+def _families():
+    return [("gemv", GEMV_CONFIG_CASES, run_gemv_config), ("dense", DENSE_CONFIG_CASES, run_dense_config),
+            ("w4a4", W4A4_CONFIG_CASES, run_w4a4_config), ("attention", ATTENTION_CASES, run_attention)]
+
+
 def _worker() -> None:
     """Runs in the subprocess, with TRITON_INTERPRET=1 set before anything imports triton."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "the worker must run with TRITON_INTERPRET=1"
     sys.path.insert(0, ROOT)
     torch.set_num_threads(1)
+    jobs = [(case[0], lambda case=case: run_case(case, "cpu", use_ops=False)) for case in CPU_CASES]
+    jobs += [(f"{prefix}{case}", lambda fn=fn, case=case: fn(*case)) for prefix, cases, fn in _families()
+             for case in cases]
     report = {}
-    for case in CPU_CASES:
+    for key, job in jobs:
         try:
-            report[case[0]] = {"checks": run_case(case, "cpu", use_ops=False)}
+            report[key] = {"checks": job()}
         except Exception as e:  # reported per case, so one failure does not hide the others
             import traceback
 
-            report[case[0]] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
-    for case in GEMV_CONFIG_CASES:
-        try:
-            report[f"gemv{case}"] = {"checks": run_gemv_config(*case)}
-        except Exception as e:  # noqa: BLE001
-            import traceback
-
-            report[f"gemv{case}"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
-    for case in DENSE_CONFIG_CASES:
-        try:
-            report[f"dense{case}"] = {"checks": run_dense_config(*case)}
-        except Exception as e:  # noqa: BLE001
-            import traceback
-
-            report[f"dense{case}"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
-    for case in W4A4_CONFIG_CASES:
-        try:
-            report[f"w4a4{case}"] = {"checks": run_w4a4_config(*case)}
-        except Exception as e:  # noqa: BLE001
-            import traceback
-
-            report[f"w4a4{case}"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
-    for case in ATTENTION_CASES:
-        try:
-            report[f"attention{case}"] = {"checks": run_attention(case)}
-        except Exception as e:  # noqa: BLE001
-            import traceback
-
-            report[f"attention{case}"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+            report[key] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
     print(json.dumps(report))
+
+
+def _interpreted_checks(interpreted: dict, key: str) -> None:
+    r = interpreted[key]
+    assert "error" not in r, f"{key} raised: {r.get('error')}\n{r.get('trace')}"
+    _assert_checks(key, r["checks"])
 
 
 def _assert_checks(name: str, checks: dict) -> None:
@@ -365,61 +352,35 @@ def interpreted():
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=[c[0] for c in CPU_CASES])
 def test_interpreted_kernel_matches_reference(interpreted, case):
-    r = interpreted[case[0]]
-    assert "error" not in r, f"{case[0]} raised: {r.get('error')}\n{r.get('trace')}"
-    _assert_checks(case[0], r["checks"])
+    _interpreted_checks(interpreted, case[0])
 
 
-@pytest.mark.parametrize("case", GEMV_CONFIG_CASES, ids=[f"fmt{c[0]}_m{c[1]}_bn{c[2]}_jt{c[3]}" for c in GEMV_CONFIG_CASES])
-def test_interpreted_gemv_every_config(interpreted, case):
-    r = interpreted[f"gemv{case}"]
-    assert "error" not in r, f"gemv {case} raised: {r.get('error')}\n{r.get('trace')}"
-    _assert_checks(f"gemv{case}", r["checks"])
+def _family_cases(extra_attention=()):
+    out = [(prefix, fn, case) for prefix, cases, fn in _families() for case in cases]
+    return out + [("attention", run_attention, case) for case in extra_attention]
 
 
-@pytest.mark.parametrize("case", DENSE_CONFIG_CASES, ids=[f"m{c[0]}_cfg{c[1]}_k{c[2]}_bias{int(c[3])}" for c in DENSE_CONFIG_CASES])
-def test_interpreted_dense_gemv_every_config(interpreted, case):
-    r = interpreted[f"dense{case}"]
-    assert "error" not in r, f"dense gemv {case} raised: {r.get('error')}\n{r.get('trace')}"
-    _assert_checks(f"dense{case}", r["checks"])
+def _family_ids(cases):
+    return [f"{prefix}:{'_'.join(map(str, case)).replace(' ', '')}" for prefix, _, case in cases]
 
 
-@pytest.mark.parametrize("case", W4A4_CONFIG_CASES, ids=[f"ag{c[0]}_cfg{c[1]}" for c in W4A4_CONFIG_CASES])
-def test_interpreted_w4a4_every_large_m_config(interpreted, case):
-    r = interpreted[f"w4a4{case}"]
-    assert "error" not in r, f"w4a4 config {case} raised: {r.get('error')}\n{r.get('trace')}"
-    _assert_checks(f"w4a4{case}", r["checks"])
+@pytest.mark.parametrize("prefix,fn,case", _family_cases(), ids=_family_ids(_family_cases()))
+def test_interpreted_kernel_families(interpreted, prefix, fn, case):
+    """Every GEMV / dense GEMV / large-M W4A4 tile config and the decode-attention cases, interpreted."""
+    _interpreted_checks(interpreted, f"{prefix}{case}")
+
+
+# larger attention shapes on the GPU: the 8B shape at one token and a 5-token verify, a long cache
+GPU_FAMILY_CASES = _family_cases([(1, 32, 8, 1, 128, 512, [384]), (2, 32, 8, 5, 128, 512, [140, 500]),
+                                  (1, 9, 3, 4, 64, 1024, [1000])])
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", W4A4_CONFIG_CASES, ids=[f"ag{c[0]}_cfg{c[1]}" for c in W4A4_CONFIG_CASES])
-def test_gpu_w4a4_every_large_m_config(case):
-    _assert_checks(f"w4a4{case}", run_w4a4_config(*case, device="cuda"))
-
-
-@pytest.mark.parametrize("case", ATTENTION_CASES, ids=[f"b{c[0]}_hq{c[1]}_hkv{c[2]}_q{c[3]}_d{c[4]}_l{c[5]}" for c in ATTENTION_CASES])
-def test_interpreted_decode_attention(interpreted, case):
-    r = interpreted[f"attention{case}"]
-    assert "error" not in r, f"decode attention {case} raised: {r.get('error')}\n{r.get('trace')}"
-    _assert_checks(f"attention{case}", r["checks"])
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", DENSE_CONFIG_CASES, ids=[f"m{c[0]}_cfg{c[1]}_k{c[2]}_bias{int(c[3])}" for c in DENSE_CONFIG_CASES])
-def test_gpu_dense_gemv_every_config(case):
-    _assert_checks(f"dense{case}", run_dense_config(*case, device="cuda"))
-
-
-GPU_ATTENTION_CASES = ATTENTION_CASES + [(1, 32, 8, 1, 128, 512, [384]), (2, 32, 8, 5, 128, 512, [140, 500]),
-                                         (1, 9, 3, 4, 64, 1024, [1000])]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_ATTENTION_CASES, ids=[f"b{c[0]}_hq{c[1]}_q{c[3]}_l{c[5]}" for c in GPU_ATTENTION_CASES])
-def test_gpu_decode_attention(case):
+@pytest.mark.parametrize("prefix,fn,case", GPU_FAMILY_CASES, ids=_family_ids(GPU_FAMILY_CASES))
+def test_gpu_kernel_families(prefix, fn, case):
     import specq.kernels.ops  # noqa: F401
 
-    _assert_checks(f"attention{case}", run_attention(case, device="cuda"))
+    _assert_checks(f"{prefix}{case}", fn(*case, device="cuda"))
 
 
 @pytest.mark.gpu
@@ -434,23 +395,23 @@ def test_gpu_dense_gemv_op_and_graph_capture():
     for shape in ((1, 1, 2048), (2, 2, 2048), (7, 2048)):
         x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
         eager = torch.ops.specq.linear_dense(x, w, b)
-        ref = x.double() @ w.double().T + b.double()
         assert eager.shape == (*shape[:-1], 1000)
-        assert _rel(eager, ref) < 1.5e-2
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            out = torch.ops.specq.linear_dense(x, w, b)
-        x2 = torch.randn_like(x)
-        x.copy_(x2)
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, torch.ops.specq.linear_dense(x2, w, b))
+        assert _rel(eager, x.double() @ w.double().T + b.double()) < 1.5e-2
+        _assert_replay_equals_eager(lambda t: torch.ops.specq.linear_dense(t, w, b), x)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", GEMV_CONFIG_CASES, ids=[f"fmt{c[0]}_m{c[1]}_bn{c[2]}_jt{c[3]}" for c in GEMV_CONFIG_CASES])
-def test_gpu_gemv_every_config(case):
-    _assert_checks(f"gemv{case}", run_gemv_config(*case, device="cuda"))
+def _assert_replay_equals_eager(fn, x: torch.Tensor) -> None:
+    """fn captured in a CUDA graph on x (after an eager call, which tunes), replayed on new values
+    copied into x, equals fn on those values run eagerly."""
+    fn(x)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn(x)
+    x2 = torch.randn_like(x)
+    x.copy_(x2)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, fn(x2))
 
 
 @pytest.mark.gpu
@@ -484,16 +445,8 @@ def test_gpu_cuda_graph_capture_and_3d_input():
            lambda t: torch.ops.specq.linear_w4a4(t, p, s, None, 128, 0, 128),
            lambda t: torch.ops.specq.linear_w4a4(t, p, s, None, 128, 32, 0)]
     for fn in fns:
-        eager = fn(x)
-        assert eager.shape == (2, 3, 520)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            out = fn(x)
-        x2 = torch.randn_like(x)
-        x.copy_(x2)
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, fn(x2))
+        assert fn(x).shape == (2, 3, 520)
+        _assert_replay_equals_eager(fn, x)
 
 
 if __name__ == "__main__" and "--interpret-worker" in sys.argv:
