@@ -18,6 +18,7 @@ What is compared (``rel`` = ||out - ref|| / ||ref||):
   away from ours and 1% of the INT4 codes move by one step, which moves the output by a few percent.
 - dense GEMV (triton_dense_gemv): every tile config against float64 ``x @ W.T + b``; on the GPU also
   the op with CUDA-graph capture.
+- tensor-core weight-only kernel (triton_wq): every tile config (SWAP and split-K included) at M = 7 and 70.
 - W4A4 GEMM: every large-M tile config, both operand orders (SWAP), against float64 from its codes.
 - decode attention (triton_attention): against float64 softmax attention with GQA and causal masks
   per batch row (whole masked blocks skipped).
@@ -232,6 +233,35 @@ def run_dense_config(m: int, index: int, k: int, bias: bool, device: str = "cpu"
     return {"vs_float64": (_rel(y.cpu(), ref), 1.5e-2), "shape": (float(tuple(y.shape) != (m, n)), 0.0)}
 
 
+# Tensor-core weight-only kernel (triton_wq): every candidate config at a decode-verify M (7, with
+# split-K configs) and a large M (70), both operand orders (SWAP), MXFP4 and INT4, bf16 activations.
+WQ_CONFIG_CASES = [(fmt, m, i) for fmt in (0, 1) for m in (7, 70) for i in range(14)]
+
+
+def run_wq_config(fmt: int, m: int, index: int, device: str = "cpu") -> dict:
+    from specq.formats import int4, mxfp4
+    from specq.kernels import triton_wq
+
+    k, n = 1024, 40
+    gen = torch.Generator().manual_seed(1000 * fmt + 10 * m + index)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    b = (torch.randn(n, generator=gen) * 0.1).to(torch.bfloat16)
+    if fmt == triton_wq.FORMAT_MXFP4:
+        p, s = mxfp4.quantize(w)
+        w64, words, group = mxfp4.dequantize(p, s, torch.float64), p.view(torch.int32), 32
+    else:
+        p, s = int4.quantize(w.bfloat16(), 128)
+        w64, words, group = int4.dequantize(p, s, torch.float64), p, 128
+    cfgs = triton_wq._candidates(m, fmt, group, n, k)
+    if index >= len(cfgs):  # fewer candidates in this regime: nothing to run
+        return {"index": (0.0, 0.0)}
+    y = torch.empty(m, n, dtype=torch.bfloat16, device=device)
+    triton_wq._dot_matmul(x.to(device), words.to(device), s.to(device), b.to(device), fmt, group, y,
+                          config=cfgs[index])
+    return {"vs_float64": (_rel(y, x.double() @ w64.T + b.double()), 1.5e-2)}
+
+
 # W4A4 GEMM (triton_w4a4): every large-M config (both operand orders, SWAP 0/1), per-token and
 # per-group activation scales, against float64 from the kernel's own INT4 codes and scales.
 W4A4_CONFIG_CASES = [(ag, i) for ag in (0, 32) for i in range(8)]
@@ -307,7 +337,8 @@ def run_attention(*case, device: str = "cpu") -> dict:
 # the families of interpreter checks besides CPU_CASES: (report key prefix, cases, check function)
 def _families():
     return [("gemv", GEMV_CONFIG_CASES, run_gemv_config), ("dense", DENSE_CONFIG_CASES, run_dense_config),
-            ("w4a4", W4A4_CONFIG_CASES, run_w4a4_config), ("attention", ATTENTION_CASES, run_attention)]
+            ("w4a4", W4A4_CONFIG_CASES, run_w4a4_config), ("attention", ATTENTION_CASES, run_attention),
+            ("wq", WQ_CONFIG_CASES, run_wq_config)]
 
 
 def _worker() -> None:

@@ -152,6 +152,7 @@ def _wq_matmul_kernel(
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     EVEN_K: tl.constexpr,   # K % (SUB_K * N_SUB) == 0: no masks along K
     SPLIT_K: tl.constexpr,  # > 1: program (.., s) sums K-range [s K_PER, (s + 1) K_PER) into fp32 y[s]
+    SWAP: tl.constexpr,     # accumulate y.T tiles: the decoded weight tile is the dot's first operand
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     k_lo = tl.program_id(1) * K_PER
@@ -165,7 +166,10 @@ def _wq_matmul_kernel(
     rm = offs_m % M
     rn = offs_n % N
     x_dtype: tl.constexpr = x_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     KSTEP: tl.constexpr = SUB_K * N_SUB
     G: tl.constexpr = SUB_K // 32
     for k0 in range(k_lo, k_hi, KSTEP):
@@ -184,16 +188,23 @@ def _wq_matmul_kernel(
                     pw = tl.load(w_ptr + rn[:, None] * stride_wn + offs_w[None, :],
                                  mask=(offs_w < K // 8)[None, :], other=0)
                 wt = _int4_tile(pw, MAGIC, x_dtype, BLOCK_N, SUB_K, MAGIC2)
-                d = _dot(x, tl.trans(wt), DOT_FP32, IEEE)
-                if MAGIC != 0:
-                    # sum(x) per row via the (otherwise idle) tensor cores: a cross-warp tl.sum
-                    # would cost a shared-memory round trip and barriers every chunk.
-                    d -= OFFSET * _dot(x, tl.full((SUB_K, BLOCK_N), 1.0, tl.float32).to(x_dtype), DOT_FP32, IEEE)
                 if EVEN_K:
                     sc = tl.load(s_ptr + rn * stride_sn + kk // GROUP)
                 else:
                     sc = tl.load(s_ptr + rn * stride_sn + kk // GROUP, mask=(kk < K) & (rn >= 0), other=0.0)
-                acc += d * sc.to(tl.float32)[None, :]
+                if SWAP:
+                    d = _dot(wt, tl.trans(x), DOT_FP32, IEEE)
+                    if MAGIC != 0:  # sum(x) per row of x, on the tensor cores (see below)
+                        ones = tl.full((BLOCK_N, SUB_K), 1.0, tl.float32).to(x_dtype)
+                        d -= OFFSET * _dot(ones, tl.trans(x), DOT_FP32, IEEE)
+                    acc += d * sc.to(tl.float32)[:, None]
+                else:
+                    d = _dot(x, tl.trans(wt), DOT_FP32, IEEE)
+                    if MAGIC != 0:
+                        # sum(x) per row via the (otherwise idle) tensor cores: a cross-warp tl.sum
+                        # would cost a shared-memory round trip and barriers every chunk.
+                        d -= OFFSET * _dot(x, tl.full((SUB_K, BLOCK_N), 1.0, tl.float32).to(x_dtype), DOT_FP32, IEEE)
+                    acc += d * sc.to(tl.float32)[None, :]
             else:
                 offs_g = kk // 32 + tl.arange(0, G)
                 offs_w3 = offs_g[:, None] * 4 + tl.arange(0, 4)[None, :]
@@ -206,8 +217,20 @@ def _wq_matmul_kernel(
                                   mask=g_ok[None, :, None], other=0)
                     se = tl.load(s_ptr + rn[:, None] * stride_sn + offs_g[None, :], mask=g_ok[None, :], other=0)
                 wt = _mxfp4_tile(pw3, _e8m0_times_2p14(se), BLOCK_N, SUB_K)
-                acc += _dot(x, tl.trans(wt.to(x_dtype)), DOT_FP32, IEEE)
-    if SPLIT_K > 1:  # fp32 partial sums [SPLIT_K, M, N]; _splitk_reduce adds them (and the bias)
+                if SWAP:
+                    acc += _dot(wt.to(x_dtype), tl.trans(x), DOT_FP32, IEEE)
+                else:
+                    acc += _dot(x, tl.trans(wt.to(x_dtype)), DOT_FP32, IEEE)
+    if SWAP:  # acc is [BLOCK_N, BLOCK_M]: the same stores with the index roles exchanged
+        mn_mask = n_mask[:, None] & m_mask[None, :]
+        if SPLIT_K > 1:
+            tl.store(y_ptr + tl.program_id(1) * M * N + offs_m[None, :] * N + offs_n[:, None], acc, mask=mn_mask)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
+                     mask=mn_mask)
+    elif SPLIT_K > 1:  # fp32 partial sums [SPLIT_K, M, N]; _splitk_reduce adds them (and the bias)
         tl.store(y_ptr + tl.program_id(1) * M * N + offs_m[:, None] * N + offs_n[None, :], acc,
                  mask=m_mask[:, None] & n_mask[None, :])
     else:
@@ -263,14 +286,18 @@ def _candidates(m: int, fmt: int, group: int, n: int = 1 << 30, k: int = 0) -> l
         bm = max(16, next_pow2(m))
         # (BLOCK_N, SUB_K wanted, K per iteration, warps, stages): narrow N tiles so N/BLOCK_N programs
         # fill the 132 SMs; 256..512 K per iteration so each program keeps KBs of weights in flight.
-        raw = [(32, 128, 256, 4, 4), (16, 128, 512, 4, 3), (64, 128, 256, 4, 3), (32, 256, 512, 4, 3)]
+        # SWAP (last field): y.T tiles whose first dot operand is the weight tile decoded in registers,
+        # which Hopper's wgmma can read from registers (its second operand must be in shared memory)
+        raw = [(32, 128, 256, 4, 4, 0), (16, 128, 512, 4, 3, 0), (64, 128, 256, 4, 3, 0), (32, 256, 512, 4, 3, 0),
+               (64, 128, 256, 4, 4, 1), (64, 128, 512, 4, 3, 1), (128, 128, 256, 8, 3, 1)]
         gm = 1
     else:
         bm = 64 if m <= 128 else 128
-        raw = [(128, 64, 64, 8, 3), (64, 128, 128, 4, 4), (128, 128, 128, 8, 3), (256, 64, 64, 8, 3)]
+        raw = [(128, 64, 64, 8, 3, 0), (64, 128, 128, 4, 4, 0), (128, 128, 128, 8, 3, 0), (256, 64, 64, 8, 3, 0),
+               (128, 64, 64, 8, 3, 1), (128, 128, 128, 8, 3, 1)]
         gm = 8
     out, seen = [], set()
-    for bn, sk, kstep, nw, st in raw:
+    for bn, sk, kstep, nw, st, swap in raw:
         sub = _sub_k_for(fmt, group, sk)
         if sub is None:  # (Triton 3.6 rejects some SUB_K=32 wide tiles; ConfigCache skips those)
             continue
@@ -278,7 +305,7 @@ def _candidates(m: int, fmt: int, group: int, n: int = 1 << 30, k: int = 0) -> l
         split = _split_for(m, n, k, bm, bn, sub * n_sub) if m <= 64 else 1
         for sp in sorted({split, 1}, reverse=True):
             cfg = Config.make(num_warps=nw, num_stages=st, BLOCK_M=bm, BLOCK_N=bn, SUB_K=sub,
-                              N_SUB=n_sub, GROUP_M=gm, SPLIT_K=sp)
+                              N_SUB=n_sub, GROUP_M=gm, SPLIT_K=sp, SWAP=swap)
             if cfg not in seen:
                 seen.add(cfg)
                 out.append(cfg)
@@ -323,8 +350,9 @@ def wq_matmul(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias
     return y
 
 
-def _dot_matmul(x2, words, scales, bias, fmt: int, group: int, y: torch.Tensor) -> None:
-    """The tensor-core kernel (any M), writing y."""
+def _dot_matmul(x2, words, scales, bias, fmt: int, group: int, y: torch.Tensor,
+                config: Optional[Config] = None) -> None:
+    """The tensor-core kernel (any M), writing y; `config` (one of `_candidates`) skips the choice."""
     M, K = x2.shape
     N = words.shape[0]
     b_arg = bias if bias is not None else x2
@@ -351,5 +379,7 @@ def _dot_matmul(x2, words, scales, bias, fmt: int, group: int, y: torch.Tensor) 
                                                                 SPLIT_K=split, HAS_BIAS=bias is not None,
                                                                 BLOCK=block, num_warps=4)
 
-    key = (fmt, group, m_bucket(M), N, K, x2.dtype, bias is not None, x2.device.index)
-    launch(_CACHE.pick(key, _candidates(M, fmt, group, N, K), launch))
+    if config is None:
+        key = (fmt, group, m_bucket(M), N, K, x2.dtype, bias is not None, x2.device.index)
+        config = _CACHE.pick(key, _candidates(M, fmt, group, N, K), launch)
+    launch(config)
