@@ -192,22 +192,27 @@ GEMV_CONFIG_CASES = [(fmt, m, bn, jt, nw, k) for fmt in (0, 1) for (m, bn, jt, n
                      [(1, 1, 32, 1, 1088), (2, 2, 32, 1, 1024), (3, 4, 64, 2, 2112), (4, 2, 64, 2, 2048)]]
 
 
-def run_gemv_config(fmt: int, m: int, bn: int, jt: int, nw: int, k: int, device: str = "cpu") -> dict:
+def _quantized_case(fmt: int, m: int, k: int, n: int, int4_group: int, seed: int):
+    """Random bf16 x [m, k] and bias [n], a weight [n, k] in fmt (0 MXFP4, 1 INT4) as int32 words +
+    scales, its float64 dequantization and the format's group: (x, b, words, scales, w64, group)."""
     from specq.formats import int4, mxfp4
-    from specq.kernels import triton_gemv
-    from specq.kernels.triton_common import Config
 
-    gen = torch.Generator().manual_seed(1000 * fmt + 100 * m + bn)
-    n = 7
+    gen = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
     w = torch.randn(n, k, generator=gen) * 0.05
     b = (torch.randn(n, generator=gen) * 0.1).to(torch.bfloat16)
-    if fmt == triton_gemv.FORMAT_MXFP4:
+    if fmt == 0:
         p, s = mxfp4.quantize(w)
-        w64, words, group = mxfp4.dequantize(p, s, torch.float64), p.view(torch.int32), 32
-    else:
-        p, s = int4.quantize(w.bfloat16(), 64)
-        w64, words, group = int4.dequantize(p, s, torch.float64), p, 64
+        return x, b, p.view(torch.int32), s, mxfp4.dequantize(p, s, torch.float64), 32
+    p, s = int4.quantize(w.bfloat16(), int4_group)
+    return x, b, p, s, int4.dequantize(p, s, torch.float64), int4_group
+
+
+def run_gemv_config(fmt: int, m: int, bn: int, jt: int, nw: int, k: int, device: str = "cpu") -> dict:
+    from specq.kernels import triton_gemv
+    from specq.kernels.triton_common import Config
+
+    x, b, words, s, w64, group = _quantized_case(fmt, m, k, 7, 64, 1000 * fmt + 100 * m + bn)
     cfg = Config.make(num_warps=nw, num_stages=1, BN=bn, JT=jt)
     y = triton_gemv.gemv(x.to(device), words.to(device), s.to(device), b.to(device), fmt, group, config=cfg)
     return {"vs_float64": (_rel(y, x.double() @ w64.T + b.double()), 1.5e-2)}
@@ -239,20 +244,10 @@ WQ_CONFIG_CASES = [(fmt, m, i) for fmt in (0, 1) for m in (7, 70) for i in range
 
 
 def run_wq_config(fmt: int, m: int, index: int, device: str = "cpu") -> dict:
-    from specq.formats import int4, mxfp4
     from specq.kernels import triton_wq
 
     k, n = 1024, 40
-    gen = torch.Generator().manual_seed(1000 * fmt + 10 * m + index)
-    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
-    w = torch.randn(n, k, generator=gen) * 0.05
-    b = (torch.randn(n, generator=gen) * 0.1).to(torch.bfloat16)
-    if fmt == triton_wq.FORMAT_MXFP4:
-        p, s = mxfp4.quantize(w)
-        w64, words, group = mxfp4.dequantize(p, s, torch.float64), p.view(torch.int32), 32
-    else:
-        p, s = int4.quantize(w.bfloat16(), 128)
-        w64, words, group = int4.dequantize(p, s, torch.float64), p, 128
+    x, b, words, s, w64, group = _quantized_case(fmt, m, k, n, 128, 1000 * fmt + 10 * m + index)
     cfgs = triton_wq._candidates(m, fmt, group, n, k)
     if index >= len(cfgs):  # fewer candidates in this regime: nothing to run
         return {"index": (0.0, 0.0)}
