@@ -243,6 +243,10 @@ def test_bench_rows_strict(multimode, prompt):
     assert "mxfp4" in by["mlspecqd2"].acceptance
     table = bench.markdown_table(rows, baseline="hf_eager")
     assert table.count("\n") == len(rows) + 1 and "| qspec |" in table
+    # without an HF eager row, bf16-target rows are checked against specq's own ar_bf16 row
+    rows = bench.run_rows(multimode, prompt[:1], 8, rows=["ar_bf16", "ngram_bf16"], gamma={"ngram_bf16": 4},
+                          compile=None, strict=True, log=lambda *a: None)
+    assert rows[1].same_as == "ar_bf16" and rows[1].agree == 8 and rows[0].same_as is None
 
 
 @pytest.mark.gpu

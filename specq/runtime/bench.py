@@ -13,7 +13,7 @@ tokens, EOS ignored so every row makes exactly `new_tokens`):
 
 A specq row name may end in "@inductor" or "@none" to pick how its steps are compiled (default: the
 `compile` argument; "none" still captures CUDA graphs on CUDA). Lossless rows are checked against their target's own autoregressive tokens (bf16 target: the HF
-eager row; w4a16 target: the ar_w4a16 row). In float32 they must be identical (`strict=True`
+eager row, or the ar_bf16 row when HF eager was not run; w4a16 target: the ar_w4a16 row). In float32 they must be identical (`strict=True`
 raises otherwise); in bf16 a multi-token verify rounds differently from one-token decoding, so the
 table reports how many leading tokens agree instead.
 
@@ -222,13 +222,23 @@ def run_rows(model, ids: torch.Tensor, new_tokens: int = 256, rows=ROWS, gamma=N
     return list(out.values())
 
 
+# Where a bf16-target row's reference (HF eager) was not run, specq's own autoregressive bf16 decoding
+# is the target-only decoding it must equal.
+FALLBACK_REFERENCE = {"hf_eager": "ar_bf16"}
+
+
 def _compare(row: Row, rows: dict) -> None:
-    """Set row.same_as / row.agree against the first finished row of its reference kind."""
+    """Set row.same_as / row.agree against the first finished row of its reference kind (or of the
+    fallback reference's kind, when no row of the reference kind ran)."""
     ref = SPECQ_ROWS.get(row.name.partition("@")[0], (None, None))[1]
     if not ref or row.sequences is None:
         return
-    rr = next((r for r in rows.values() if r.name.partition("@")[0] == ref and r.sequences is not None
-               and r is not row), None)
+    rr = None
+    for kind in (ref, FALLBACK_REFERENCE.get(ref)):
+        rr = next((r for r in rows.values() if r.name.partition("@")[0] == kind and r.sequences is not None
+                   and r is not row), None)
+        if rr is not None or kind is None:
+            break
     if rr is None:
         return
     a, b = row.sequences, rr.sequences
