@@ -88,3 +88,46 @@ def test_rows_under_dynamo_one_graph_for_all_positions():
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     torch._dynamo.reset()
     assert len(compiles) == 1
+
+
+@pytest.fixture(scope="module")
+def multimode():
+    import specq
+    from tiny_models import make_tiny_model
+
+    return specq.transform(make_tiny_model("llama", seed=1), modes=("bf16", "mxfp4"),
+                           recipe={"name": "mse", "base": "default", "mxfp4_scale_rule": "mse"})
+
+
+@pytest.mark.parametrize("levels", [["mxfp4", "bf16"], ["ngram", "bf16"], ["bf16"]])
+def test_per_row_generate_is_lossless_and_wastes_fewer_verifies(multimode, levels):
+    """compiled_generate(per_row=True): each row equals HF greedy target-only decoding (float32), and
+    a speculative batch needs no more verify forwards than the shared-position loop."""
+    import specq
+    from specq.runtime.compiled import compiled_generate, release_steps
+
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(3, 256, (3, 8), generator=g)
+    prompt[1, 4:] = prompt[1, :4]  # some repetition for the n-gram level
+    with torch.no_grad(), specq.mode(multimode, "bf16"):
+        ref = multimode.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0,
+                                 attention_mask=torch.ones_like(prompt))
+    outs = {}
+    for per_row in (False, True):
+        torch._dynamo.reset()
+        release_steps(multimode)
+        outs[per_row] = compiled_generate(multimode, prompt, 20, levels=levels, gamma=3, eos_token_id=[],
+                                          compile="eager", per_row=per_row)
+        assert torch.equal(outs[per_row].sequences, ref), (levels, per_row)
+    release_steps(multimode)
+    torch._dynamo.reset()
+    if len(levels) == 2:
+        assert outs[True].stats.levels[1].forwards <= outs[False].stats.levels[1].forwards
+
+
+def test_per_row_refuses_three_levels(multimode):
+    from specq.runtime.compiled import compiled_generate
+
+    with pytest.raises(ValueError, match="two levels"):
+        compiled_generate(multimode, torch.randint(3, 256, (2, 8)), 4, levels=["ngram", "mxfp4", "bf16"],
+                          gamma=[2, 2], compile="eager", per_row=True)

@@ -167,6 +167,16 @@ def _with_grouped_sdpa(step, model):
     return call
 
 
+def forward_step_rows(model, cache, input_ids: torch.Tensor, position: torch.Tensor, mode: str = "bf16"):
+    """forward_step with one position per row (position [B]; the cache made by enable_row_positions)."""
+    from specq.runtime.row_positions import forward_rows
+
+    if not isinstance(mode, str) or not mode:
+        raise ValueError(f"mode must be a mode name, got {mode!r}")
+    logits = forward_rows(model, cache, input_ids, position)
+    return logits, logits.argmax(-1)
+
+
 def _greedy_burst(step, model, cache, token, position, n: int, mode: str):
     """n greedy steps, each feeding its argmax to the next; returns tokens [B, n] (device only)."""
     tokens = []
@@ -229,10 +239,17 @@ class CompiledSteps:
 
     def __init__(self, model, cache, *, compile="auto", cuda_graphs: bool | None = None,
                  max_graph_q: int = 32, max_prefill_graph: int | None = None, freeze: bool | None = None,
-                 fuse_siblings: bool | None = None):
+                 fuse_siblings: bool | None = None, row_positions: bool = False):
         _check_cache(cache)
         self.model = model
         self.cache = cache
+        # one write position per row (specq.runtime.row_positions): positions are [B] tensors
+        self.row_positions = bool(row_positions)
+        if self.row_positions:
+            from specq.runtime.row_positions import enable_row_positions
+
+            enable_row_positions(cache, cache.layers[0].keys.shape[0])
+        step_fn = forward_step_rows if self.row_positions else forward_step
         self.device = next(model.parameters()).device
         on_cuda = self.device.type == "cuda"
         if compile == "auto":
@@ -287,12 +304,12 @@ class CompiledSteps:
             if self.freeze:  # the CPU recipe: frozen weights, no per-call Python (compiled_cpu.py)
                 from specq.runtime.compiled_cpu import frozen_step
 
-                self._step = frozen_step(forward_step, model, counting_backend)
+                self._step = frozen_step(step_fn, model, counting_backend)
             else:
-                compiled = torch.compile(forward_step, backend=counting_backend, fullgraph=True, dynamic=False)
+                compiled = torch.compile(step_fn, backend=counting_backend, fullgraph=True, dynamic=False)
                 self._step = _with_grouped_sdpa(compiled, model) if GROUPED_SDPA else compiled
         else:
-            self._step = forward_step
+            self._step = step_fn
 
     def __deepcopy__(self, memo):  # a copied model gets no steps (graphs and cache are device state)
         return None
@@ -387,7 +404,12 @@ class CompiledSteps:
         if q > self.max_graph_q:  # prefill: eager, once per request
             self.stats.eager_calls += 1
             with torch.no_grad(), _mode(self.model, mode):
-                logits = forward_logits(self.model, self.cache, input_ids, position, mode)
+                if self.row_positions:
+                    from specq.runtime.row_positions import forward_rows
+
+                    logits = forward_rows(self.model, self.cache, input_ids, position)
+                else:
+                    logits = forward_logits(self.model, self.cache, input_ids, position, mode)
             return logits, logits.argmax(-1)
         return self._run(("fwd", mode, tuple(input_ids.shape)), self._single_fn(mode), (input_ids, position))
 
@@ -430,6 +452,10 @@ class CompiledSteps:
         # a fresh contiguous copy: dynamo guards on strides, and slices of a longer sequence carry
         # the parent's strides (a recompile per slice otherwise)
         input_ids = input_ids.to(self.device, torch.long).clone(memory_format=torch.contiguous_format)
+        if self.row_positions:  # [B]: one position per row (an int or a 0-d tensor: every row)
+            b = input_ids.shape[0]
+            position = torch.as_tensor(position, dtype=torch.long).to(self.device)
+            return input_ids, position.expand(b).clone() if position.dim() == 0 else position.reshape(b).clone()
         if isinstance(position, torch.Tensor):
             position = position.to(self.device, torch.long).reshape(())
         else:
@@ -567,11 +593,11 @@ def release_steps(model) -> None:
 
 
 def get_steps(model, batch_size: int, min_len: int, *, compile="auto", cuda_graphs=None,
-              round_to: int = 256) -> CompiledSteps:
+              round_to: int = 256, row_positions: bool = False) -> CompiledSteps:
     """The model's `CompiledSteps` for this batch size, reused across calls (graphs and compiled
     code are kept), or a new one over a new static cache of at least `min_len` positions."""
     steps = model.__dict__.get(_STEPS_ATTR)
-    key = (int(batch_size), compile, cuda_graphs)
+    key = (int(batch_size), compile, cuda_graphs, bool(row_positions))
     if steps is not None and steps._key == key and steps.cache.layers[0].max_cache_len >= min_len:
         return steps
     max_len = -(-int(min_len) // round_to) * round_to
@@ -579,7 +605,7 @@ def get_steps(model, batch_size: int, min_len: int, *, compile="auto", cuda_grap
         release_steps(model)
         del steps
     cache = make_static_cache(model, batch_size, max_len)
-    steps = CompiledSteps(model, cache, compile=compile, cuda_graphs=cuda_graphs)
+    steps = CompiledSteps(model, cache, compile=compile, cuda_graphs=cuda_graphs, row_positions=row_positions)
     steps._key = key
     model.__dict__[_STEPS_ATTR] = steps
     return steps
@@ -587,7 +613,7 @@ def get_steps(model, batch_size: int, min_len: int, *, compile="auto", cuda_grap
 
 def compiled_generate(model, input_ids: torch.Tensor, max_new_tokens: int = 256,
                       levels=("mxfp4", "bf16"), gamma=4, *, eos_token_id=None, pad_token_id=None,
-                      compile="auto", cuda_graphs=None):
+                      compile="auto", cuda_graphs=None, per_row: bool = False):
     """Greedy multi-level speculative decoding on compiled steps; output equals target-only greedy.
 
     The fast path of `specq.generate` for its most common use: greedy, every model level a mode of
@@ -595,6 +621,10 @@ def compiled_generate(model, input_ids: torch.Tensor, max_new_tokens: int = 256,
     two model levels (drafts, then the verify forward) is ONE graph when the draft level is the
     lowest model level; the host reads the accepted count and tokens once per verify. Returns the
     runtime's `GenerateOutput` (sequences, stats per level, new tokens per row).
+
+    per_row: every row keeps all the drafts it accepted (its own cache position,
+    specq.runtime.row_positions) instead of the batch advancing by its smallest accepted count.
+    Two levels at most (a drafting level and the target).
     """
     from specq.runtime.drafters import NgramDrafter
     from specq.runtime.generate import GenerateOutput, _eos_list, _pad_id
@@ -636,7 +666,10 @@ def compiled_generate(model, input_ids: torch.Tensor, max_new_tokens: int = 256,
     pad = _pad_id(model, pad_token_id, eos)
     # positions written past the last kept token: a verify block per level, or one AR burst
     needed = P + int(max_new_tokens) + 2 * (sum(gammas) + len(specs)) + AR_BURST + 2
-    steps = get_steps(model, B, needed, compile=compile, cuda_graphs=cuda_graphs)
+    if per_row and len(specs) > 2:
+        raise ValueError("per_row decoding supports two levels (a drafting level and the target), "
+                         f"got {len(specs)}")
+    steps = get_steps(model, B, needed, compile=compile, cuda_graphs=cuda_graphs, row_positions=per_row)
     stats = [LevelStats(name if isinstance(name, str) else "ngram") for name in levels]
 
     seqs = [row.tolist() for row in ids.cpu()]
@@ -707,7 +740,10 @@ def compiled_generate(model, input_ids: torch.Tensor, max_new_tokens: int = 256,
         _commit(new_rows, seqs, finished, num_new, eos)
         pos = P
         produced = 1
-        while produced < max_new_tokens and not all(finished):
+        if per_row:
+            _per_row_rounds(steps, specs, gammas, stats, x, P, B, int(max_new_tokens), seqs, finished, num_new,
+                            eos, host, produce)
+        while not per_row and produced < max_new_tokens and not all(finished):
             want = max_new_tokens - produced
             t0 = time.perf_counter()
             if top == 0:  # target only: bursts of autoregressive steps, one host read each
@@ -767,6 +803,46 @@ def _is_multimode(model) -> bool:
         return True
     except (ImportError, ValueError):
         return False
+
+
+def _per_row_rounds(steps, specs, gammas, stats, x, prompt_len: int, B: int, max_new: int, seqs, finished,
+                    num_new, eos, host, produce) -> None:
+    """compiled_generate's loop with one cache position per row: after each verify, row b keeps its
+    own n_b accepted drafts plus the verifier's token (lossless per row, as the shared-position loop)."""
+    top = len(specs) - 1
+    target = specs[top][1]
+    pos = torch.full((B,), prompt_len, dtype=torch.long, device=x.device)  # device: no host sync
+    while any(not finished[b] and num_new[b] < max_new for b in range(B)):
+        t0 = time.perf_counter()
+        if top == 0:
+            toks = steps.greedy_burst(x, pos, AR_BURST, mode=target)
+            stats[top].forwards += AR_BURST
+            (kept,) = host(toks)
+            rows = [kept[b].tolist() for b in range(B)]
+            step, nxt = torch.full_like(pos, AR_BURST), toks[:, -1:]
+        else:
+            g = gammas[0]
+            lower_kind, lower_mode = specs[0]
+            if lower_kind == "mode":
+                a, n_acc = steps.spec_round(x, pos, lower_mode, g, target)
+                stats[0].forwards += g
+            else:
+                d = produce(0, x, None, g, [s + [] for s in seqs])
+                a, n_acc = steps.verify(torch.cat([x, d], dim=1), pos, mode=target)
+            stats[top].forwards += 1
+            a_h, n_h = host(a, n_acc)
+            rows = [a_h[b, :int(n_h[b]) + 1].tolist() for b in range(B)]
+            stats[0].drafted += g * B
+            stats[0].accepted += int(n_h.sum())
+            stats[0].rounds += 1
+            step, nxt = n_acc + 1, a.gather(1, n_acc[:, None])
+        _commit([r[:max(0, max_new - num_new[b])] for b, r in enumerate(rows)], seqs, finished, num_new, eos)
+        # rows that are done stay where they are (they are still computed with the batch, rewriting
+        # the same cache entries), so no row runs past prompt + max_new + one block of the cache
+        live = torch.tensor([not finished[b] and num_new[b] < max_new for b in range(B)], device=pos.device)
+        pos = torch.where(live, pos + step, pos)
+        x = torch.where(live[:, None], nxt, x).clone()
+        stats[top].time_s += time.perf_counter() - t0
 
 
 def _commit(rows: list[list[int]], seqs, finished, num_new, eos) -> None:
