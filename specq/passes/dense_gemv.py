@@ -23,12 +23,9 @@ import torch
 import torch.fx as fx
 
 from specq.kernels import ops as _ops  # noqa: F401  (registers torch.ops.specq.linear_dense)
+from specq.passes.find_weight_matmuls import LINEAR_TARGETS
 
 _DTYPES = (torch.bfloat16, torch.float16)
-
-
-def _linear_targets() -> tuple:
-    return (torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default)
 
 
 def _example(node) -> torch.Tensor | None:
@@ -44,11 +41,10 @@ def _rows(x: torch.Tensor) -> int:
 
 def route_small_linears(gm: fx.GraphModule, max_rows: int = 4) -> tuple[fx.GraphModule, int]:
     """Rewrite F.linear calls with <= max_rows rows of bf16/fp16 x to torch.ops.specq.linear_dense."""
-    targets = _linear_targets()
     op = torch.ops.specq.linear_dense.default
     routed = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in targets:
+        if node.op != "call_function" or node.target not in LINEAR_TARGETS:
             continue
         args = list(node.args) + [None] * (3 - len(node.args))
         x, weight, bias = args[0], args[1], node.kwargs.get("bias", args[2])

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 
-_LINEAR = {aten.linear.default, torch._C._nn.linear, torch.nn.functional.linear}
+# F.linear as dynamo (torch._C._nn.linear, F.linear) and export (aten.linear) record it; other passes use it too
+LINEAR_TARGETS = frozenset({aten.linear.default, torch._C._nn.linear, torch.nn.functional.linear})
 _ADDMM = {aten.addmm.default, torch.addmm}
 _MATMUL = {aten.matmul.default, aten.mm.default, torch.matmul, torch.mm, operator.matmul}
 _TRANSPOSE = {aten.t.default, torch.t, aten.numpy_T.default}
@@ -185,7 +186,7 @@ def find_weight_matmuls(gm: fx.GraphModule, param_names: dict[str, str] | None =
         t = node.target
         weight = bias = None
         layout = None
-        if t in _LINEAR:
+        if t in LINEAR_TARGETS:
             args = list(node.args) + [None] * 3
             weight = res.param(args[1] if args[1] is not None else node.kwargs.get("weight"))
             bias_node = args[2] if args[2] is not None else node.kwargs.get("bias")

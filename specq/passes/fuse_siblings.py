@@ -37,6 +37,8 @@ import operator
 import torch
 import torch.fx as fx
 
+from specq.passes.find_weight_matmuls import LINEAR_TARGETS
+
 # target -> (positions of the weight tensors, position of the bias, number of positional args)
 _LINEAR = ((1,), 2, 3)
 _MXFP4 = ((1, 2), 3, 4)
@@ -45,8 +47,7 @@ _W4A4 = ((1, 2), 3, 7)
 
 
 def _layouts() -> dict:
-    table = {torch._C._nn.linear: _LINEAR, torch.nn.functional.linear: _LINEAR,
-             torch.ops.aten.linear.default: _LINEAR}
+    table = {target: _LINEAR for target in LINEAR_TARGETS}
     specq_ops = getattr(torch.ops, "specq", None)
     for name, layout in (("linear_mxfp4", _MXFP4), ("linear_w4a16", _W4A16), ("linear_w4a4", _W4A4)):
         try:
