@@ -1,15 +1,31 @@
-"""End-to-end decoding speed of every specq strategy against Hugging Face's baselines.
+r"""End-to-end decoding speed of every specq strategy against Hugging Face's baselines.
 
     python benchmarks/e2e.py --model default --device cuda --out benchmarks/results   # real default model
     python benchmarks/e2e.py --model llama3-8b-shape --device cuda --steps             # random 8B-shaped
     python benchmarks/e2e.py --model tiny --device cpu --dtype float32 --strict        # CI-sized check
 
-Batch 1, a 128-token prompt, 256 new tokens, greedy, EOS ignored, the same prompt for every row.
+QSpec at batch 32 against specq's own W4A16 autoregressive decoding (issue 7):
+
+    python benchmarks/e2e.py --model default --batch 32 --rows ar_w4a16@inductor,qspec@inductor
+    python benchmarks/e2e.py --model llama3-8b-shape --batch 32 --rows ar_w4a16@inductor,qspec@inductor \
+        --steps --step-batches 32 --new-tokens 128
+    # the 8B shape at the default model's measured acceptance (the real run's batch in --step-batches,
+    # same --gamma2):
+    python benchmarks/e2e.py --model llama3-8b-shape --batch 32 --rows ar_w4a16@inductor,qspec@inductor \
+        --steps --step-batches 32 --implied-from benchmarks/results/e2e_default_cuda.json
+
+Defaults: batch 1, a 128-token prompt, 256 new tokens, greedy, EOS ignored, the same prompt for every
+benchmark row. `--batch B` decodes B different prompt rows at once (bench.make_prompt) and tok/s counts all
+B x new tokens; at B > 1 the two-level speculative rows (qspec, mlspecqd2, ngram_bf16) use per-row
+acceptance (each row keeps its own cache position and all the drafts it accepted;
+`--no-per-row`: the batch advances by its smallest accepted count). Autoregressive and three-level
+rows are the same either way.
 Writes e2e_<tag>.md (a commit-ready table with device, date and command) and e2e_<tag>.json.
 On a random-weight model acceptance means nothing: `--steps` adds the cost of each compiled step
-(one CUDA graph replay per forward) per mode and query length, which is what transfers to a real
-model of that shape (`--implied-from REAL.json` turns them into the speed the real model's
-measured acceptance implies).
+(one CUDA graph replay per forward) per mode and query length, at each of `--step-batches`, which
+is what transfers to a real model of that shape (`--implied-from REAL.json` turns the costs at the
+real run's batch into the speed the real model's measured acceptance implies; with per-row on, the
+steps of the speculative rows are also timed with per-row positions, and per-row rows use those).
 """
 
 from __future__ import annotations
@@ -53,6 +69,9 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--rows", default=",".join(bench.ROWS))
+    p.add_argument("--batch", type=int, default=1, help="prompt rows decoded together (different rows)")
+    p.add_argument("--per-row", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-row acceptance for the two-level speculative rows (default: on when --batch > 1)")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--gamma2", type=int, default=4, help="draft tokens per round of 2-level rows")
@@ -62,9 +81,10 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--strict", action="store_true", help="fail unless lossless rows give identical tokens")
     p.add_argument("--steps", action="store_true", help="also time each compiled step (CUDA only)")
-    p.add_argument("--step-batches", default="1")
+    p.add_argument("--step-batches", default="1", help="comma-separated batch sizes of the step timings")
     p.add_argument("--steps-compile", default=None, help="compile setting of the step timings (default: --compile)")
-    p.add_argument("--implied-from", default=None, help="a real model's e2e JSON: implied speed at this shape")
+    p.add_argument("--implied-from", default=None, help="a real model's e2e JSON: implied speed at this shape "
+                   "(needs --steps with the real run's batch in --step-batches)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--tag", default=None)
     args = p.parse_args(argv)
@@ -73,6 +93,27 @@ def main(argv=None):
     unknown = [r for r in rows if r.partition("@")[0] not in bench.ROWS or r.partition("@")[2] not in ("", "none", "inductor", "eager", "aot_eager")]
     if unknown:
         p.error(f"unknown rows {unknown}; rows are {bench.ROWS}")
+    if args.batch < 1:
+        p.error("--batch must be >= 1")
+    per_row = (args.batch > 1) if args.per_row is None else (args.per_row and args.batch > 1)
+    step_batches = [int(x) for x in args.step_batches.split(",") if x.strip()]
+    gamma3 = [int(x) for x in args.gamma3.split(",")]
+    gamma = {"mlspecqd2": args.gamma2, "qspec": args.gamma2, "mlspecqd3": gamma3, "ngram_bf16": args.gamma_ngram}
+    real = None
+    if args.implied_from:  # checked before any model is built or timed
+        real = json.load(open(args.implied_from))
+        real_meta = real.get("meta", {})
+        real_batch = int(real_meta.get("batch", 1))  # JSONs written before --batch: batch 1
+        if not args.steps:
+            p.error("--implied-from needs --steps (the step costs it combines with the real run's forwards)")
+        if real_batch not in step_batches:
+            p.error(f"{args.implied_from} ran at batch {real_batch}: its implied speed needs step costs at "
+                    f"that batch; add {real_batch} to --step-batches (now {args.step_batches})")
+        real_gamma = real_meta.get("gamma") or {}
+        for name in ("qspec", "mlspecqd2"):
+            if name in real_gamma and int(real_gamma[name]) != args.gamma2:
+                p.error(f"{args.implied_from} ran {name} with gamma {real_gamma[name]}, the verify steps here "
+                        f"are timed at q = --gamma2 + 1 = {args.gamma2 + 1}; pass --gamma2 {real_gamma[name]}")
     tag = args.tag or f"{args.model.replace('/', '_')}_{args.device}"
     os.makedirs(args.out, exist_ok=True)
     log = lambda *a: print(*a, flush=True)  # noqa: E731
@@ -89,13 +130,11 @@ def main(argv=None):
         specq.transform(model, modes=tuple(modes))
     transform_s = time.perf_counter() - t0
     log(f"[e2e] transform {modes} in {transform_s:.1f} s")
-    ids = bench.make_prompt(model, tok, args.prompt_len)
-    gamma3 = [int(x) for x in args.gamma3.split(",")]
-    gamma = {"mlspecqd2": args.gamma2, "qspec": args.gamma2, "mlspecqd3": gamma3, "ngram_bf16": args.gamma_ngram}
+    ids = bench.make_prompt(model, tok, args.prompt_len, batch=args.batch)
     failed = None
     try:
         results = bench.run_rows(model, ids, args.new_tokens, rows=rows, gamma=gamma, compile=compile_,
-                                 repeats=args.repeats, strict=args.strict, log=log)
+                                 repeats=args.repeats, strict=args.strict, log=log, per_row=per_row)
     except bench.LosslessError as e:  # write the tables anyway, then fail
         failed, results = e, e.rows
 
@@ -111,32 +150,46 @@ def main(argv=None):
             shapes.append(("round", "mxfp4", "bf16", args.gamma2))
         if "w4a4" in modes:
             shapes.append(("round", "w4a4", "w4a16", args.gamma2))
+        # the steps of per-row decoding (two-level rows only): draft steps, verifies, whole rounds
+        row_shapes = list(dict.fromkeys(
+            s for s in shapes if s[0] == "round" or (s[0] in ("mxfp4", "w4a4") and s[1] == 1)
+            or s in (("bf16", args.gamma2 + 1), ("w4a16", args.gamma2 + 1))))
         sc = args.steps_compile or args.compile
         sc = None if sc == "none" else sc
-        for b in [int(x) for x in args.step_batches.split(",")]:
+        for b in step_batches:
             costs += bench.step_costs(model, batch=b, shapes=shapes, compile=sc, position=args.prompt_len,
                                       log=log)
+            real_per_row = real is not None and real.get("meta", {}).get("per_row") and b == real_batch
+            if b > 1 and (per_row or real_per_row):
+                costs += bench.step_costs(model, batch=b, shapes=row_shapes, compile=sc,
+                                          position=args.prompt_len, log=log, row_positions=True)
 
-    implied = {}
-    if args.implied_from and costs:
-        real = json.load(open(args.implied_from))
-        c1 = {c["step"]: c["ms"] for c in costs if c.get("ms") and c["batch"] == 1}
-        table = {m: c1.get(f"{m} q=1") for m in modes}
-        table["bf16@verify"] = c1.get(f"bf16 q={args.gamma2 + 1}")
-        table["w4a16@verify"] = c1.get(f"w4a16 q={args.gamma2 + 1}")
-        table["mxfp4@verify"] = c1.get(f"mxfp4 q={gamma3[0] + 1}")
-        implied = bench.implied_speed(real["rows"], {k: v for k, v in table.items() if v}, args.new_tokens)
+    implied, implied_costs = {}, {}
+    if real is not None and costs:
+        real_batch = int(real.get("meta", {}).get("batch", 1))
+        for rows_suffix, on in (("", False), ("@rows", True)):
+            cb = {c["step"]: c["ms"] for c in costs
+                  if c.get("ms") and c["batch"] == real_batch and bool(c.get("per_row")) == on}
+            label = " per-row" if on else ""
+            table = {m: cb.get(f"{m} q=1{label}") for m in modes}  # draft and autoregressive steps (w4a4 too)
+            table["bf16@verify"] = cb.get(f"bf16 q={args.gamma2 + 1}{label}")
+            table["w4a16@verify"] = cb.get(f"w4a16 q={args.gamma2 + 1}{label}")
+            table["mxfp4@verify"] = cb.get(f"mxfp4 q={gamma3[0] + 1}{label}")
+            implied_costs.update({k + rows_suffix: v for k, v in table.items() if v})
+        real_new = int(real.get("meta", {}).get("new_tokens", args.new_tokens))
+        implied = bench.implied_speed(real["rows"], implied_costs, real_new, batch=real_batch)
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     meta = dict(model=args.model, device=device_name, dtype=args.dtype, torch=torch.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 command="python benchmarks/e2e.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-                prompt_len=args.prompt_len, new_tokens=args.new_tokens, gamma=gamma, transform_s=transform_s,
-                compile=args.compile)
+                batch=args.batch, per_row=per_row, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                gamma=gamma, transform_s=transform_s, compile=args.compile)
     md = [f"# End-to-end decoding: {args.model}", "",
           f"- device: {device_name}; torch {torch.__version__}; dtype {args.dtype}; date {meta['date']}",
           f"- command: `{meta['command']}`",
-          f"- batch 1, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, EOS ignored; "
+          f"- batch {args.batch}, per-row acceptance {'on' if per_row else 'off'}, prompt {args.prompt_len} tokens, "
+          f"{args.new_tokens} new tokens per row (tok/s counts all {args.batch} rows), greedy, EOS ignored; "
           f"gamma {gamma}; compile={args.compile}", "",
           bench.markdown_table(results), ""]
     if costs:
@@ -145,12 +198,19 @@ def main(argv=None):
         md += [f"| {c['step']} | {c['batch']} | {c.get('ms')} | {c.get('setup_s', c.get('error'))} |" for c in costs]
         md.append("")
     if implied:
-        md += ["## Speed implied at this shape by the real model's acceptance", "", "| row | tok/s |", "|---|---|"]
+        rm = real.get("meta", {})
+        md += ["## Speed implied at this shape by the real model's acceptance", "",
+               f"- real run: {args.implied_from} ({rm.get('model')}, batch {rm.get('batch', 1)}, "
+               f"per-row {'on' if rm.get('per_row') else 'off'}, {rm.get('new_tokens')} new tokens per row); "
+               f"its forwards per level x these step costs (ms, batch {rm.get('batch', 1)}; "
+               f"'@rows': per-row steps): {implied_costs}", "",
+               "| row | tok/s |", "|---|---|"]
         md += [f"| {k} | {v:.1f} |" for k, v in implied.items()]
         md.append("")
     text = "\n".join(md)
     print(text, flush=True)
-    payload = dict(meta=meta, rows=[r.as_dict() for r in results], step_costs=costs, implied=implied)
+    payload = dict(meta=meta, rows=[r.as_dict() for r in results], step_costs=costs, implied=implied,
+                   implied_costs=implied_costs)
     bench.dump_json(os.path.join(args.out, f"e2e_{tag}.json"), payload)
     md_path = os.path.join(args.out, f"e2e_{tag}.md")
     tmp = md_path + ".tmp"

@@ -1,7 +1,7 @@
 """End-to-end decoding speed: every strategy against Hugging Face's baselines, on the same prompt.
 
-Used by `specq bench` and `benchmarks/e2e.py`. Rows (batch 1, greedy, same prompt, same count of new
-tokens, EOS ignored so every row makes exactly `new_tokens`):
+Used by `specq bench` and `benchmarks/e2e.py`. Rows (greedy, same prompt, same count of new tokens,
+EOS ignored so every row makes exactly `new_tokens`; batch 1 unless the prompt has more rows):
 
     hf_eager            HF generate, dynamic cache, eager
     hf_static_compile   HF generate, static cache (transformers compiles the decode step itself)
@@ -17,10 +17,15 @@ eager row, or the ar_bf16 row when HF eager was not run; w4a16 target: the ar_w4
 raises otherwise); in bf16 a multi-token verify rounds differently from one-token decoding, so the
 table reports how many leading tokens agree instead.
 
+At batch B > 1, `run_rows(per_row=True)` runs the two-level speculative rows with per-row acceptance
+(`compiled_generate(per_row=True)`: every row keeps its own cache position and all the drafts it
+accepted) instead of advancing the whole batch by its smallest accepted count; autoregressive and
+three-level rows run as before. tok/s counts the tokens of all B rows.
+
 `step_costs` times single compiled forwards (one CUDA graph replay each) per (mode, batch, query
 length): on a model with random weights, acceptance means nothing, so what transfers to the real
 model is the cost of each step; `implied_speed` combines them with the forwards-per-token a real
-model's run measured.
+model's run measured (step costs at the batch of that run).
 """
 
 from __future__ import annotations
@@ -77,14 +82,27 @@ def random_model(config_kwargs: dict, dtype=torch.bfloat16, device="cuda", seed:
 
 
 def make_prompt(model, tokenizer=None, length: int = 128, batch: int = 1, seed: int = 0) -> torch.Tensor:
-    """[batch, length] prompt ids: the default text (repeated/cut to `length`) or random ids."""
+    """[batch, length] prompt ids, a different row per batch entry (identical rows would accept the
+    same drafts and hide per-row behaviour).
+
+    With a tokenizer: the default text, repeated and cut to `length`; row 0 starts at the text's
+    start (the batch-1 prompt), row b `b * n // batch` tokens into the repeated text (n: the text's
+    token count; its first token is kept at the row's start when it is the BOS). Past n rows the
+    rows repeat (batch > n; n = 75 for the default model and text). Without one: random ids."""
     device = next(model.parameters()).device
     if tokenizer is not None:
         ids = tokenizer(DEFAULT_PROMPT, return_tensors="pt").input_ids[0]
-        while ids.numel() < length:
-            ids = torch.cat([ids, ids])
-        ids = ids[:length]
-        return ids.unsqueeze(0).repeat(batch, 1).to(device)
+        n = ids.numel()
+        stream = ids.repeat(-(-(length + n) // n))  # >= length tokens from any offset < n
+        bos = getattr(tokenizer, "bos_token_id", None)
+        rows = []
+        for b in range(batch):
+            off = (b * n) // batch if batch <= n else b % n
+            row = stream[off:off + length].clone()
+            if off and bos is not None and int(ids[0]) == bos:
+                row[0] = bos
+            rows.append(row)
+        return torch.stack(rows).to(device)
     g = torch.Generator().manual_seed(seed)
     vocab = int(model.config.vocab_size)
     return torch.randint(3, vocab, (batch, length), generator=g).to(device)
@@ -105,8 +123,9 @@ class Row:
     same_as: str | None = None
     agree: int | None = None  # leading new tokens equal to the reference row's
     acceptance: dict = field(default_factory=dict)  # level -> acceptance rate
-    mean_accepted: dict = field(default_factory=dict)
+    mean_accepted: dict = field(default_factory=dict)  # level -> accepted drafts per round, per row
     forwards: dict = field(default_factory=dict)
+    per_row: bool = False  # compiled_generate(per_row=True): each row kept all it accepted
     error: str | None = None
     sequences: torch.Tensor | None = None
 
@@ -133,13 +152,18 @@ def _hf_generate(model, ids, new_tokens: int, static: bool):
 
 
 def run_rows(model, ids: torch.Tensor, new_tokens: int = 256, rows=ROWS, gamma=None,
-             compile="auto", repeats: int = 1, strict: bool = False, log=print) -> list[Row]:
-    """Time every row on the same prompt; `model` must be transformed for the modes the rows need
-    (rows whose modes are missing are skipped with a note)."""
+             compile="auto", repeats: int = 1, strict: bool = False, log=print, per_row: bool = False) -> list[Row]:
+    """Time every row on the same prompt [B, P]; `model` must be transformed for the modes the rows
+    need (rows whose modes are missing are skipped with a note).
+
+    per_row: at B > 1, the two-level rows (qspec, mlspecqd2, ngram_bf16) decode with per-row
+    acceptance (`compiled_generate(per_row=True)`; Row.per_row says which rows did); one-level and
+    three-level rows run with one cache position for the batch either way."""
     from specq.runtime.compiled import compiled_generate
     from specq.transform.modes import available_modes, set_mode
 
     device = next(model.parameters()).device
+    batch = int(ids.shape[0])
     gamma = dict(gamma or {})
     try:
         modes = available_modes(model)
@@ -179,6 +203,8 @@ def run_rows(model, ids: torch.Tensor, new_tokens: int = 256, rows=ROWS, gamma=N
                 if len(levels) == 1:
                     g = 1
                 kw = dict(levels=levels, gamma=g, eos_token_id=[], compile=row_compile)
+                if per_row and len(levels) == 2 and batch > 1:
+                    kw["per_row"] = row.per_row = True
                 t0 = time.perf_counter()
                 res = compiled_generate(model, ids, new_tokens, **kw)
                 _sync(device)
@@ -198,12 +224,13 @@ def run_rows(model, ids: torch.Tensor, new_tokens: int = 256, rows=ROWS, gamma=N
                     row.forwards[lvl.name] = lvl.forwards
                     if lvl.acceptance_rate is not None:
                         row.acceptance[lvl.name] = round(lvl.acceptance_rate, 4)
-                        row.mean_accepted[lvl.name] = round(lvl.mean_accepted_length, 3)
+                        # the stats sum accepted drafts over the rows of the batch: per row here
+                        row.mean_accepted[lvl.name] = round(lvl.mean_accepted_length / batch, 3)
             row.new_tokens = int(row.sequences.shape[1]) * int(row.sequences.shape[0])
             row.tokens_per_s = row.new_tokens / row.seconds
             _compare(row, out)  # now, so a run cut short still logged it
             log(f"[bench] {name}: {row.tokens_per_s:.1f} tok/s ({row.seconds:.3f} s, first call "
-                f"{row.warmup_s:.1f} s) acceptance {row.acceptance}"
+                f"{row.warmup_s:.1f} s{', per-row' if row.per_row else ''}) acceptance {row.acceptance}"
                 + (f"; leading tokens equal to {row.same_as}: {row.agree}/{row.sequences.shape[1]}"
                    if row.same_as else ""))
         except Exception as e:  # a row that fails is reported, the others still run
@@ -260,11 +287,14 @@ class LosslessError(AssertionError):
 
 
 def step_costs(model, batch: int = 1, shapes=(("bf16", 1),), iters: int = 50, compile="auto",
-               position: int = 128, log=print) -> list[dict]:
+               position: int = 128, log=print, row_positions: bool = False) -> list[dict]:
     """Milliseconds per compiled forward (one CUDA graph replay) for each (mode, q) in `shapes`.
 
     Also the graph of one ML-SpecQD/QSpec round ("round:<draft>><target>:<gamma>") when listed as
     ("round", draft, target, gamma). Runs on a fresh static cache at `position`.
+    row_positions: the steps of per-row decoding (`compiled_generate(per_row=True)`: one cache
+    position per row, scatter writes, a [B, 1, q, L] mask); labels end in " per-row" and each entry
+    has per_row=True.
     """
     from specq.runtime.compiled import CompiledSteps, make_static_cache
 
@@ -272,7 +302,8 @@ def step_costs(model, batch: int = 1, shapes=(("bf16", 1),), iters: int = 50, co
     if device.type != "cuda":
         raise RuntimeError("step_costs times CUDA graphs; it needs the model on a CUDA device")
     cache = make_static_cache(model, batch, position + 64)
-    steps = CompiledSteps(model, cache, compile=compile, cuda_graphs=True)
+    steps = CompiledSteps(model, cache, compile=compile, cuda_graphs=True, row_positions=row_positions)
+    suffix = " per-row" if row_positions else ""
     vocab = int(model.config.vocab_size)
     g = torch.Generator(device=device).manual_seed(0)
     out = []
@@ -283,12 +314,12 @@ def step_costs(model, batch: int = 1, shapes=(("bf16", 1),), iters: int = 50, co
                 _, draft, target, gamma = shape
                 tok = torch.randint(3, vocab, (batch, 1), device=device, generator=g)
                 fn = lambda: steps.spec_round(tok, position, draft, gamma, target)  # noqa: E731
-                label = f"round {draft}x{gamma}>{target}"
+                label = f"round {draft}x{gamma}>{target}{suffix}"
             else:
                 mode, q = shape
                 ids = torch.randint(3, vocab, (batch, q), device=device, generator=g)
                 fn = lambda: steps.logits(ids, position, mode=mode)  # noqa: E731
-                label = f"{mode} q={q}"
+                label = f"{mode} q={q}{suffix}"
             fn()
             torch.cuda.synchronize()
             setup = time.perf_counter() - t0
@@ -304,10 +335,11 @@ def step_costs(model, batch: int = 1, shapes=(("bf16", 1),), iters: int = 50, co
                 times.append(start.elapsed_time(end))
             times.sort()
             ms = times[len(times) // 2]
-            out.append(dict(step=label, batch=batch, ms=round(ms, 4), setup_s=round(setup, 1)))
+            out.append(dict(step=label, batch=batch, ms=round(ms, 4), setup_s=round(setup, 1), per_row=row_positions))
             log(f"[steps] batch {batch} {label}: {ms:.3f} ms (setup {setup:.1f} s)")
         except Exception as e:
-            out.append(dict(step=str(shape), batch=batch, ms=None, error=f"{type(e).__name__}: {str(e)[:300]}"))
+            out.append(dict(step=str(shape) + suffix, batch=batch, ms=None, per_row=row_positions,
+                            error=f"{type(e).__name__}: {str(e)[:300]}"))
             log(f"[steps] {shape}: FAILED {type(e).__name__}: {e}")
     del steps, cache
     gc.collect()
@@ -315,11 +347,16 @@ def step_costs(model, batch: int = 1, shapes=(("bf16", 1),), iters: int = 50, co
     return out
 
 
-def implied_speed(real_rows: list[dict], costs: dict[str, float], new_tokens: int) -> dict[str, float]:
+def implied_speed(real_rows: list[dict], costs: dict[str, float], new_tokens: int,
+                  batch: int = 1) -> dict[str, float]:
     """Tokens/s a model with these step costs (ms per forward, by level name and query length) would
-    reach with the forwards per token that the real model's rows measured (its acceptance).
+    reach with the forwards that the real model's rows measured (its acceptance).
 
-    real_rows: Row.as_dict() of a real-model run. costs: {"bf16": ms_q1, "bf16@verify": ms_qk, ...}.
+    real_rows: Row.as_dict() of a real-model run at batch `batch`, `new_tokens` new tokens per row.
+    costs: ms per forward of the whole batch, measured at that batch: {"bf16": ms_q1,
+    "bf16@verify": ms_qk, ...}; a row that ran per-row (per_row=True) takes "<key>@rows" where
+    present (the steps of per-row decoding), else "<key>". Tokens/s counts every row's tokens:
+    new_tokens x batch over the summed forwards x ms.
     """
     out = {}
     for r in real_rows:
@@ -332,12 +369,15 @@ def implied_speed(real_rows: list[dict], costs: dict[str, float], new_tokens: in
             if lvl.startswith("ngram"):
                 continue
             key = lvl if (i == 0 or len(levels) == 1) else f"{lvl}@verify"
-            if key not in costs:
+            ms = costs.get(f"{key}@rows") if r.get("per_row") else None
+            if ms is None:
+                ms = costs.get(key)
+            if ms is None:
                 ok = False
                 break
-            total += r["forwards"][lvl] * costs[key]
+            total += r["forwards"][lvl] * ms
         if ok and total > 0:
-            out[r["name"]] = new_tokens / (total / 1e3)
+            out[r["name"]] = new_tokens * int(batch) / (total / 1e3)
     return out
 
 
@@ -345,20 +385,26 @@ def implied_speed(real_rows: list[dict], costs: dict[str, float], new_tokens: in
 
 
 def markdown_table(rows: list[Row], baseline: str = "hf_static_compile") -> str:
+    """One line per row. A last column "per-row" (yes/no) only when some row ran per-row, so that
+    batch-1 tables keep their columns."""
     base = next((r for r in rows if r.name == baseline and r.tokens_per_s), None)
     head = ("row", "tok/s", f"x {baseline}", "first call s", "same tokens as", "leading tokens equal",
             "acceptance (level: rate, mean accepted/round)")
+    per_row_col = any(r.per_row for r in rows)
+    if per_row_col:
+        head += ("per-row",)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
+        tail = (" yes |" if r.per_row else " no |") if per_row_col else ""
         if r.error and r.tokens_per_s is None:
-            lines.append(f"| {r.name} | - | - | - | - | - | {r.error} |")
+            lines.append(f"| {r.name} | - | - | - | - | - | {r.error} |{tail}")
             continue
         ratio = f"{r.tokens_per_s / base.tokens_per_s:.2f}" if base else "-"
         acc = ", ".join(f"{k}: {v:.3f}, {r.mean_accepted.get(k, 0):.2f}" for k, v in r.acceptance.items()) or "-"
         agree = f"{r.agree}/{r.new_tokens // max(1, (r.sequences.shape[0] if r.sequences is not None else 1))}" \
             if r.agree is not None else "-"
         lines.append(f"| {r.name} | {r.tokens_per_s:.1f} | {ratio} | {r.warmup_s:.1f} | {r.same_as or '-'} | "
-                     f"{agree} | {acc} |")
+                     f"{agree} | {acc} |{tail}")
     return "\n".join(lines)
 
 
