@@ -349,8 +349,21 @@ def run_attention(*case, device: str = "cpu") -> dict:
     scale = q.shape[-1] ** -0.5
     y = triton_attention.decode_attention(q, k, v, mask, scale)
     ref = attention_float64(q.cpu(), k.cpu(), v.cpu(), None if mask is None else mask.cpu(), scale)
+    left = sum(int(c.count_nonzero()) for c in triton_attention._COUNTERS.values())
     return {"vs_float64": (_rel(y.cpu(), ref), 1.5e-2),
-            "shape": (float(tuple(y.shape) != (q.shape[0], q.shape[2], q.shape[1], q.shape[3])), 0.0)}
+            "shape": (float(tuple(y.shape) != (q.shape[0], q.shape[2], q.shape[1], q.shape[3])), 0.0),
+            "counters_left_zeroed": (float(left), 0.0)}
+
+
+def run_attention_separate(*case, device: str = "cpu") -> dict:
+    """The two-kernel form (separate combine kernel), as used while a CUDA graph is captured first."""
+    from specq.kernels import triton_attention
+
+    saved, triton_attention.FUSED_COMBINE = triton_attention.FUSED_COMBINE, False
+    try:
+        return run_attention(*case, device=device)
+    finally:
+        triton_attention.FUSED_COMBINE = saved
 
 
 # the families of interpreter checks besides CPU_CASES: (report key prefix, cases, check function)
@@ -358,6 +371,7 @@ def _families():
     return [("gemv", GEMV_CONFIG_CASES, run_gemv_config), ("dense", DENSE_CONFIG_CASES, run_dense_config),
             ("dense_glu", DENSE_GLU_CASES, run_dense_glu_config),
             ("w4a4", W4A4_CONFIG_CASES, run_w4a4_config), ("attention", ATTENTION_CASES, run_attention),
+            ("attention_separate", ATTENTION_CASES[:3], run_attention_separate),
             ("wq", WQ_CONFIG_CASES, run_wq_config)]
 
 
@@ -458,6 +472,31 @@ def test_gpu_dense_gemv_op_and_graph_capture():
         g64, u64 = gate.double(), up.double()
         assert _rel(eager, (g64 * torch.sigmoid(g64) * u64) @ w.double().T + b.double()) < 1.5e-2
         _assert_replay_equals_eager(lambda t: torch.ops.specq.linear_dense_glu(*t.split(2048, dim=-1), w, b), gu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("counters_first", [True, False])
+def test_gpu_decode_attention_graph_replay(counters_first):
+    """The fused combine under CUDA graphs: captured after an eager call (counters exist: the one-kernel
+    form) or first thing in a fresh process state (the separate combine kernel), replays equal the
+    eager result on new values, many times in a row (the counters are left zeroed)."""
+    from specq.kernels import attention_op, triton_attention
+
+    q, k, v, mask = attention_inputs((2, 32, 8, 1, 128, 512, [140, 500]), "cuda")
+    fn = lambda t: attention_op.decode_attention_op(t, k, v, mask, 128 ** -0.5)  # noqa: E731
+    if counters_first:
+        fn(q)
+    else:
+        triton_attention._COUNTERS.clear()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn(q)
+    for _ in range(3):
+        q.copy_(torch.randn_like(q))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, fn(q))
+    assert all(int(c.count_nonzero()) == 0 for c in triton_attention._COUNTERS.values())
 
 
 def _assert_replay_equals_eager(fn, x: torch.Tensor) -> None:

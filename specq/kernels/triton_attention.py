@@ -9,8 +9,11 @@ program per head leaves most SMs idle. So (flash-decoding):
    mask hides all of it (the positions past the current length), else computes the scores with one
    ``tl.dot`` (rows padded to R >= 16), an online softmax in fp32 (base 2), and ``p @ V``. It writes
    its unnormalised output rows and (max, sum) per row to a small fp32 workspace.
-2. ``_combine_kernel``, grid (B * Hkv, G * q): rescales the S partial rows to a common max, sums and
-   normalises, and writes [B, q, Hq, D] directly (the layout o_proj reads; no transpose copy).
+2. The combine: rescale the S partial rows to a common max, sum and normalise, and write
+   [B, q, Hq, D] directly (the layout o_proj reads; no transpose copy). The last program of each
+   head to finish does it (an arrival counter per head, acq_rel atomics), so a decode attention is
+   one kernel; ``_combine_kernel`` (grid (B * Hkv, G * q)) is the separate form, used while a CUDA
+   graph is captured before the counters exist and under SPECQ_ATTENTION_COMBINE=separate.
 
 S is chosen so that about two programs per SM run; blocks are BL = 32 positions when that helps fill
 the GPU, else 64.
@@ -18,6 +21,7 @@ the GPU, else 64.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -32,12 +36,13 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _partial_kernel(
-    q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, ml_ptr,
+    q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, ml_ptr, cnt_ptr, out_ptr,
     L, HKV, scale_log2e,
-    sqb, sqh, sqt, skb, skh, skl, svb, svh, svl, smb, smt,
+    sqb, sqh, sqt, skb, skh, skl, svb, svh, svl, smb, smt, sob, sot, soh,
     G: tl.constexpr, QLEN: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
-    BL: tl.constexpr, BPS: tl.constexpr, S: tl.constexpr,
+    BL: tl.constexpr, BPS: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
     HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
+    FUSED: tl.constexpr,  # the last program of a head combines (cnt_ptr: zeroed counters, left zeroed)
 ):
     bh = tl.program_id(0)
     sp = tl.program_id(1)
@@ -81,6 +86,37 @@ def _partial_kernel(
     tl.store(o_ptr + row[:, None] * D + d[None, :], acc, mask=rv[:, None])
     tl.store(ml_ptr + 2 * row, m_i, mask=rv)
     tl.store(ml_ptr + 2 * row + 1, l_i, mask=rv)
+    if FUSED:
+        # acq_rel: this program's partials are visible before its count, and the last one to count
+        # sees every other program's partials
+        if tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel") == S - 1:
+            _combine_head(o_ptr, ml_ptr, out_ptr, bh, b, h, r, rv, t, d, sob, sot, soh, G, QLEN, R, D, S, SP)
+            tl.store(cnt_ptr + bh, 0)  # ready for the next call (and the next CUDA graph replay)
+
+
+@triton.jit
+def _combine_head(o_ptr, ml_ptr, out_ptr, bh, b, h, r, rv, t, d, sob, sot, soh,
+                  G: tl.constexpr, QLEN: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+                  S: tl.constexpr, SP: tl.constexpr):
+    """All rows of head bh: rescale the S partial rows to a common max, sum, normalise, write
+    [B, q, Hq, D]. Reads bypass L1 (.cg): other SMs wrote them during this kernel."""
+    s = tl.arange(0, SP)
+    rows = (bh * S + s)[:, None] * R + r[None, :]
+    valid = (s < S)[:, None] & rv[None, :]
+    m = tl.load(ml_ptr + 2 * rows, mask=valid, other=float("-inf"), cache_modifier=".cg")
+    l_s = tl.load(ml_ptr + 2 * rows + 1, mask=valid, other=0.0, cache_modifier=".cg")
+    m_max = tl.max(m, axis=0)
+    m_use = tl.where(m_max == float("-inf"), 0.0, m_max)  # rows no split saw: weights 0
+    den = tl.sum(tl.exp2(m - m_use[None, :]) * l_s, axis=0)
+    num = tl.zeros((R, D), dtype=tl.float32)
+    for i in range(S):
+        row = (bh * S + i) * R + r
+        m_i = tl.load(ml_ptr + 2 * row, mask=rv, other=float("-inf"), cache_modifier=".cg")
+        o_i = tl.load(o_ptr + row[:, None] * D + d[None, :], mask=rv[:, None], other=0.0, cache_modifier=".cg")
+        num += o_i * tl.exp2(m_i - m_use)[:, None]
+    out = tl.where(den[:, None] > 0, num / tl.where(den > 0, den, 1.0)[:, None], 0.0)
+    tl.store(out_ptr + b * sob + t[:, None] * sot + (h * G + r // QLEN)[:, None] * soh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=rv[:, None])
 
 
 @triton.jit
@@ -140,13 +176,37 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     out = torch.empty((b, q, hq, d), device=query.device, dtype=query.dtype)
     m_arg = mask if mask is not None else query
     smb, smt = (mask.stride(0), mask.stride(2)) if mask is not None else (0, 0)
+    counters = _counters(query.device, b * hkv) if FUSED_COMBINE else None
+    sp = triton.next_power_of_2(s)
     _partial_kernel[(b * hkv, s)](
-        query, key, value, m_arg, work, ml, length, hkv, float(scale) * LOG2E,
+        query, key, value, m_arg, work, ml, counters if counters is not None else ml, out,
+        length, hkv, float(scale) * LOG2E,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2), smb, smt,
-        G=g, QLEN=q, R=r, D=d, BL=bl, BPS=bps, S=s, HAS_MASK=mask is not None, DOT_FP32=INTERPRET,
-        num_warps=4, num_stages=1)
-    _combine_kernel[(b * hkv, rows)](
-        work, ml, out, hkv, out.stride(0), out.stride(1), out.stride(2),
-        G=g, QLEN=q, R=r, D=d, S=s, SP=triton.next_power_of_2(s), num_warps=4, num_stages=1)
+        value.stride(0), value.stride(1), value.stride(2), smb, smt, out.stride(0), out.stride(1), out.stride(2),
+        G=g, QLEN=q, R=r, D=d, BL=bl, BPS=bps, S=s, SP=sp, HAS_MASK=mask is not None, DOT_FP32=INTERPRET,
+        FUSED=counters is not None, num_warps=4, num_stages=1)
+    if counters is None:
+        _combine_kernel[(b * hkv, rows)](
+            work, ml, out, hkv, out.stride(0), out.stride(1), out.stride(2),
+            G=g, QLEN=q, R=r, D=d, S=s, SP=sp, num_warps=4, num_stages=1)
     return out
+
+
+# SPECQ_ATTENTION_COMBINE=separate keeps the two-kernel form (for A/B measurements)
+FUSED_COMBINE = os.environ.get("SPECQ_ATTENTION_COMBINE", "fused") != "separate"
+_COUNTERS: dict = {}
+
+
+def _counters(device: torch.device, n: int) -> Optional[torch.Tensor]:
+    """Zeroed int32 arrival counters, one per (batch, KV head), persistent per device and stream (each
+    call leaves them zeroed, so a CUDA graph replays with no memset). None while a CUDA graph is being
+    captured before any exist: the caller then runs the separate combine kernel."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
