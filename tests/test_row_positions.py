@@ -123,6 +123,12 @@ def test_per_row_generate_is_lossless_and_wastes_fewer_verifies(multimode, level
     torch._dynamo.reset()
     if len(levels) == 2:
         assert outs[True].stats.levels[1].forwards <= outs[False].stats.levels[1].forwards
+        # per row and per round, an active row commits its accepted drafts plus the verifier's token
+        # (the first new token comes from the prefill; the last round of a row may be cut at
+        # max_new_tokens); rows that are done are not counted
+        lvl = outs[True].stats.levels[0]
+        assert 3 * 19 <= lvl.accepted + lvl.row_rounds <= 3 * 19 + 3 * 3
+        assert lvl.mean_accepted_length <= 3 and lvl.row_rounds <= 3 * lvl.rounds
 
 
 def test_per_row_refuses_three_levels(multimode):

@@ -224,8 +224,7 @@ def run_rows(model, ids: torch.Tensor, new_tokens: int = 256, rows=ROWS, gamma=N
                     row.forwards[lvl.name] = lvl.forwards
                     if lvl.acceptance_rate is not None:
                         row.acceptance[lvl.name] = round(lvl.acceptance_rate, 4)
-                        # the stats sum accepted drafts over the rows of the batch: per row here
-                        row.mean_accepted[lvl.name] = round(lvl.mean_accepted_length / batch, 3)
+                        row.mean_accepted[lvl.name] = round(lvl.mean_accepted_length, 3)
             row.new_tokens = int(row.sequences.shape[1]) * int(row.sequences.shape[0])
             row.tokens_per_s = row.new_tokens / row.seconds
             _compare(row, out)  # now, so a run cut short still logged it

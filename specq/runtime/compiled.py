@@ -705,9 +705,7 @@ def compiled_generate(model, input_ids: torch.Tensor, max_new_tokens: int = 256,
             a_h, n_h = host(a, n_acc)
             n = int(n_h.min())
             m = n + 1
-            stats[i - 1].drafted += gi * B
-            stats[i - 1].accepted += int(n_h.clamp(max=m).sum())
-            stats[i - 1].rounds += 1
+            stats[i - 1].add_round(gi, int(n_h.clamp(max=m).sum()), B)
             new = a[:, :m].clone()
             out.append(new)
             for b in range(B):
@@ -758,9 +756,7 @@ def compiled_generate(model, input_ids: torch.Tensor, max_new_tokens: int = 256,
                 a_h, n_h = host(a, n_acc)
                 n = int(n_h.min())
                 m = n + 1
-                stats[top - 1].drafted += g * B
-                stats[top - 1].accepted += int(n_h.clamp(max=m).sum())
-                stats[top - 1].rounds += 1
+                stats[top - 1].add_round(g, int(n_h.clamp(max=m).sum()), B)
                 kept = a_h[:, :m]
                 x = a[:, n:n + 1].clone()
             kept = kept[:, :want]
@@ -803,6 +799,7 @@ def _per_row_rounds(steps, specs, gammas, stats, x, prompt_len: int, B: int, max
     pos = torch.full((B,), prompt_len, dtype=torch.long, device=x.device)  # device: no host sync
     while any(not finished[b] and num_new[b] < max_new for b in range(B)):
         t0 = time.perf_counter()
+        active = [b for b in range(B) if not finished[b] and num_new[b] < max_new]  # (done rows: not counted)
         if top == 0:
             toks = steps.greedy_burst(x, pos, AR_BURST, mode=target)
             stats[top].forwards += AR_BURST
@@ -821,9 +818,7 @@ def _per_row_rounds(steps, specs, gammas, stats, x, prompt_len: int, B: int, max
             stats[top].forwards += 1
             a_h, n_h = host(a, n_acc)
             rows = [a_h[b, :int(n_h[b]) + 1].tolist() for b in range(B)]
-            stats[0].drafted += g * B
-            stats[0].accepted += int(n_h.sum())
-            stats[0].rounds += 1
+            stats[0].add_round(g, sum(int(n_h[b]) for b in active), len(active))
             step, nxt = n_acc + 1, a.gather(1, n_acc[:, None])
         _commit([r[:max(0, max_new - num_new[b])] for b, r in enumerate(rows)], seqs, finished, num_new, eos)
         # rows that are done stay where they are (they are still computed with the batch, rewriting

@@ -195,9 +195,7 @@ class _Decoder:
             self.rollback(base + changed)
             if k:
                 s = self.stats[i - 1]
-                s.drafted += k * int(active.sum())
-                s.accepted += int(torch.minimum(n_acc, torch.full_like(n_acc, m))[active].sum())
-                s.rounds += 1
+                s.add_round(k, int(torch.minimum(n_acc, torch.full_like(n_acc, m))[active].sum()), int(active.sum()))
             if p is not None:
                 qs.append(p[:, :m])
             produced += m

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 @dataclass
 class LevelStats:
     """One level of the chain. `drafted`/`accepted` count the tokens this level proposed to the level
-    above it (summed over active rows), `rounds` the verifications of those proposals; `forwards` and
-    `time_s` are this level's own work (drafting or verifying), excluding the levels below it."""
+    above it (summed over active rows), `rounds` the verifications of those proposals and
+    `row_rounds` the same summed over the active rows of each; `forwards` and `time_s` are this
+    level's own work (drafting or verifying), excluding the levels below it."""
 
     name: str
     drafted: int = 0
@@ -17,6 +18,14 @@ class LevelStats:
     rounds: int = 0
     forwards: int = 0
     time_s: float = 0.0
+    row_rounds: int = 0
+
+    def add_round(self, drafted_per_row: int, accepted: int, active_rows: int) -> None:
+        """One verification of this level's drafts over `active_rows` rows, `accepted` of them in all."""
+        self.drafted += drafted_per_row * active_rows
+        self.accepted += accepted
+        self.rounds += 1
+        self.row_rounds += active_rows
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -24,13 +33,13 @@ class LevelStats:
 
     @property
     def mean_accepted_length(self) -> float | None:
-        """Accepted tokens per verification round (per row)."""
-        return self.accepted / self.rounds if self.rounds else None
+        """Accepted tokens per verification round, per row."""
+        return self.accepted / self.row_rounds if self.row_rounds else None
 
     def as_dict(self) -> dict:
         return dict(name=self.name, drafted=self.drafted, accepted=self.accepted,
                     acceptance_rate=self.acceptance_rate, mean_accepted_length=self.mean_accepted_length,
-                    rounds=self.rounds, forwards=self.forwards, time_s=self.time_s)
+                    rounds=self.rounds, row_rounds=self.row_rounds, forwards=self.forwards, time_s=self.time_s)
 
 
 @dataclass
