@@ -18,12 +18,14 @@ SwiGLU: a routed linear whose input is ``silu(a) * b`` (either order; a and b of
 dtype) becomes `linear_dense_glu(a, b, weight, bias)`: the GEMV computes the activation in its x
 loads, so the down projection of a llama-style MLP is one kernel instead of an activation kernel
 and a GEMV. Its input is silu(a) * b in fp32 rounded once, as inductor's fused kernel computes it.
+SPECQ_DENSE_GLU=0 (read per call) routes such linears to the plain dense op (for A/B measurements).
 """
 
 from __future__ import annotations
 
 import math
 import operator
+import os
 
 import torch
 import torch.fx as fx
@@ -88,7 +90,7 @@ def route_small_linears(gm: fx.GraphModule, max_rows: int = 4) -> tuple[fx.Graph
         ex = _example(x)
         if ex is None or ex.dtype not in _DTYPES or _rows(ex) > max_rows:
             continue
-        glu = _swiglu_operands(x)
+        glu = _swiglu_operands(x) if os.environ.get("SPECQ_DENSE_GLU", "1") != "0" else None
         node.target = op if glu is None else glu_op
         node.args = (x, weight, bias) if glu is None else (*glu, weight, bias)
         node.kwargs = {}
