@@ -477,9 +477,10 @@ def test_gpu_dense_gemv_op_and_graph_capture():
 @pytest.mark.gpu
 @pytest.mark.parametrize("counters_first", [True, False])
 def test_gpu_decode_attention_graph_replay(counters_first):
-    """The fused combine under CUDA graphs: captured after an eager call (counters exist: the one-kernel
-    form) or first thing in a fresh process state (the separate combine kernel), replays equal the
-    eager result on new values, many times in a row (the counters are left zeroed)."""
+    """The fused combine under CUDA graphs (captured on a side stream, as torch.cuda.graph does): captured
+    after an eager call (counters exist: the one-kernel form) or before any (the separate combine
+    kernel, the same code), replays equal the eager result on new values, many times in a row (the
+    counters are left zeroed)."""
     from specq.kernels import attention_op, triton_attention
 
     q, k, v, mask = attention_inputs((2, 32, 8, 1, 128, 512, [140, 500]), "cuda")

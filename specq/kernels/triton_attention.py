@@ -12,8 +12,8 @@ program per head leaves most SMs idle. So (flash-decoding):
 2. The combine: rescale the S partial rows to a common max, sum and normalise, and write
    [B, q, Hq, D] directly (the layout o_proj reads; no transpose copy). The last program of each
    head to finish does it (an arrival counter per head, acq_rel atomics), so a decode attention is
-   one kernel; ``_combine_kernel`` (grid (B * Hkv, G * q)) is the separate form, used while a CUDA
-   graph is captured before the counters exist and under SPECQ_ATTENTION_COMBINE=separate.
+   one kernel; ``_combine_kernel`` (grid (B * Hkv,), the same code) is the separate form, used while
+   a CUDA graph is captured before the counters exist and under SPECQ_ATTENTION_COMBINE=separate.
 
 S is chosen so that about two programs per SM run; blocks are BL = 32 positions when that helps fill
 the GPU, else 64.
@@ -125,23 +125,12 @@ def _combine_kernel(
     G: tl.constexpr, QLEN: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
     S: tl.constexpr, SP: tl.constexpr,
 ):
+    """The separate combine, grid (B * Hkv,): the same code as the fused one, so both forms give
+    bitwise-equal results."""
     bh = tl.program_id(0)
-    r = tl.program_id(1)
-    b = bh // HKV
-    h = bh % HKV
-    s = tl.arange(0, SP)
-    sv = s < S
-    row = (bh * S + s) * R + r
-    m = tl.load(ml_ptr + 2 * row, mask=sv, other=float("-inf"))
-    l_s = tl.load(ml_ptr + 2 * row + 1, mask=sv, other=0.0)
-    m_max = tl.max(m, axis=0)
-    w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # 0 for splits that saw nothing
-    den = tl.sum(w * l_s, axis=0)
-    d = tl.arange(0, D)
-    o = tl.load(o_ptr + row[:, None] * D + d[None, :], mask=sv[:, None], other=0.0)
-    num = tl.sum(o * w[:, None], axis=0)
-    out = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
-    tl.store(out_ptr + b * sob + (r % QLEN) * sot + (h * G + r // QLEN) * soh + d, out.to(out_ptr.dtype.element_ty))
+    r = tl.arange(0, R)
+    _combine_head(o_ptr, ml_ptr, out_ptr, bh, bh // HKV, bh % HKV, r, r < G * QLEN, r % QLEN, tl.arange(0, D),
+                  sob, sot, soh, G, QLEN, R, D, S, SP)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -168,8 +157,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     b, hq, q, d = query.shape
     hkv, length = key.shape[1], key.shape[2]
     g = hq // hkv
-    rows = g * q
-    r = max(16, triton.next_power_of_2(rows))
+    r = max(16, triton.next_power_of_2(g * q))
     bl, bps, s = split_plan(b * hkv, length, _sm_count(query.device))
     work = torch.empty((b * hkv * s * r, d), device=query.device, dtype=torch.float32)
     ml = torch.empty((b * hkv * s * r, 2), device=query.device, dtype=torch.float32)
@@ -186,7 +174,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         G=g, QLEN=q, R=r, D=d, BL=bl, BPS=bps, S=s, SP=sp, HAS_MASK=mask is not None, DOT_FP32=INTERPRET,
         FUSED=counters is not None, num_warps=4, num_stages=1)
     if counters is None:
-        _combine_kernel[(b * hkv, rows)](
+        _combine_kernel[(b * hkv,)](
             work, ml, out, hkv, out.stride(0), out.stride(1), out.stride(2),
             G=g, QLEN=q, R=r, D=d, S=s, SP=sp, num_warps=4, num_stages=1)
     return out
@@ -198,11 +186,11 @@ _COUNTERS: dict = {}
 
 
 def _counters(device: torch.device, n: int) -> Optional[torch.Tensor]:
-    """Zeroed int32 arrival counters, one per (batch, KV head), persistent per device and stream (each
-    call leaves them zeroed, so a CUDA graph replays with no memset). None while a CUDA graph is being
-    captured before any exist: the caller then runs the separate combine kernel."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
+    """Zeroed int32 arrival counters, one per (batch, KV head), persistent per device (each call
+    leaves them zeroed, so a CUDA graph replays with no memset; calls run one after another on the
+    decode stream). None while a CUDA graph is being captured before any exist: the caller then runs
+    the separate combine kernel."""
+    key = str(device)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
