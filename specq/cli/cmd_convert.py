@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from specq.cli.options import ALL_MODES, parse_modes
+from specq.cli.options import ALL_MODES, parse_lm_head_modes, parse_modes
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -35,6 +35,10 @@ def fail(e: BaseException, quiet: bool = False):
 @click.argument("model", required=False)
 @click.option("--modes", default=",".join(ALL_MODES), show_default=True, help="Comma-separated modes to store.")
 @click.option("--recipe", default=None, help="Recipe name or YAML path (default: the family's, else 'default').")
+@click.option("--lm-head-modes", "lm_head_modes", metavar="MODES", default=None,
+              help="Comma-separated quantized modes (mxfp4, w4a16, w4a4) in which the output head (lm_head) "
+                   "runs quantized; it stays float in the others, bf16 always [default: the recipe's "
+                   "lm_head_modes, i.e. a float head in every mode]. E.g. mxfp4 for faster MXFP4 drafts.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output directory [default: ./<model name>-specq, unless only --push-to-hub is given].")
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO", default=None,
@@ -46,9 +50,10 @@ def fail(e: BaseException, quiet: bool = False):
               help="Measure perplexity and draft agreement per mode (specq eval) for the model card.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or status lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-def convert(model, modes, recipe, out, push_to_hub, private, dtype, do_eval, quiet, as_json):
+def convert(model, modes, recipe, lm_head_modes, out, push_to_hub, private, dtype, do_eval, quiet, as_json):
     """Convert MODEL (Hub id, local dir or .gguf; none = embedded default model) to a specq checkpoint."""
     modes = parse_modes(modes)
+    lm_head_modes = parse_lm_head_modes(lm_head_modes, modes)
     if out is None and push_to_hub is None:
         from pathlib import Path
 
@@ -72,7 +77,8 @@ def convert(model, modes, recipe, out, push_to_hub, private, dtype, do_eval, qui
     from specq.hub.convert import convert as run
 
     try:
-        result = run(model, modes=modes, recipe=recipe, out=out, push_to_hub=push_to_hub, private=private,
+        result = run(model, modes=modes, recipe=recipe, lm_head_modes=lm_head_modes, out=out,
+                     push_to_hub=push_to_hub, private=private,
                      dtype=dtype, evaluate=do_eval, progress=not quiet, on_stage=on_stage)
         bar.set_description_str("specq convert: done", refresh=False)
         bar.update(len(stages) - bar.n)

@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from specq.cli.options import ALL_MODES, parse_modes
+from specq.cli.options import ALL_MODES, parse_lm_head_modes, parse_modes
 
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32",
           "float16": "float16", "fp16": "float16"}
@@ -33,7 +33,7 @@ def _parse_pairs(text: str | None, modes) -> list[tuple[str, str]] | None:
     return pairs
 
 
-def _load(model, modes, recipe, dtype, quiet):
+def _load(model, modes, recipe, dtype, quiet, lm_head_modes=None):
     """(multi-mode model, tokenizer, display name)."""
     import torch
 
@@ -45,6 +45,9 @@ def _load(model, modes, recipe, dtype, quiet):
     try:
         base, tokenizer = specq.load(model, dtype=torch_dtype)
     except SpecqCheckpointError:
+        if lm_head_modes is not None:
+            raise click.UsageError("--lm-head-modes applies when converting; a specq checkpoint already has its "
+                                   "head formats (see `specq inspect`)") from None
         from transformers import AutoTokenizer
 
         from specq.hub.checkpoint import from_pretrained  # the hub layer; imported only when needed
@@ -62,7 +65,7 @@ def _load(model, modes, recipe, dtype, quiet):
     if not quiet:
         click.echo(f"specq eval: transforming {name} to modes {','.join(modes)} ...", err=True)
     try:
-        mm = specq.transform(base, modes=modes, recipe=recipe)
+        mm = specq.transform(base, modes=modes, recipe=recipe, lm_head_modes=lm_head_modes)
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise click.ClickException(f"could not transform {name}: {e}") from e
     return mm, tokenizer, name
@@ -77,6 +80,9 @@ def _load(model, modes, recipe, dtype, quiet):
               help="Comma-separated DRAFT:VERIFIER mode pairs for the agreement table "
                    "[default: mxfp4:bf16,w4a4:w4a16, those within --modes].")
 @click.option("--recipe", default=None, help="Recipe name or YAML path (default: the family's, else 'default').")
+@click.option("--lm-head-modes", "lm_head_modes", metavar="MODES", default=None,
+              help="Comma-separated quantized modes (mxfp4, w4a16, w4a4) in which the output head runs quantized "
+                   "(float in the others, bf16 always) [default: the recipe's, a float head].")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="bfloat16", show_default=True,
               help="Dtype the model is loaded and run in.")
 @click.option("--prompts", "n_prompts", type=click.IntRange(min=1), default=None,
@@ -91,8 +97,8 @@ def _load(model, modes, recipe, dtype, quiet):
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write the JSON report to this file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output on stderr.")
-def eval_cmd(model, modes, pairs, recipe, dtype, n_prompts, max_new_tokens, max_length, gamma, as_json, out,
-             quiet):
+def eval_cmd(model, modes, pairs, recipe, lm_head_modes, dtype, n_prompts, max_new_tokens, max_length, gamma,
+             as_json, out, quiet):
     """Perplexity and weight bytes per mode, and greedy top-1 agreement of drafts with verifiers
     (MXFP4 -> BF16, W4A4 -> W4A16), on the text and prompt sets specq ships.
 
@@ -103,7 +109,8 @@ def eval_cmd(model, modes, pairs, recipe, dtype, n_prompts, max_new_tokens, max_
 
     modes = parse_modes(modes) if modes is not None else None
     pair_list = _parse_pairs(pairs, modes or ALL_MODES)
-    mm, tokenizer, name = _load(model, modes, recipe, DTYPES[dtype], quiet)
+    lm_head_modes = parse_lm_head_modes(lm_head_modes, modes or ALL_MODES)
+    mm, tokenizer, name = _load(model, modes, recipe, DTYPES[dtype], quiet, lm_head_modes)
     prompts = load_eval_prompts()
     if n_prompts is not None:
         prompts = prompts[:n_prompts]

@@ -30,13 +30,16 @@ def inspect_cmd(checkpoint, revision, layers, as_json):
     rot = info["rotation"] or {}
     rot_text = rot.get("type", "none") + (f" online, blocks {rot.get('block_sizes')}" if rot.get("type") == "hadamard"
                                           else "")
+    partial = sum(bool(e.get("modes")) for e in info["layers"])  # the head under lm_head_modes
     lines = [f"{info['source']}",
              f"  format version  {info['format_version']} (written by specq {info.get('specq_version')})",
              f"  model           {' '.join([info['model_type'] or '?'] + list(info.get('architectures') or []))}, dtype {info['dtype']}",
              f"  recipe          {info['recipe']}",
              f"  rotation        {rot_text}",
              f"  int4 groups     {info['group_sizes'].get('int4') if info.get('group_sizes') else '-'}",
-             f"  layers          {info['quantized_layers']} of {len(info['layers'])} weight matmuls quantized",
+             f"  layers          {info['quantized_layers']} of {len(info['layers'])} weight matmuls quantized"
+             + (f" ({partial} of them in some modes only)" if partial else ""),
+             f"  lm_head modes   {','.join(info.get('lm_head_modes') or []) or '- (float head in every mode)'}",
              "", f"  {'mode':<6} {'bytes':>14} {'MB':>10}"]
     for m, n in info["bytes_per_mode"].items():
         lines.append(f"  {m:<6} {n:>14,d} {n / 1e6:>10.2f}")
@@ -50,7 +53,9 @@ def inspect_cmd(checkpoint, revision, layers, as_json):
             if e["action"] == "quantize":
                 lines.append(f"  {e['module']:<44} {shape:>13} {'quantize':<9} {e['int4_group_size'] or '-':>6} "
                              f"{e['act_group_size'] if e['act_group_size'] is not None else '-':>5} "
-                             f"{e['had_block'] or 0:>4}")
+                             f"{e['had_block'] or 0:>4}"
+                             + (f"  only in {','.join(e['modes'])} (float in the other modes)" if e.get("modes")
+                                else ""))
             else:
                 lines.append(f"  {e['module']:<44} {shape:>13} {'keep':<9} ({e['reason']})")
     click.echo("\n".join(lines))

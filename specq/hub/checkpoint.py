@@ -138,13 +138,18 @@ def _tensors_by_group(model, mmls):
     """{group: {name: tensor}} of everything the checkpoint stores, and {alias: name} for tied tensors.
 
     A tied tensor (e.g. lm_head <-> embeddings) is stored once; if one of its names belongs to the
-    common group it is stored there, so loading any subset of modes still finds it.
+    common group it is stored there, so loading any subset of modes still finds it. The float weight
+    of a module that runs float in a quantized mode too (the head under `lm_head_modes`) is common:
+    modes other than bf16 need it.
     """
     mml_paths = {path for path, _ in mmls}
+    float_beyond_bf16 = {path for path, m in mmls if any(x != "bf16" for x in m.float_modes)}
 
     def group_of(name):
         owner, _, attr = name.rpartition(".")
-        return TENSOR_GROUP.get(attr, COMMON) if owner in mml_paths else COMMON
+        if owner not in mml_paths or (attr == "weight" and owner in float_beyond_bf16):
+            return COMMON
+        return TENSOR_GROUP.get(attr, COMMON)
 
     by_storage: dict[tuple, list[str]] = {}
     tensors = model.state_dict()
@@ -218,16 +223,20 @@ def _quantization_config(model, plan: dict) -> dict:
     """config.json's quantization_config: what a reader needs to know without opening the plan."""
     import specq
 
-    quantized = [e for e in plan["matmuls"] if e["action"] == "quantize"]
+    from specq.passes.plan import entry_modes
+
     modes = list(plan["modes"])
+    quantized = [e for e in plan["matmuls"] if e["action"] == "quantize"]
+    in_mode = {m: [e for e in quantized if m in entry_modes(e, modes)] for m in ("mxfp4", "w4a4")}
+    int4_entries = [e for e in quantized if {"w4a16", "w4a4"} & set(entry_modes(e, modes))]
     formats = {}
     if "bf16" in modes:
         formats["bf16"] = {"format": "dense", "dtype": plan.get("dtype")}
     if "mxfp4" in modes:
         formats["mxfp4"] = {"format": "mxfp4", "element": "e2m1", "scale": "e8m0", "block_size": 32,
-                            "scale_rules": sorted({e.get("mxfp4_scale_rule") or "floor" for e in quantized}),
+                            "scale_rules": sorted({e.get("mxfp4_scale_rule") or "floor" for e in in_mode["mxfp4"]}),
                             "tensors": ["mxfp4_packed", "mxfp4_scales"]}
-    int4_groups = sorted({e["int4_group_size"] for e in quantized if e.get("int4_group_size")})
+    int4_groups = sorted({e["int4_group_size"] for e in int4_entries if e.get("int4_group_size")})
     if "w4a16" in modes or "w4a4" in modes:
         int4 = {"format": "int4", "symmetric": True, "group_sizes": int4_groups, "packing": "int32-lsb-first",
                 "tensors": ["int4_packed", "int4_scales"], "shared_with": [m for m in ("w4a16", "w4a4") if m in modes]}
@@ -235,15 +244,18 @@ def _quantization_config(model, plan: dict) -> dict:
             formats["w4a16"] = dict(int4, activations="dense")
         if "w4a4" in modes:
             formats["w4a4"] = dict(int4, activations="int4-dynamic-symmetric",
-                                   act_group_sizes=sorted({e.get("act_group_size") or 0 for e in quantized}))
-    blocks = sorted({e.get("had_block") or 0 for e in quantized})
+                                   act_group_sizes=sorted({e.get("act_group_size") or 0 for e in in_mode["w4a4"]}))
+    blocks = sorted({e.get("had_block") or 0 for e in int4_entries})
     rotation = {"type": "hadamard", "online": True, "applies_to": ["w4a16", "w4a4"], "block_sizes": blocks,
                 "convention": "W_rot = W @ H (block-diagonal along K); y = (x @ H) @ W_rot.T"}
     if blocks == [0] or not blocks:
         rotation = {"type": "none"}
-    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "specq_version": specq.__version__,
-            "modes": modes, "formats": formats, "group_sizes": {"int4": int4_groups, "mxfp4": 32},
-            "recipe": plan.get("recipe"), "rotation": rotation, "plan": plan}
+    out = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "specq_version": specq.__version__,
+           "modes": modes, "formats": formats, "group_sizes": {"int4": int4_groups, "mxfp4": 32},
+           "recipe": plan.get("recipe"), "rotation": rotation, "plan": plan}
+    if plan.get("lm_head_modes"):  # the output head is quantized in these modes only (float in the others)
+        out["lm_head_modes"] = list(plan["lm_head_modes"])
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ load
@@ -272,8 +284,11 @@ def from_pretrained(path_or_repo: str | os.PathLike, modes=None, revision: str |
     from specq.transform.transform import apply_plan
 
     apply_plan(model, q["plan"], quantize=False, modes=modes)
-    state = _read_shards(folder, files, progress)
     expected = set(model.state_dict().keys())
+    # the float weight of a head quantized in lm_head_modes is common (other quantized modes run it
+    # float); a load of only its quantized modes has no use for it
+    unused = {f"{e['module']}.weight" for e in q["plan"]["matmuls"] if e.get("modes")} - expected
+    state = _read_shards(folder, files, progress, skip=unused)
     for alias, name in (index.get("aliases") or {}).items():
         if alias in expected and name in state:
             state[alias] = state[name]
@@ -350,7 +365,7 @@ def build_skeleton(folder: Path, config: dict, dtype=None):
     return model
 
 
-def _read_shards(folder: Path, files, progress: bool) -> dict:
+def _read_shards(folder: Path, files, progress: bool, skip=()) -> dict:
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
@@ -358,7 +373,8 @@ def _read_shards(folder: Path, files, progress: bool) -> dict:
     for name in tqdm(files, desc="reading shards", disable=not progress, file=sys.stderr):
         with safe_open(str(folder / name), framework="pt", device="cpu") as f:
             for k in f.keys():
-                state[k] = f.get_tensor(k)
+                if k not in skip:
+                    state[k] = f.get_tensor(k)
     return state
 
 

@@ -36,13 +36,15 @@ class ConvertResult:
 
 
 def convert(model: str | None = None, *, modes=("bf16", "mxfp4", "w4a16", "w4a4"), recipe=None,
-            out: str | os.PathLike | None = None, push_to_hub: str | None = None, private: bool = False,
-            token: str | None = None, endpoint: str | None = None, dtype="bfloat16", evaluate: bool = True,
-            eval_kwargs: dict | None = None, progress: bool = True, on_stage=None) -> ConvertResult:
+            lm_head_modes=None, out: str | os.PathLike | None = None, push_to_hub: str | None = None,
+            private: bool = False, token: str | None = None, endpoint: str | None = None, dtype="bfloat16",
+            evaluate: bool = True, eval_kwargs: dict | None = None, progress: bool = True,
+            on_stage=None) -> ConvertResult:
     """Convert MODEL (Hub id, local dir, .gguf; None = the embedded default model) to a specq checkpoint.
 
     out: where to write it (None with push_to_hub: a temporary folder, removed after the push).
     evaluate: measure perplexity and draft agreement per mode with specq.evaluation for the card.
+    lm_head_modes: quantized modes in which the output head runs quantized (specq.transform's argument).
     """
     import specq
     from specq.hub.checkpoint import bytes_per_mode, read_checkpoint_meta, save_pretrained
@@ -57,7 +59,7 @@ def convert(model: str | None = None, *, modes=("bf16", "mxfp4", "w4a16", "w4a4"
     stage("loading")
     base, tokenizer = specq.load(model, dtype=dtype)
     stage("quantizing")
-    mm = specq.transform(base, modes=tuple(modes), recipe=recipe)
+    mm = specq.transform(base, modes=tuple(modes), recipe=recipe, lm_head_modes=lm_head_modes)
     eval_results = None
     if evaluate:
         stage("evaluating")

@@ -59,7 +59,13 @@ def export_compressed_tensors(src: str | os.PathLike, out: str | os.PathLike, mo
     config, index = read_checkpoint_meta(folder)
     q = quantization_config(config, str(src))
     plan = q["plan"]
-    entries = [e for e in plan["matmuls"] if e["action"] == "quantize"]
+    from specq.passes.plan import entry_modes
+
+    # a head quantized only in lm_head_modes is exported quantized in those modes, unless it is tied to the
+    # input embedding (engines re-tie lm_head to the float embedding): then it stays float, in "ignore"
+    entries = [e for e in plan["matmuls"] if mode in entry_modes(e, plan["modes"])
+               and not (e.get("modes") and e.get("tied_to_embedding"))]
+    float_heads = [e for e in plan["matmuls"] if e.get("modes") and e not in entries]
     rotated = [e["module"] for e in entries if e.get("had_block")]
     need = [mode]
     if mode == "w4a16" and rotated:
@@ -92,8 +98,11 @@ def export_compressed_tensors(src: str | os.PathLike, out: str | os.PathLike, mo
             if name in state:
                 state[alias] = state[name].clone()
 
+    for e in float_heads:  # their packed tensors (of other modes) are not part of the export
+        for k in ("mxfp4_packed", "mxfp4_scales", "int4_packed", "int4_scales"):
+            state.pop(f"{e['module']}.{k}", None)
     tensors, groups = _convert(state, entries, mode, requantize and mode == "w4a16" and bool(rotated))
-    kept = sorted(e["module"] for e in plan["matmuls"] if e["action"] != "quantize")
+    kept = sorted(e["module"] for e in plan["matmuls"] if e["action"] != "quantize" or e in float_heads)
     out_config = {k: v for k, v in config.items() if k != "quantization_config"}
     out_config["quantization_config"] = compressed_tensors_config(mode, groups, kept)
 

@@ -31,7 +31,9 @@ def checkpoint_info(path_or_repo: str | os.PathLike, *, revision: str | None = N
                        "action": e["action"], "int4_group_size": e.get("int4_group_size"),
                        "act_group_size": e.get("act_group_size"), "had_block": e.get("had_block"),
                        "mxfp4_scale_rule": e.get("mxfp4_scale_rule"),
-                       "reason": e.get("reason") if e["action"] != "quantize" else None})
+                       # quantized only in these modes (the head under lm_head_modes); None: in every one
+                       "modes": e.get("modes"),
+                       "reason": e.get("reason") if e["action"] != "quantize" or e.get("modes") else None})
     files = {}
     for name, meta in sorted(index.get("files", {}).items()):
         files[name] = {"group": meta.get("group"), "size": meta.get("size"), "sha256": meta.get("sha256")}
@@ -39,7 +41,7 @@ def checkpoint_info(path_or_repo: str | os.PathLike, *, revision: str | None = N
             "model_type": config.get("model_type"), "architectures": config.get("architectures"),
             "dtype": plan.get("dtype"), "modes": q["modes"], "bytes_per_mode": bytes_per_mode(index, q["modes"]),
             "recipe": q.get("recipe"), "rotation": q.get("rotation"), "formats": q.get("formats"),
-            "group_sizes": q.get("group_sizes"), "files": files,
+            "group_sizes": q.get("group_sizes"), "lm_head_modes": plan.get("lm_head_modes", []), "files": files,
             "quantized_layers": sum(1 for e in layers if e["action"] == "quantize"), "layers": layers}
 
 

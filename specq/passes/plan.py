@@ -12,6 +12,14 @@ Output: a JSON-serialisable plan, stored later as `model.specq_plan`::
         "act_group_size": 32, "had_block": 64, "notes": ["K=576 is not a multiple of group 128: group 64"]},
        {"module": "lm_head", ..., "action": "keep", "reason": "recipe keeps /lm_head/ in the model's dtype"}]}
 
+With `lm_head_modes: [mxfp4]` the head entry is instead quantized in those modes only::
+
+       {"module": "lm_head", ..., "action": "quantize", "modes": ["mxfp4"], "mxfp4_scale_rule": "act_mse",
+        "reason": "recipe 'default' lm_head_modes: the output head runs quantized in mxfp4 and in the
+                   model's dtype in bf16, w4a16, w4a4 (...)"}
+
+An entry without "modes" is quantized in every quantized mode of the plan (`entry_modes`).
+
 Graph before and after: unchanged (the plan is data; 0 rewrites). Every adjustment (a smaller
 dividing group size, a smaller Hadamard block) and every matmul kept in the model's dtype is logged
 with its reason — never a silent half-conversion.
@@ -25,6 +33,13 @@ Recipe keys (all optional except `name`; a recipe may name a `base` recipe whose
     int4_clip_ratio: null|float|search
     act_group_size: int           W4A4 activation group (0 = per token); falls back like the INT4 group
     had_block: int|"full"         block of the online Hadamard rotation of INT4 modes (0 = none)
+    lm_head_modes: [mode, ...]    quantized modes ("mxfp4", "w4a16", "w4a4") in which the output head
+                                  (a module named lm_head, embed_out or output_layer: HEAD_PATTERN) runs
+                                  quantized although `keep` / keep_tied_to_embedding keep it; default []
+                                  (float head in every mode). In every other mode, bf16 always included,
+                                  the head stays the exact float matmul, so speculative output with a
+                                  bf16 target stays lossless. A tied head gets its own packed copy; the
+                                  input embedding stays float. Modes not in the plan's modes are ignored.
     overrides: [{match: regex, <any key above>}, ...]   first match wins, per module path
     model_types: [str, ...]       config.model_type values this recipe is the default for
 """
@@ -45,7 +60,10 @@ from specq.formats import hadamard
 log = logging.getLogger(__name__)
 
 MODES = ("bf16", "mxfp4", "w4a16", "w4a4")
+QUANTIZED_MODES = ("mxfp4", "w4a16", "w4a4")
 INT4_MODES = ("w4a16", "w4a4")
+# the output head, as the default recipe's `keep` list names it (llama & co., GPT-NeoX, ChatGLM)
+HEAD_PATTERN = r"(^|\.)(lm_head|embed_out|output_layer)$"
 MXFP4_BLOCK = 32
 # floor: the OCP spec's exponent; mse: least squared weight error among e-1, e, e+1 (formats);
 # act_mse: the same, weighted by calibration E[x_k^2] (specq/transform/calibration.py)
@@ -55,12 +73,12 @@ PLAN_VERSION = 1
 _FORMAT_KEYS = ("mxfp4_scale_rule", "int4_group_size", "int4_min_group_size", "int4_clip_ratio",
                 "act_group_size", "had_block")
 _RECIPE_KEYS = set(_FORMAT_KEYS) | {"name", "base", "description", "keep", "keep_tied_to_embedding",
-                                    "overrides", "model_types"}
+                                    "lm_head_modes", "overrides", "model_types"}
 
 _BUILTIN_DEFAULTS = {
     "keep": [], "keep_tied_to_embedding": True, "mxfp4_scale_rule": "floor", "int4_group_size": 128,
     "int4_min_group_size": 32, "int4_clip_ratio": None, "act_group_size": 32, "had_block": 64,
-    "overrides": [],
+    "lm_head_modes": [], "overrides": [],
 }
 
 
@@ -155,12 +173,46 @@ def _validate_recipe(r: dict) -> None:
     hb = r["had_block"]
     if not (hb == "full" or (isinstance(hb, int) and hb >= 0)):
         raise ValueError(f"{where}: had_block must be an int >= 0 (0 = no rotation) or 'full', got {hb!r}")
+    r["lm_head_modes"] = validate_lm_head_modes(r.get("lm_head_modes"), where)
     for o in r.get("overrides") or []:
         if not isinstance(o, dict) or "match" not in o:
             raise ValueError(f"{where}: each override needs a 'match' regex, got {o!r}")
         bad = set(o) - set(_FORMAT_KEYS) - {"match", "keep"}
         if bad:
             raise ValueError(f"{where}: override {o['match']!r} has unknown keys {sorted(bad)}")
+
+
+def validate_lm_head_modes(value, where: str = "lm_head_modes") -> list[str]:
+    """`lm_head_modes` as a list of quantized mode names (None -> []); a clear error for anything else.
+    A comma-separated string ("mxfp4,w4a16") is accepted too."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{where}: lm_head_modes must be a list of mode names from {QUANTIZED_MODES}, "
+                         f"got {value!r}")
+    if "bf16" in value:
+        raise ValueError(f"{where}: lm_head_modes cannot contain 'bf16': the bf16 (target) mode always runs the "
+                         f"exact float head; allowed values are {QUANTIZED_MODES}")
+    bad = [v for v in value if v not in QUANTIZED_MODES]
+    if bad:
+        raise ValueError(f"{where}: unknown lm_head_modes value(s) {bad}; allowed values are {QUANTIZED_MODES}")
+    return list(dict.fromkeys(value))
+
+
+def is_head(module: str) -> bool:
+    """Whether a module path names the model's output head (HEAD_PATTERN)."""
+    return re.search(HEAD_PATTERN, module) is not None
+
+
+def entry_modes(entry: dict, modes) -> tuple[str, ...]:
+    """The modes (of `modes`) in which plan `entry` runs quantized: () for a kept entry; the entry's own
+    "modes" where it has them (the output head under `lm_head_modes`); else every mode but bf16."""
+    if entry.get("action") != "quantize":
+        return ()
+    own = entry.get("modes")
+    return tuple(m for m in modes if m != "bf16" and (own is None or m in own))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,21 +268,39 @@ def decide(m: dict, recipe: dict, modes: tuple[str, ...]) -> dict:
                  mxfp4_scale_rule=None, int4_group_size=None, int4_clip_ratio=None,
                  act_group_size=None, had_block=None)
 
+    # the output head, quantized only in the recipe's lm_head_modes (float in the others, bf16 included)
+    head_modes = None
+    if recipe.get("lm_head_modes") and is_head(m["module"]):
+        head_modes = [x for x in modes if x in recipe["lm_head_modes"]] or None
+
     def keep(reason):
+        if entry.pop("modes", None) is not None:
+            entry["notes"].append(f"lm_head_modes {head_modes} not applied: {reason}")
         entry.update(action="keep", reason=reason, mxfp4_scale_rule=None, int4_group_size=None,
                      int4_clip_ratio=None, act_group_size=None, had_block=None)
         return entry
 
-    if keep_by_recipe is not None:
-        return keep(f"recipe {recipe['name']!r} keeps /{keep_by_recipe}/ in the model's dtype")
-    if m.get("tied_to_embedding") and recipe.get("keep_tied_to_embedding", True):
-        return keep("weight is tied to an input embedding (kept in the model's dtype)")
+    if head_modes is None:
+        if keep_by_recipe is not None:
+            return keep(f"recipe {recipe['name']!r} keeps /{keep_by_recipe}/ in the model's dtype")
+        if m.get("tied_to_embedding") and recipe.get("keep_tied_to_embedding", True):
+            return keep("weight is tied to an input embedding (kept in the model's dtype)")
+    else:
+        entry["modes"] = list(head_modes)  # from here on, a keep() records that lm_head_modes did not apply
     if not m.get("whole_module"):
         return keep(f"the matmul is not the whole forward of module {m['module']!r} (other ops run inside "
                     "it), so the module cannot be swapped in eager mode; kept in the model's dtype")
     if not m.get("param"):
         return keep("the weight is not an attribute of the module that multiplies by it")
     quantized = [x for x in modes if x != "bf16"]
+    if head_modes is not None:
+        quantized = head_modes
+        float_modes = [x for x in modes if x not in head_modes]
+        entry["reason"] = (f"recipe {recipe['name']!r} lm_head_modes: the output head runs quantized in "
+                           f"{', '.join(head_modes)}"
+                           + (f" and in the model's dtype in {', '.join(float_modes)}" if float_modes else "")
+                           + (" (the input embedding it is tied to stays in the model's dtype)"
+                              if m.get("tied_to_embedding") else ""))
     if "mxfp4" in quantized:
         if k % MXFP4_BLOCK:
             return keep(f"K={k} is not a multiple of the MXFP4 block {MXFP4_BLOCK}")
@@ -287,9 +357,23 @@ def make_plan(matmuls, recipe: dict, modes, dtype=None, model_type: str | None =
     n_q = sum(e["action"] == "quantize" for e in entries)
     log.info("plan: %d of %d weight matmuls quantized (recipe %s, modes %s)", n_q, len(entries),
              recipe["name"], ",".join(modes))
+    head_modes = [x for x in modes if x in (recipe.get("lm_head_modes") or [])]
+    if head_modes:
+        heads = [e for e in entries if is_head(e["module"])]
+        if not heads:
+            raise ValueError(f"lm_head_modes {head_modes}: no output head among the {len(entries)} weight matmuls "
+                             f"(no module path matches {HEAD_PATTERN!r}); drop lm_head_modes for this model")
+        for e in heads:
+            if e.get("modes"):
+                log.info("plan: output head %s quantized in %s only", e["module"], ",".join(e["modes"]))
+            else:
+                log.warning("plan: lm_head_modes %s: the output head %s stays in the model's dtype: %s",
+                            head_modes, e["module"], e["reason"])
     plan = {"version": PLAN_VERSION, "recipe": recipe["name"], "modes": list(modes),
             "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
             "model_type": model_type, "matmuls": entries}
+    if head_modes:
+        plan["lm_head_modes"] = head_modes
     json.dumps(plan)  # fail here, not at save time, if anything is not JSON-serialisable
     return plan
 

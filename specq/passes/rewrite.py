@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from specq.passes.find_weight_matmuls import find_weight_matmuls
-from specq.passes.plan import MODES
+from specq.passes.plan import MODES, entry_modes
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def _op(mode: str):
 def rewrite_weight_matmuls(gm: fx.GraphModule, plan: dict, packed: dict[str, dict[str, torch.Tensor]], mode: str,
                            param_names: dict[str, str] | None = None,
                            aliases: dict[str, list[str]] | None = None) -> tuple[fx.GraphModule, int]:
-    """Replace every weight matmul that `plan` quantizes with `torch.ops.specq.linear_<mode>`.
+    """Replace every weight matmul that `plan` quantizes in `mode` with `torch.ops.specq.linear_<mode>`.
 
     Returns (gm, number of rewritten nodes). Raises if a planned matmul is missing from the graph or
     its packed tensors are missing from `packed` (never a silent half-conversion).
@@ -62,7 +62,8 @@ def rewrite_weight_matmuls(gm: fx.GraphModule, plan: dict, packed: dict[str, dic
     if mode == "bf16":
         log.info("rewrite_weight_matmuls: mode bf16, 0 rewrites")
         return gm, 0
-    entries = {(e["module"], e["param"]): e for e in plan["matmuls"] if e["action"] == "quantize"}
+    # a matmul quantized only in some modes (the head under lm_head_modes) stays float in the others
+    entries = {(e["module"], e["param"]): e for e in plan["matmuls"] if mode in entry_modes(e, plan["modes"])}
     found = find_weight_matmuls(gm, param_names=param_names, aliases=aliases)
     nodes = {n.name: n for n in gm.graph.nodes}
     op = _op(mode)

@@ -9,6 +9,10 @@ It holds only what its modes need:
 | `int4_packed`, `int4_scales`   | int32 [out, in/8], model dtype [out, in/group] | w4a16 AND w4a4 (one copy) |
 | `bias` (the model's own Parameter or None) | model dtype [out]      | all            |
 
+A module may be quantized in only some of the model's modes (`quant_modes`, e.g. the output head under
+the recipe key `lm_head_modes`): in every other mode it runs `F.linear` with its float `weight`, exactly
+as in bf16 mode, and it holds that weight whenever such a mode exists.
+
 The INT4 copy is quantized from the rotated weight `W @ H` (H block-diagonal Hadamard with blocks of
 `had_block` along K, or no rotation when had_block == 0); both INT4 ops rotate `x` the same way, so
 `(x @ H) @ (W @ H).T == x @ W.T`. The active mode is read from a `ModeState` shared by every
@@ -38,7 +42,8 @@ def _ensure_ops() -> None:
 class MultiModeLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, state: ModeState, *, weight=None, bias=None,
                  layout: str = "out_in", int4_group_size: int | None = None, act_group_size: int | None = None,
-                 had_block: int | None = None, dtype: torch.dtype = torch.float32, device=None):
+                 had_block: int | None = None, dtype: torch.dtype = torch.float32, device=None,
+                 quant_modes=None):
         super().__init__()
         if layout not in ("out_in", "in_out"):
             raise ValueError(f"layout must be 'out_in' (nn.Linear) or 'in_out' (Conv1D), got {layout!r}")
@@ -51,10 +56,20 @@ class MultiModeLinear(nn.Module):
         self.dtype = dtype
         # a plain attribute, not a submodule: shared by all MultiModeLinears of the model
         self.__dict__["_mode_state"] = state
-        modes = state.modes
-        if "bf16" in modes:
+        all_modes = state.modes
+        if quant_modes is None:  # quantized in every mode but bf16
+            quant_modes = tuple(m for m in all_modes if m != "bf16")
+        bad = [m for m in quant_modes if m == "bf16" or m not in all_modes]
+        if bad:
+            raise ValueError(f"quant_modes {tuple(quant_modes)} must be quantized modes among the model's modes "
+                             f"{all_modes}")
+        self.quant_modes = tuple(m for m in all_modes if m in quant_modes)
+        # modes that run F.linear with the float weight: bf16, and any mode this module is not quantized in
+        self.float_modes = tuple(m for m in all_modes if m not in self.quant_modes)
+        modes = self.quant_modes
+        if self.float_modes:
             if weight is None:
-                raise ValueError("mode bf16 needs the model's own weight")
+                raise ValueError(f"mode(s) {self.float_modes} need the model's own weight")
             self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         if bias is not None:
             self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
@@ -69,7 +84,7 @@ class MultiModeLinear(nn.Module):
                 raise ValueError("INT4 modes need int4_group_size")
             self.register_buffer("int4_packed", torch.empty(n, k // 8, dtype=torch.int32, device=device))
             self.register_buffer("int4_scales", torch.empty(n, k // self.int4_group_size, dtype=dtype, device=device))
-        if any(m != "bf16" for m in modes):
+        if modes:
             _ensure_ops()
 
     @property
@@ -82,7 +97,7 @@ class MultiModeLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = self.__dict__["_mode_state"].mode
-        if mode == "bf16":
+        if mode in self.float_modes:  # bf16, and the modes this module is not quantized in
             if self.layout == "out_in":
                 return F.linear(x, self.weight, self.bias)
             # exactly what transformers' Conv1D does, so bf16 mode stays bit-identical
@@ -102,7 +117,7 @@ class MultiModeLinear(nn.Module):
 
     def weight_bytes(self, mode: str) -> int:
         """Bytes of weight (and bias) tensors that one forward in `mode` reads."""
-        if mode == "bf16":
+        if mode in self.float_modes:
             ts = [self.weight]
         elif mode == "mxfp4":
             ts = [self.mxfp4_packed, self.mxfp4_scales]
@@ -117,6 +132,8 @@ class MultiModeLinear(nn.Module):
     def extra_repr(self) -> str:
         s = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
              f"modes={self.modes}")
+        if any(m != "bf16" for m in self.float_modes):  # float in a quantized mode too
+            s += f", quant_modes={self.quant_modes}"
         if self.layout != "out_in":
             s += f", layout={self.layout}"
         if self.int4_group_size:

@@ -17,7 +17,8 @@ from torch import nn
 from specq.formats import hadamard, int4, mxfp4
 from specq.passes.capture import capture
 from specq.passes.find_weight_matmuls import find_weight_matmuls
-from specq.passes.plan import INT4_MODES, MODES, load_recipe, make_plan, validate_modes
+from specq.passes.plan import (INT4_MODES, MODES, entry_modes, load_recipe, make_plan, validate_lm_head_modes,
+                               validate_modes)
 from specq.transform import calibration
 from specq.transform.modes import STATE_ATTR, ModeState
 from specq.transform.multimode_linear import MultiModeLinear
@@ -39,7 +40,7 @@ def _model_dtype(model) -> torch.dtype:
 
 
 def transform(model: nn.Module, modes=MODES, recipe=None, input_ids: torch.Tensor | None = None,
-              calibration_ids: torch.Tensor | None = None) -> nn.Module:
+              calibration_ids: torch.Tensor | None = None, lm_head_modes=None) -> nn.Module:
     """Make every planned weight matmul of `model` a MultiModeLinear (in place) and return `model`.
 
     modes: which of ("bf16", "mxfp4", "w4a16", "w4a4") to keep; only their tensors are stored
@@ -49,6 +50,9 @@ def transform(model: nn.Module, modes=MODES, recipe=None, input_ids: torch.Tenso
     input_ids: example ids for graph capture (default: a few in-vocabulary ids).
     calibration_ids: token ids for the `act_mse` MXFP4 scale rule (default: the model samples its
     own, see calibration.py); unused by the other rules.
+    lm_head_modes: None (the recipe's `lm_head_modes`, [] by default) or quantized modes of `modes`
+    (e.g. ["mxfp4"]) in which the output head runs quantized; it stays the exact float matmul in every
+    other mode (bf16 always). Overrides the recipe's key. A tied head gets its own packed copy.
     """
     modes = validate_modes(modes)
     if not isinstance(model, nn.Module):
@@ -57,6 +61,12 @@ def transform(model: nn.Module, modes=MODES, recipe=None, input_ids: torch.Tenso
         raise ValueError("this model is already a specq multi-mode model (transform was applied); "
                          "transform the original model instead")
     rec = load_recipe(recipe, _model_type(model))
+    if lm_head_modes is not None:
+        rec["lm_head_modes"] = validate_lm_head_modes(lm_head_modes)
+        absent = [m for m in rec["lm_head_modes"] if m not in modes]
+        if absent:
+            raise ValueError(f"lm_head_modes {rec['lm_head_modes']}: mode(s) {absent} are not among the modes being "
+                             f"built {modes}; add them to modes or drop them from lm_head_modes")
     captured = capture(model, input_ids)
     matmuls = find_weight_matmuls(captured.gm, captured.param_names, captured.aliases, captured.shapes)
     if not matmuls:
@@ -124,8 +134,9 @@ def apply_plan(model: nn.Module, plan: dict, quantize: bool = True, modes=None,
     dtype = getattr(torch, plan["dtype"]) if plan.get("dtype") else _model_dtype(model)
     swapped = 0
     for e in plan["matmuls"]:
-        if e["action"] != "quantize":
-            continue
+        quant_modes = entry_modes(e, modes)
+        if e["action"] != "quantize" or (e.get("modes") is not None and not quant_modes):
+            continue  # kept, or (a partially quantized head) float in every mode being materialised
         try:
             old = model.get_submodule(e["module"])
         except AttributeError:
@@ -140,12 +151,13 @@ def apply_plan(model: nn.Module, plan: dict, quantize: bool = True, modes=None,
             raise ValueError(f"apply_plan: {e['module']}.{e['param']} has shape {tuple(weight.shape)}, the plan "
                              f"expects {expect}")
         bias = getattr(old, e["bias"]) if e.get("bias") else None
+        needs_float = any(m not in quant_modes for m in modes)  # bf16, or a mode the entry is float in
         new = MultiModeLinear(
-            e["in_features"], e["out_features"], state, weight=weight if "bf16" in modes else None, bias=bias,
+            e["in_features"], e["out_features"], state, weight=weight if needs_float else None, bias=bias,
             layout=e["layout"], int4_group_size=e.get("int4_group_size"), act_group_size=e.get("act_group_size"),
-            had_block=e.get("had_block"), dtype=dtype, device=weight.device)
+            had_block=e.get("had_block"), dtype=dtype, device=weight.device, quant_modes=quant_modes)
         if quantize:
-            _quantize_into(new, weight, e, modes, dtype, (importance or {}).get(e["module"]))
+            _quantize_into(new, weight, e, quant_modes, dtype, (importance or {}).get(e["module"]))
         parent_name, _, child = e["module"].rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, new)
@@ -186,7 +198,8 @@ def bytes_per_mode(model: nn.Module) -> dict[str, int]:
     """Bytes of matmul weights (and biases) one forward reads in each mode of a transformed model.
 
     Counts every weight matmul of the plan: quantized ones by the tensors their mode reads, kept ones
-    (lm_head, ...) by their float weight in every mode. Embedding tables are not counted (a forward
+    (lm_head, ...) by their float weight in every mode (a head quantized only in `lm_head_modes` by its
+    packed tensors in those modes and its float weight in the others). Embedding tables are not counted (a forward
     reads one row per token).
     """
     plan = getattr(model, PLAN_ATTR, None)
