@@ -16,9 +16,8 @@ What is compared (``rel`` = ||out - ref|| / ||ref||):
   and against the reference op. That last check is loose in bf16/fp16: the reference rounds the
   rotated x to bf16 through several Kronecker factors, so about 1% of the values land one bf16 ulp
   away from ours and 1% of the INT4 codes move by one step, which moves the output by a few percent.
-- dense GEMV (triton_dense_gemv): every tile config against float64 ``x @ W.T + b``, and with SwiGLU's
-  activation in its x loads against float64 ``(silu(g) * u) @ W.T + b``; on the GPU also both ops
-  with CUDA-graph capture.
+- dense GEMV (triton_dense_gemv): every tile config against float64 ``x @ W.T + b``; on the GPU also
+  the op with CUDA-graph capture.
 - tensor-core weight-only kernel (triton_wq): every tile config (SWAP and split-K included) at M = 7 and 70.
 - W4A4 GEMM: every large-M tile config, both operand orders (SWAP), against float64 from its codes.
 - decode attention (triton_attention): against float64 softmax attention with GQA and causal masks
@@ -239,29 +238,6 @@ def run_dense_config(m: int, index: int, k: int, bias: bool, device: str = "cpu"
     return {"vs_float64": (_rel(y.cpu(), ref), 1.5e-2), "shape": (float(tuple(y.shape) != (m, n)), 0.0)}
 
 
-# Dense GEMV with SwiGLU's activation in its x loads (gate and up: halves of one [M, 2K] tensor, as
-# the fused gate/up projection leaves them).
-DENSE_GLU_CASES = [(1, 0, 1100, True), (1, 3, 1100, False), (3, 1, 2112, False), (4, 0, 1024, True)]
-
-
-def run_dense_glu_config(m: int, index: int, k: int, bias: bool, device: str = "cpu",
-                         dtype=torch.bfloat16) -> dict:
-    from specq.kernels import triton_dense_gemv
-
-    gen = torch.Generator().manual_seed(31 * m + index + k)
-    n = 13
-    gu = (torch.randn(m, 2 * k, generator=gen) * 2).to(dtype)
-    w = (torch.randn(n, k, generator=gen) * 0.05).to(dtype)
-    b = (torch.randn(n, generator=gen) * 0.1).to(dtype) if bias else None
-    cfgs = triton_dense_gemv.candidates(k, with_cublas=False)
-    gud = gu.to(device)
-    y = triton_dense_gemv.gemv(gud[:, :k], w.to(device), None if b is None else b.to(device),
-                               config=cfgs[min(index, len(cfgs) - 1)], up=gud[:, k:])
-    g64, u64 = gu[:, :k].double(), gu[:, k:].double()
-    ref = (g64 * torch.sigmoid(g64) * u64) @ w.double().T + (b.double() if bias else 0.0)
-    return {"vs_float64": (_rel(y.cpu(), ref), 1.5e-2), "shape": (float(tuple(y.shape) != (m, n)), 0.0)}
-
-
 # Tensor-core weight-only kernel (triton_wq): every candidate config at a decode-verify M (7, with
 # split-K configs) and a large M (70), both operand orders (SWAP), MXFP4 and INT4, bf16 activations.
 WQ_CONFIG_CASES = [(fmt, m, i) for fmt in (0, 1) for m in (7, 70) for i in range(14)]
@@ -369,7 +345,6 @@ def run_attention_separate(*case, device: str = "cpu") -> dict:
 # the families of interpreter checks besides CPU_CASES: (report key prefix, cases, check function)
 def _families():
     return [("gemv", GEMV_CONFIG_CASES, run_gemv_config), ("dense", DENSE_CONFIG_CASES, run_dense_config),
-            ("dense_glu", DENSE_GLU_CASES, run_dense_glu_config),
             ("w4a4", W4A4_CONFIG_CASES, run_w4a4_config), ("attention", ATTENTION_CASES, run_attention),
             ("attention_separate", ATTENTION_CASES[:3], run_attention_separate),
             ("wq", WQ_CONFIG_CASES, run_wq_config)]
@@ -463,15 +438,6 @@ def test_gpu_dense_gemv_op_and_graph_capture():
         assert eager.shape == (*shape[:-1], 1000)
         assert _rel(eager, x.double() @ w.double().T + b.double()) < 1.5e-2
         _assert_replay_equals_eager(lambda t: torch.ops.specq.linear_dense(t, w, b), x)
-    # SwiGLU's down projection: gate and up are halves of one tensor, as the fused gate/up leaves them
-    for shape in ((1, 1, 4096), (2, 2, 4096), (7, 4096)):
-        gu = torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * 2
-        gate, up = gu.split(2048, dim=-1)
-        eager = torch.ops.specq.linear_dense_glu(gate, up, w, b)
-        assert eager.shape == (*shape[:-1], 1000)
-        g64, u64 = gate.double(), up.double()
-        assert _rel(eager, (g64 * torch.sigmoid(g64) * u64) @ w.double().T + b.double()) < 1.5e-2
-        _assert_replay_equals_eager(lambda t: torch.ops.specq.linear_dense_glu(*t.split(2048, dim=-1), w, b), gu)
 
 
 @pytest.mark.gpu
@@ -518,8 +484,7 @@ def _assert_replay_equals_eager(fn, x: torch.Tensor) -> None:
 def test_triton_kernels_registered_for_cuda():
     from specq.kernels import ops  # noqa: F401  (imports triton_backend on CUDA machines)
 
-    for op in ("linear_mxfp4", "linear_w4a16", "linear_w4a4", "linear_dense", "linear_dense_glu",
-               "decode_attention"):
+    for op in ("linear_mxfp4", "linear_w4a16", "linear_w4a4", "linear_dense", "decode_attention"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"specq::{op}", "CUDA"), op
 
 

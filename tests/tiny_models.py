@@ -73,15 +73,3 @@ def make_tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int =
             if p.dim() >= 2:
                 p.normal_(0.0, 0.08)
     return model.to(dtype).eval()
-
-
-def round_swiglu_once(model) -> None:
-    """Make every llama-style MLP of `model` compute its down projection's input as specq's fused
-    SwiGLU GEMV does (silu(gate) * up in fp32, rounded once; specq.kernels.ops.glu_input) instead of
-    eager's two roundings (silu, then the product): the reference for graphs routed to
-    linear_dense_glu. Patches the instances' forward in place."""
-    from specq.kernels.ops import glu_input
-
-    for layer in model.model.layers:
-        mlp = layer.mlp
-        mlp.forward = lambda x, m=mlp: m.down_proj(glu_input(m.gate_proj(x), m.up_proj(x)))

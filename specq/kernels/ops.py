@@ -207,29 +207,6 @@ def _(x, weight, bias):
     return _empty_out(x, weight.shape[0])
 
 
-def glu_input(gate: Tensor, up: Tensor) -> Tensor:
-    """SwiGLU's down-projection input: silu(gate) * up in fp32, rounded once to gate's dtype (as
-    inductor's fused silu-mul kernel computes it)."""
-    g = gate.float()
-    return (g * torch.sigmoid(g) * up.float()).to(gate.dtype)
-
-
-@torch.library.custom_op("specq::linear_dense_glu", mutates_args=())
-def linear_dense_glu_op(gate: Tensor, up: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``F.linear(glu_input(gate, up), weight, bias)``: a SwiGLU MLP's down projection with its
-    activation. On CUDA at a few rows the dense GEMV computes the activation in its x loads (one
-    kernel instead of two; specq.passes.dense_gemv routes `linear(silu(a) * b)` here)."""
-    return F.linear(glu_input(gate, up), weight, bias)
-
-
-@linear_dense_glu_op.register_fake
-def _(gate, up, weight, bias):
-    if gate.shape != up.shape or gate.shape[-1] != weight.shape[-1]:
-        raise ValueError(f"specq.linear_dense_glu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have "
-                         f"one shape whose last dim equals the weight's K ({weight.shape[-1]})")
-    return _empty_out(gate, weight.shape[0])
-
-
 # --------------------------------------------------------------------------- autograd
 # Gradients flow to x only (the packed weights are not trainable). For w4a4 the activation
 # quantizer is treated as identity (straight-through), which is the usual choice and keeps the

@@ -126,17 +126,6 @@ def linear_dense(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def linear_dense_glu(gate: Tensor, up: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """F.linear(silu(gate) * up), with the activation inside the dense GEMV at 1..4 rows."""
-    g2, u2 = _as_2d(gate), _as_2d(up)
-    if (not triton_dense_gemv.supported(g2, weight) or u2.dtype != g2.dtype or u2.stride(1) != 1
-            or (bias is not None and bias.dtype != gate.dtype)):
-        return F.linear(_ops.glu_input(gate, up), weight, bias)
-    with _device_ctx(gate):
-        y = triton_dense_gemv.gemv(g2, weight, bias, up=u2)
-    return y.reshape(*gate.shape[:-1], weight.shape[0])
-
-
 _REGISTERED = False
 
 
@@ -149,7 +138,6 @@ def register() -> None:
     _ops.linear_w4a16_op.register_kernel("cuda")(linear_w4a16)
     _ops.linear_w4a4_op.register_kernel("cuda")(linear_w4a4)
     _ops.linear_dense_op.register_kernel("cuda")(linear_dense)
-    _ops.linear_dense_glu_op.register_kernel("cuda")(linear_dense_glu)
     attention_op.decode_attention_op.register_kernel("cuda")(triton_attention.decode_attention)
     _REGISTERED = True
 

@@ -17,7 +17,10 @@ Measured on the H100 (lab sweep, weights rotated past L2, one token): gate/up [2
 (3.04 TB/s; cuBLAS 85 us), lm_head [128256, 4096] 331 us (3.17 TB/s; cuBLAS 375 us), o_proj
 [4096, 4096] 13.6 us (cuBLAS 16.8 us). At 4 rows cuBLAS is as fast or faster, and the timing keeps it.
 Tried and dropped: programmatic dependent launch (weights loaded before `gdc_wait`): the 8B-shape
-step got slower (bf16 6.21 -> 6.25 ms, MXFP4 with the 4-bit GEMV 3.48 -> 3.65 ms).
+step got slower (bf16 6.21 -> 6.25 ms, MXFP4 with the 4-bit GEMV 3.48 -> 3.65 ms). Also tried and
+dropped: SwiGLU's silu(gate) * up computed in the down projection's x loads (one kernel less per
+layer): 8B-shape bf16 step 5.932 -> 5.927 ms, no gain (every program recomputes the activation over
+all of K: 1024 programs x 14336 sigmoids against one small kernel).
 
 `gemv` chooses, per shape, between this kernel's configurations and `F.linear` by timing them once
 (ConfigCache), so a shape where cuBLAS is faster keeps cuBLAS.
@@ -32,7 +35,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from specq.kernels.ops import glu_input
 from specq.kernels.triton_common import Config, ConfigCache
 
 MAX_ROWS = 4
@@ -40,27 +42,14 @@ DTYPES = (torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _x_chunk(x_ptr, g_ptr, row, stride_xm, stride_gm, offs, mask, GLU: tl.constexpr):
-    """One chunk of one row of x as fp32 [BK]. GLU: x = silu(gate) * up in fp32, rounded once to the
-    input dtype (as inductor's fused silu-mul kernel writes it), with gate at x_ptr and up at g_ptr."""
-    a = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0)
-    if GLU:
-        g = a.to(tl.float32)
-        u = tl.load(g_ptr + row * stride_gm + offs, mask=mask, other=0.0).to(tl.float32)
-        return (g * tl.sigmoid(g) * u).to(a.dtype).to(tl.float32)
-    return a.to(tl.float32)
-
-
-@triton.jit
 def _dense_gemv_kernel(
-    x_ptr, g_ptr, w_ptr, b_ptr, y_ptr,
-    N, K, stride_xm, stride_gm, stride_wn, stride_ym,
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    N, K, stride_xm, stride_wn, stride_ym,
     ROWS: tl.constexpr,     # rows of x (1..4), all handled by every program
     BN: tl.constexpr,       # weight rows per program
     BK: tl.constexpr,       # K elements per chunk
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,   # K % BK == 0: the first chunk needs no mask
-    GLU: tl.constexpr,      # x = silu(x) * g (SwiGLU's input of the down projection)
 ):
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rows = tl.minimum(rn, N - 1)  # rows past N re-read the last row; their results are not stored
@@ -79,13 +68,13 @@ def _dense_gemv_kernel(
         w_next = tl.load(w_ptrs + kn, mask=(kn + rk)[None, :] < K, other=0.0)  # past the end: nothing
         km = (k0 + rk) < K
         wf = w.to(tl.float32)
-        acc0 += wf * _x_chunk(x_ptr, g_ptr, 0, stride_xm, stride_gm, k0 + rk, km, GLU)[None, :]
+        acc0 += wf * tl.load(x_ptr + k0 + rk, mask=km, other=0.0).to(tl.float32)[None, :]
         if ROWS > 1:
-            acc1 += wf * _x_chunk(x_ptr, g_ptr, 1, stride_xm, stride_gm, k0 + rk, km, GLU)[None, :]
+            acc1 += wf * tl.load(x_ptr + stride_xm + k0 + rk, mask=km, other=0.0).to(tl.float32)[None, :]
         if ROWS > 2:
-            acc2 += wf * _x_chunk(x_ptr, g_ptr, 2, stride_xm, stride_gm, k0 + rk, km, GLU)[None, :]
+            acc2 += wf * tl.load(x_ptr + 2 * stride_xm + k0 + rk, mask=km, other=0.0).to(tl.float32)[None, :]
         if ROWS > 3:
-            acc3 += wf * _x_chunk(x_ptr, g_ptr, 3, stride_xm, stride_gm, k0 + rk, km, GLU)[None, :]
+            acc3 += wf * tl.load(x_ptr + 3 * stride_xm + k0 + rk, mask=km, other=0.0).to(tl.float32)[None, :]
         w = w_next
     nm = rn < N
     if HAS_BIAS:
@@ -126,42 +115,34 @@ def supported(x2: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def gemv(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-         config: Optional[Config] = None, up: Optional[torch.Tensor] = None) -> torch.Tensor:
+         config: Optional[Config] = None) -> torch.Tensor:
     """x2 [M <= 4, K], weight [N, K] (same dtype, unit stride along K), bias [N] or None -> [M, N].
 
-    With `up` ([M, K] like x2): the input is ``ops.glu_input(x2, up)`` (SwiGLU: silu(gate) * up), computed
-    inside the GEMV's x loads, so the down projection needs no separate activation kernel.
     Without `config` the fastest of `candidates` for this shape (F.linear included) is used."""
-    if not supported(x2, weight) or (up is not None and (up.shape != x2.shape or up.dtype != x2.dtype
-                                                         or up.stride(1) != 1)):
-        raise ValueError(f"dense_gemv: needs 1..{MAX_ROWS} rows of bf16/fp16 x (and `up` of x's shape and "
-                         f"dtype) and a weight of the same dtype with unit stride along K; got x "
-                         f"{tuple(x2.shape)} {x2.dtype}, weight {tuple(weight.shape)} {weight.dtype} strides "
-                         f"{weight.stride()}" + ("" if up is None else f", up {tuple(up.shape)} {up.dtype}"))
+    if not supported(x2, weight):
+        raise ValueError(f"dense_gemv: needs 1..{MAX_ROWS} rows of bf16/fp16 x and a weight of the same "
+                         f"dtype with unit stride along K; got x {tuple(x2.shape)} {x2.dtype}, weight "
+                         f"{tuple(weight.shape)} {weight.dtype} strides {weight.stride()}")
     M, K = x2.shape
     N = weight.shape[0]
     y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
     b_arg = bias if bias is not None else x2
-    g_arg = up if up is not None else x2
-
-    def cublas():
-        return F.linear(x2 if up is None else glu_input(x2, up), weight, bias)
 
     def launch(cfg: Config):
-        if cfg.meta == CUBLAS.meta:  # timed as F.linear runs it: matmul into y, then the bias
-            torch.matmul(x2 if up is None else glu_input(x2, up), weight.t(), out=y)
+        if cfg.meta == CUBLAS.meta:
+            torch.matmul(x2, weight.t(), out=y)
             if bias is not None:
                 y.add_(bias)
             return
         grid = (triton.cdiv(N, cfg["BN"]),)
-        _dense_gemv_kernel[grid](x2, g_arg, weight, b_arg, y, N, K, x2.stride(0), g_arg.stride(0),
-                                 weight.stride(0), y.stride(0), ROWS=M, HAS_BIAS=bias is not None,
-                                 EVEN_K=K % cfg["BK"] == 0, GLU=up is not None, **cfg.kwargs())
+        _dense_gemv_kernel[grid](x2, weight, b_arg, y, N, K, x2.stride(0), weight.stride(0), y.stride(0),
+                                 ROWS=M, HAS_BIAS=bias is not None, EVEN_K=K % cfg["BK"] == 0,
+                                 **cfg.kwargs())
 
     if config is None:
-        key = (M, N, K, x2.dtype, bias is not None, weight.stride(0), x2.device.index, up is not None)
+        key = (M, N, K, x2.dtype, bias is not None, weight.stride(0), x2.device.index)
         config = _CACHE.pick(key, candidates(K), launch)
     if config.meta == CUBLAS.meta:  # F.linear's own result (one kernel with the bias fused)
-        return cublas()
+        return F.linear(x2, weight, bias)
     launch(config)
     return y
