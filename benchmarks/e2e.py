@@ -63,6 +63,20 @@ def build(args):
     return model, tok
 
 
+def parse_step_shape(text: str, parser) -> tuple:
+    """"w4a16:5" -> ("w4a16", 5); "round:w4a4:w4a16:4" -> ("round", "w4a4", "w4a16", 4)."""
+    modes = ("bf16", "mxfp4", "w4a16", "w4a4")
+    f = text.strip().split(":")
+    try:
+        if f[0] == "round" and len(f) == 4 and f[1] in modes and f[2] in modes:
+            return ("round", f[1], f[2], int(f[3]))
+        if len(f) == 2 and f[0] in modes:
+            return (f[0], int(f[1]))
+    except ValueError:
+        pass
+    parser.error(f"--step-shapes: {text!r} is not MODE:Q or round:DRAFT:TARGET:GAMMA (modes {', '.join(modes)})")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="default | llama3-8b-shape | tiny | Hub id / dir / .gguf")
@@ -83,6 +97,10 @@ def main(argv=None):
     p.add_argument("--steps", action="store_true", help="also time each compiled step (CUDA only)")
     p.add_argument("--step-batches", default="1", help="comma-separated batch sizes of the step timings")
     p.add_argument("--steps-compile", default=None, help="compile setting of the step timings (default: --compile)")
+    p.add_argument("--step-shapes", default=None,
+                   help="time only these steps, comma-separated MODE:Q or round:DRAFT:TARGET:GAMMA "
+                        "(e.g. w4a16:1,w4a4:1,w4a16:5,round:w4a4:w4a16:4); default: every mode at q=1, "
+                        "the verifies and rounds of the rows")
     p.add_argument("--implied-from", default=None, help="a real model's e2e JSON: implied speed at this shape "
                    "(needs --steps with the real run's batch in --step-batches)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -97,6 +115,7 @@ def main(argv=None):
         p.error("--batch must be >= 1")
     per_row = (args.batch > 1) if args.per_row is None else (args.per_row and args.batch > 1)
     step_batches = [int(x) for x in args.step_batches.split(",") if x.strip()]
+    step_shapes = [parse_step_shape(x, p) for x in (args.step_shapes or "").split(",") if x.strip()]
     gamma3 = [int(x) for x in args.gamma3.split(",")]
     gamma = {"mlspecqd2": args.gamma2, "qspec": args.gamma2, "mlspecqd3": gamma3, "ngram_bf16": args.gamma_ngram}
     real = None
@@ -150,6 +169,8 @@ def main(argv=None):
             shapes.append(("round", "mxfp4", "bf16", args.gamma2))
         if "w4a4" in modes:
             shapes.append(("round", "w4a4", "w4a16", args.gamma2))
+        if args.step_shapes:
+            shapes = step_shapes
         # the steps of per-row decoding (two-level rows only): draft steps, verifies, whole rounds
         row_shapes = list(dict.fromkeys(
             s for s in shapes if s[0] == "round" or (s[0] in ("mxfp4", "w4a4") and s[1] == 1)

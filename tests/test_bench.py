@@ -166,3 +166,15 @@ def test_e2e_implied_uses_the_real_batch_and_per_row_steps(tmp_path, monkeypatch
     assert data["implied"] == pytest.approx({"qspec@inductor": 64 / 0.168, "ar_w4a16@inductor": 500.0})
     md = (tmp_path / "e2e_shape.md").read_text()
     assert "batch 2, per-row on, 32 new tokens per row" in md and "| qspec@inductor | 381.0 |" in md
+
+
+def test_e2e_step_shapes_are_parsed_and_refused_clearly():
+    import argparse
+
+    e2e = _e2e()
+    p = argparse.ArgumentParser()
+    assert e2e.parse_step_shape("w4a16:5", p) == ("w4a16", 5)
+    assert e2e.parse_step_shape(" round:w4a4:w4a16:4", p) == ("round", "w4a4", "w4a16", 4)
+    for bad in ("w4a16", "fp8:1", "round:w4a4:w4a16", "bf16:x"):
+        with pytest.raises(SystemExit):
+            e2e.parse_step_shape(bad, p)
