@@ -131,6 +131,26 @@ def test_per_row_generate_is_lossless_and_wastes_fewer_verifies(multimode, level
         assert lvl.mean_accepted_length <= 3 and lvl.row_rounds <= 3 * lvl.rounds
 
 
+def test_per_row_is_the_default_for_batches_of_two_levels(multimode):
+    """per_row="auto" (the default): a batch with two levels decodes per row (the same verify forwards
+    as per_row=True), one row does not; a bad value is refused."""
+    from specq.runtime.compiled import compiled_generate, release_steps
+
+    prompt = torch.randint(3, 256, (3, 8), generator=torch.Generator().manual_seed(11))
+    runs = {}
+    for per_row in ("auto", True, False):
+        release_steps(multimode)
+        torch._dynamo.reset()
+        runs[per_row] = compiled_generate(multimode, prompt, 16, levels=["mxfp4", "bf16"], gamma=3,
+                                          eos_token_id=[], compile="eager", per_row=per_row)
+    release_steps(multimode)
+    assert torch.equal(runs["auto"].sequences, runs[True].sequences)
+    assert runs["auto"].stats.levels[1].forwards == runs[True].stats.levels[1].forwards
+    assert runs[True].stats.levels[1].forwards < runs[False].stats.levels[1].forwards
+    with pytest.raises(ValueError, match="per_row must be"):
+        compiled_generate(multimode, prompt, 4, levels=["mxfp4", "bf16"], compile="eager", per_row="yes")
+
+
 def test_per_row_refuses_three_levels(multimode):
     from specq.runtime.compiled import compiled_generate
 

@@ -202,9 +202,8 @@ def run_rows(model, ids: torch.Tensor, new_tokens: int = 256, rows=ROWS, gamma=N
                 g = gamma.get(base, 4 if len(levels) == 2 else [4, 4])
                 if len(levels) == 1:
                     g = 1
-                kw = dict(levels=levels, gamma=g, eos_token_id=[], compile=row_compile)
-                if per_row and len(levels) == 2 and batch > 1:
-                    kw["per_row"] = row.per_row = True
+                row.per_row = bool(per_row and len(levels) == 2 and batch > 1)
+                kw = dict(levels=levels, gamma=g, eos_token_id=[], compile=row_compile, per_row=row.per_row)
                 t0 = time.perf_counter()
                 res = compiled_generate(model, ids, new_tokens, **kw)
                 _sync(device)
