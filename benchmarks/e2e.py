@@ -97,6 +97,9 @@ def main(argv=None):
     p.add_argument("--steps", action="store_true", help="also time each compiled step (CUDA only)")
     p.add_argument("--step-batches", default="1", help="comma-separated batch sizes of the step timings")
     p.add_argument("--steps-compile", default=None, help="compile setting of the step timings (default: --compile)")
+    p.add_argument("--lm-head-modes", default=None,
+                   help="quantized modes whose output head runs quantized, e.g. mxfp4 (recipe key lm_head_modes; "
+                        "default: the recipe's, a float head)")
     p.add_argument("--step-shapes", default=None,
                    help="time only these steps, comma-separated MODE:Q or round:DRAFT:TARGET:GAMMA "
                         "(e.g. w4a16:1,w4a4:1,w4a16:5,round:w4a4:w4a16:4); default: every mode at q=1, "
@@ -146,7 +149,8 @@ def main(argv=None):
     if modes != ["bf16"]:
         import specq
 
-        specq.transform(model, modes=tuple(modes))
+        lm_head = [m for m in (args.lm_head_modes or "").split(",") if m]
+        specq.transform(model, modes=tuple(modes), lm_head_modes=lm_head or None)
     transform_s = time.perf_counter() - t0
     log(f"[e2e] transform {modes} in {transform_s:.1f} s")
     ids = bench.make_prompt(model, tok, args.prompt_len, batch=args.batch)
@@ -205,13 +209,14 @@ def main(argv=None):
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 command="python benchmarks/e2e.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
                 batch=args.batch, per_row=per_row, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                gamma=gamma, transform_s=transform_s, compile=args.compile)
+                gamma=gamma, transform_s=transform_s, compile=args.compile, lm_head_modes=args.lm_head_modes)
     md = [f"# End-to-end decoding: {args.model}", "",
           f"- device: {device_name}; torch {torch.__version__}; dtype {args.dtype}; date {meta['date']}",
           f"- command: `{meta['command']}`",
           f"- batch {args.batch}, per-row acceptance {'on' if per_row else 'off'}, prompt {args.prompt_len} tokens, "
           f"{args.new_tokens} new tokens per row (tok/s counts all {args.batch} rows), greedy, EOS ignored; "
-          f"gamma {gamma}; compile={args.compile}", "",
+          f"gamma {gamma}; compile={args.compile}"
+          + (f"; output head quantized in {args.lm_head_modes}" if args.lm_head_modes else ""), "",
           bench.markdown_table(results), ""]
     if costs:
         md += ["## Step costs (one CUDA graph replay per forward, median)", "", "| step | batch | ms | setup s |",

@@ -178,3 +178,15 @@ def test_e2e_step_shapes_are_parsed_and_refused_clearly():
     for bad in ("w4a16", "fp8:1", "round:w4a4:w4a16", "bf16:x"):
         with pytest.raises(SystemExit):
             e2e.parse_step_shape(bad, p)
+
+
+def test_e2e_lm_head_modes_reach_the_transform(tmp_path):
+    """--lm-head-modes mxfp4 reaches specq.transform (the mxfp4 row runs with the quantized head) and
+    the table and JSON state it."""
+    e2e = _e2e()
+    e2e.main(["--model", "tiny", "--device", "cpu", "--dtype", "float32", "--rows", "ar_mxfp4", "--new-tokens", "4",
+              "--prompt-len", "8", "--lm-head-modes", "mxfp4", "--out", str(tmp_path), "--tag", "head"])
+    md = (tmp_path / "e2e_head.md").read_text()
+    data = json.loads((tmp_path / "e2e_head.json").read_text())
+    assert "output head quantized in mxfp4" in md and data["meta"]["lm_head_modes"] == "mxfp4"
+    assert data["rows"][0]["tokens_per_s"] and data["rows"][0]["error"] is None
