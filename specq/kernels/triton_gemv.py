@@ -24,6 +24,12 @@ address arithmetic and dequantization included. Everything here serves that budg
   multiplied by 2^126 and the E8M0 scale 2^(e - 127), both exact, per 32 weights.
 
 Rows of x (M <= 4) share the words: one accumulator per row of x.
+
+Tried and dropped (2026-11-23, H100, lab A/B, autotuned both ways): MXFP4 on HFMA2.BF16 pairs
+(nibbles i and i + 4 decoded straight into bf16x2, x packed as bf16x2 pairs scaled by 2^64, four
+HFMA2 per word, then fp32): fewer PTX instructions and gate/up at one token 31.3 -> 27.5 us, but the
+down projection 16.3 -> 20.0 us and every M = 4 shape 30-40% slower; the 8B-shape MXFP4 step
+3.132 -> 3.140 ms, with twice the rounding error. The limit is not only the instruction count.
 """
 
 from __future__ import annotations
