@@ -44,6 +44,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from specq.runtime import bench  # noqa: E402
+from specq.passes.plan import MODES  # noqa: E402
 
 
 def build(args):
@@ -65,16 +66,15 @@ def build(args):
 
 def parse_step_shape(text: str, parser) -> tuple:
     """"w4a16:5" -> ("w4a16", 5); "round:w4a4:w4a16:4" -> ("round", "w4a4", "w4a16", 4)."""
-    modes = ("bf16", "mxfp4", "w4a16", "w4a4")
     f = text.strip().split(":")
     try:
-        if f[0] == "round" and len(f) == 4 and f[1] in modes and f[2] in modes:
+        if f[0] == "round" and len(f) == 4 and f[1] in MODES and f[2] in MODES:
             return ("round", f[1], f[2], int(f[3]))
-        if len(f) == 2 and f[0] in modes:
+        if len(f) == 2 and f[0] in MODES:
             return (f[0], int(f[1]))
     except ValueError:
         pass
-    parser.error(f"--step-shapes: {text!r} is not MODE:Q or round:DRAFT:TARGET:GAMMA (modes {', '.join(modes)})")
+    parser.error(f"--step-shapes: {text!r} is not MODE:Q or round:DRAFT:TARGET:GAMMA (modes {', '.join(MODES)})")
 
 
 def main(argv=None):
@@ -184,14 +184,13 @@ def main(argv=None):
         for b in step_batches:
             costs += bench.step_costs(model, batch=b, shapes=shapes, compile=sc, position=args.prompt_len,
                                       log=log)
-            real_per_row = real is not None and real.get("meta", {}).get("per_row") and b == real_batch
+            real_per_row = real is not None and real_meta.get("per_row") and b == real_batch
             if b > 1 and (per_row or real_per_row):
                 costs += bench.step_costs(model, batch=b, shapes=row_shapes, compile=sc,
                                           position=args.prompt_len, log=log, row_positions=True)
 
     implied, implied_costs = {}, {}
     if real is not None and costs:
-        real_batch = int(real.get("meta", {}).get("batch", 1))
         for rows_suffix, on in (("", False), ("@rows", True)):
             cb = {c["step"]: c["ms"] for c in costs
                   if c.get("ms") and c["batch"] == real_batch and bool(c.get("per_row")) == on}
@@ -201,7 +200,7 @@ def main(argv=None):
             table["w4a16@verify"] = cb.get(f"w4a16 q={args.gamma2 + 1}{label}")
             table["mxfp4@verify"] = cb.get(f"mxfp4 q={gamma3[0] + 1}{label}")
             implied_costs.update({k + rows_suffix: v for k, v in table.items() if v})
-        real_new = int(real.get("meta", {}).get("new_tokens", args.new_tokens))
+        real_new = int(real_meta.get("new_tokens", args.new_tokens))
         implied = bench.implied_speed(real["rows"], implied_costs, real_new, batch=real_batch)
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
@@ -224,11 +223,10 @@ def main(argv=None):
         md += [f"| {c['step']} | {c['batch']} | {c.get('ms')} | {c.get('setup_s', c.get('error'))} |" for c in costs]
         md.append("")
     if implied:
-        rm = real.get("meta", {})
         md += ["## Speed implied at this shape by the real model's acceptance", "",
-               f"- real run: {args.implied_from} ({rm.get('model')}, batch {rm.get('batch', 1)}, "
-               f"per-row {'on' if rm.get('per_row') else 'off'}, {rm.get('new_tokens')} new tokens per row); "
-               f"its forwards per level x these step costs (ms, batch {rm.get('batch', 1)}; "
+               f"- real run: {args.implied_from} ({real_meta.get('model')}, batch {real_meta.get('batch', 1)}, "
+               f"per-row {'on' if real_meta.get('per_row') else 'off'}, {real_meta.get('new_tokens')} new tokens per row); "
+               f"its forwards per level x these step costs (ms, batch {real_meta.get('batch', 1)}; "
                f"'@rows': per-row steps): {implied_costs}", "",
                "| row | tok/s |", "|---|---|"]
         md += [f"| {k} | {v:.1f} |" for k, v in implied.items()]

@@ -803,9 +803,11 @@ def _per_row_rounds(steps, specs, gammas, stats, x, prompt_len: int, B: int, max
     top = len(specs) - 1
     target = specs[top][1]
     pos = torch.full((B,), prompt_len, dtype=torch.long, device=x.device)  # device: no host sync
-    while any(not finished[b] and num_new[b] < max_new for b in range(B)):
+    def decoding() -> list[int]:
+        return [b for b in range(B) if not finished[b] and num_new[b] < max_new]
+
+    while active := decoding():  # (rows that are done are not counted in the stats)
         t0 = time.perf_counter()
-        active = [b for b in range(B) if not finished[b] and num_new[b] < max_new]  # (done rows: not counted)
         if top == 0:
             toks = steps.greedy_burst(x, pos, AR_BURST, mode=target)
             stats[top].forwards += AR_BURST
@@ -829,7 +831,8 @@ def _per_row_rounds(steps, specs, gammas, stats, x, prompt_len: int, B: int, max
         _commit([r[:max(0, max_new - num_new[b])] for b, r in enumerate(rows)], seqs, finished, num_new, eos)
         # rows that are done stay where they are (they are still computed with the batch, rewriting
         # the same cache entries), so no row runs past prompt + max_new + one block of the cache
-        live = torch.tensor([not finished[b] and num_new[b] < max_new for b in range(B)], device=pos.device)
+        still = decoding()
+        live = torch.tensor([b in still for b in range(B)], device=pos.device)
         pos = torch.where(live, pos + step, pos)
         x = torch.where(live[:, None], nxt, x).clone()
         stats[top].time_s += time.perf_counter() - t0
