@@ -14,7 +14,7 @@ program per head leaves most SMs idle. So (flash-decoding):
    head to finish does it (an arrival counter per head, acq_rel atomics), so a decode attention is
    one kernel; ``_combine_kernel`` (grid (B * Hkv,), the same code) is the separate form, used while
    a CUDA graph is captured before the counters exist and under SPECQ_ATTENTION_COMBINE=separate.
-   Measured (lab A/B in one process, 8B shape, bf16, 16-token bursts): step 5.927 -> 5.773 ms.
+   Measured (benchmarks/decode_step_ab.py, H100, 8B shape, bf16, 16-token bursts): step 5.927 -> 5.773 ms.
 
 S is chosen so that about two programs per SM run; blocks are BL = 32 positions when that helps fill
 the GPU, else 64.
