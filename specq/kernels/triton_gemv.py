@@ -40,7 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
-from specq.kernels.triton_common import Config, ConfigCache
+from specq.kernels.triton_common import INTERPRET, Config, ConfigCache
+
+_INTERPRET = tl.constexpr(INTERPRET)  # a constexpr global, readable inside kernels
 
 FORMAT_MXFP4 = 0
 FORMAT_INT4 = 1
@@ -114,10 +116,19 @@ def _e2m1_pair(w, i: tl.constexpr):
 
 @triton.jit
 def _halves(v):
-    """int32 holding two fp16 -> (low, high) as fp32 (cvt.f32.f16 reads a half of the register)."""
-    lo = v.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    hi = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return lo, hi
+    """int32 holding two fp16 -> (low, high) as fp32. On the GPU one inline-asm block converts the
+    two halves of the register in place (two HADD2.F32 reading .H0/.H1); written with int16 casts,
+    Triton packs the 16-bit tiles two to a register and ptxas spends ~0.7 PRMT per weight moving
+    halves around first (SASS of the sm_90 build, benchmarks/sass_report.py)."""
+    if _INTERPRET:
+        lo = v.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return lo, hi
+    else:
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b16 l, h; mov.b32 {l, h}, $2; cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }",
+            "=r,=r,r", [v], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        return lo.to(tl.float32, bitcast=True), hi.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -275,6 +286,53 @@ def _store_rows(y_ptr, acc, bias_ptr, n0, N, HAS_BIAS: tl.constexpr, BN: tl.cons
 
 
 @triton.jit
+def _load_block(w_ptr, s_ptr, n0, k0, K, N, stride_wn, stride_sn, wo, t,
+                FORMAT: tl.constexpr, GS: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr):
+    """Chunk k0 of weight rows n0 .. n0 + BN - 1: four word tiles (rows beyond BN repeat row n0 and
+    are dead code) and the stacked scales. Rows past N re-read a valid row; they are never stored."""
+    Wa, Sa = _load_row(w_ptr, s_ptr, n0, k0, K, stride_wn, stride_sn, wo, t, FORMAT, GS, MASKED)
+    Wb, Sb = Wa, Sa
+    Wc, Sc = Wa, Sa
+    Wd, Sd = Wa, Sa
+    if BN > 1:
+        Wb, Sb = _load_row(w_ptr, s_ptr, (n0 + 1) % N, k0, K, stride_wn, stride_sn, wo, t, FORMAT, GS, MASKED)
+    if BN > 2:
+        Wc, Sc = _load_row(w_ptr, s_ptr, (n0 + 2) % N, k0, K, stride_wn, stride_sn, wo, t, FORMAT, GS, MASKED)
+        Wd, Sd = _load_row(w_ptr, s_ptr, (n0 + 3) % N, k0, K, stride_wn, stride_sn, wo, t, FORMAT, GS, MASKED)
+    return Wa, Wb, Wc, Wd, _stack(Sa, Sb, Sc, Sd, BN)
+
+
+@triton.jit
+def _accumulate(x_ptr, stride_xm, k0, K, t, Wa, Wb, Wc, Wd, S, acc0, acc1, acc2, acc3, ONE,
+                FORMAT: tl.constexpr, BN: tl.constexpr, ROWS: tl.constexpr, MASKED: tl.constexpr):
+    """acc_r += (BN rows' partial sums against row r of x over chunk k0) * scale, for r < ROWS."""
+    X = _load_x(x_ptr, 0, stride_xm, k0, K, t, FORMAT, MASKED)
+    acc0 = tl.fma(_term(Wa, Wb, Wc, Wd, X, ONE, FORMAT, BN), S, acc0)
+    if ROWS > 1:
+        X = _load_x(x_ptr, 1, stride_xm, k0, K, t, FORMAT, MASKED)
+        acc1 = tl.fma(_term(Wa, Wb, Wc, Wd, X, ONE, FORMAT, BN), S, acc1)
+    if ROWS > 2:
+        X = _load_x(x_ptr, 2, stride_xm, k0, K, t, FORMAT, MASKED)
+        acc2 = tl.fma(_term(Wa, Wb, Wc, Wd, X, ONE, FORMAT, BN), S, acc2)
+    if ROWS > 3:
+        X = _load_x(x_ptr, 3, stride_xm, k0, K, t, FORMAT, MASKED)
+        acc3 = tl.fma(_term(Wa, Wb, Wc, Wd, X, ONE, FORMAT, BN), S, acc3)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _store_all(y_ptr, stride_ym, acc0, acc1, acc2, acc3, b_ptr, n0, N,
+               HAS_BIAS: tl.constexpr, BN: tl.constexpr, ROWS: tl.constexpr):
+    _store_rows(y_ptr, acc0, b_ptr, n0, N, HAS_BIAS, BN)
+    if ROWS > 1:
+        _store_rows(y_ptr + stride_ym, acc1, b_ptr, n0, N, HAS_BIAS, BN)
+    if ROWS > 2:
+        _store_rows(y_ptr + 2 * stride_ym, acc2, b_ptr, n0, N, HAS_BIAS, BN)
+    if ROWS > 3:
+        _store_rows(y_ptr + 3 * stride_ym, acc3, b_ptr, n0, N, HAS_BIAS, BN)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
     M, N, K, stride_xm, stride_wn, stride_sn, stride_ym, ONE,
@@ -286,56 +344,72 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,   # K % (32 * JT) == 0: no masks along K
 ):
+    """One program per block of BN weight rows, walking K."""
     KSTEP: tl.constexpr = 32 * JT
     n0 = tl.program_id(0) * BN
-    n1 = (n0 + 1) % N  # rows past N re-read a valid row; their results are not stored
-    n2 = (n0 + 2) % N
-    n3 = (n0 + 3) % N
     t = tl.arange(0, JT)
     wo = tl.arange(0, 4 * JT)
-    Wa, Sa = _load_row(w_ptr, s_ptr, n0, 0, K, stride_wn, stride_sn, wo, t, FORMAT, GS, not EVEN_K)
-    Wb, Sb = _load_row(w_ptr, s_ptr, n1, 0, K, stride_wn, stride_sn, wo, t, FORMAT, GS, not EVEN_K)
-    Wc, Sc = _load_row(w_ptr, s_ptr, n2, 0, K, stride_wn, stride_sn, wo, t, FORMAT, GS, not EVEN_K)
-    Wd, Sd = _load_row(w_ptr, s_ptr, n3, 0, K, stride_wn, stride_sn, wo, t, FORMAT, GS, not EVEN_K)
-    S = _stack(Sa, Sb, Sc, Sd, BN)
+    Wa, Wb, Wc, Wd, S = _load_block(w_ptr, s_ptr, n0, 0, K, N, stride_wn, stride_sn, wo, t, FORMAT, GS, BN,
+                                    not EVEN_K)
     acc0 = tl.zeros(S.shape, dtype=tl.float32)
     acc1 = tl.zeros(S.shape, dtype=tl.float32)
     acc2 = tl.zeros(S.shape, dtype=tl.float32)
     acc3 = tl.zeros(S.shape, dtype=tl.float32)
     for k0 in range(0, K, KSTEP):
-        # prefetch the next chunk (masked: past the end it reads nothing); rows beyond BN are dead code
-        kn = k0 + KSTEP
-        Wa_n, Sa_n = _load_row(w_ptr, s_ptr, n0, kn, K, stride_wn, stride_sn, wo, t, FORMAT, GS, True)
-        if BN > 1:
-            Wb_n, Sb_n = _load_row(w_ptr, s_ptr, n1, kn, K, stride_wn, stride_sn, wo, t, FORMAT, GS, True)
-        else:
-            Wb_n, Sb_n = Wb, Sb
-        if BN > 2:
-            Wc_n, Sc_n = _load_row(w_ptr, s_ptr, n2, kn, K, stride_wn, stride_sn, wo, t, FORMAT, GS, True)
-            Wd_n, Sd_n = _load_row(w_ptr, s_ptr, n3, kn, K, stride_wn, stride_sn, wo, t, FORMAT, GS, True)
-        else:
-            Wc_n, Sc_n = Wc, Sc
-            Wd_n, Sd_n = Wd, Sd
-        X = _load_x(x_ptr, 0, stride_xm, k0, K, t, FORMAT, not EVEN_K)
-        acc0 = tl.fma(_term(Wa, Wb, Wc, Wd, X, ONE, FORMAT, BN), S, acc0)
-        if ROWS > 1:
-            X = _load_x(x_ptr, 1, stride_xm, k0, K, t, FORMAT, not EVEN_K)
-            acc1 = tl.fma(_term(Wa, Wb, Wc, Wd, X, ONE, FORMAT, BN), S, acc1)
-        if ROWS > 2:
-            X = _load_x(x_ptr, 2, stride_xm, k0, K, t, FORMAT, not EVEN_K)
-            acc2 = tl.fma(_term(Wa, Wb, Wc, Wd, X, ONE, FORMAT, BN), S, acc2)
-        if ROWS > 3:
-            X = _load_x(x_ptr, 3, stride_xm, k0, K, t, FORMAT, not EVEN_K)
-            acc3 = tl.fma(_term(Wa, Wb, Wc, Wd, X, ONE, FORMAT, BN), S, acc3)
-        Wa, Wb, Wc, Wd = Wa_n, Wb_n, Wc_n, Wd_n
-        S = _stack(Sa_n, Sb_n, Sc_n, Sd_n, BN)
-    _store_rows(y_ptr, acc0, b_ptr, n0, N, HAS_BIAS, BN)
-    if ROWS > 1:
-        _store_rows(y_ptr + stride_ym, acc1, b_ptr, n0, N, HAS_BIAS, BN)
-    if ROWS > 2:
-        _store_rows(y_ptr + 2 * stride_ym, acc2, b_ptr, n0, N, HAS_BIAS, BN)
-    if ROWS > 3:
-        _store_rows(y_ptr + 3 * stride_ym, acc3, b_ptr, n0, N, HAS_BIAS, BN)
+        # prefetch the next chunk (masked: past the end it reads nothing)
+        Wa_n, Wb_n, Wc_n, Wd_n, S_n = _load_block(w_ptr, s_ptr, n0, k0 + KSTEP, K, N, stride_wn, stride_sn,
+                                                  wo, t, FORMAT, GS, BN, True)
+        acc0, acc1, acc2, acc3 = _accumulate(x_ptr, stride_xm, k0, K, t, Wa, Wb, Wc, Wd, S,
+                                             acc0, acc1, acc2, acc3, ONE, FORMAT, BN, ROWS, not EVEN_K)
+        Wa, Wb, Wc, Wd, S = Wa_n, Wb_n, Wc_n, Wd_n, S_n
+    _store_all(y_ptr, stride_ym, acc0, acc1, acc2, acc3, b_ptr, n0, N, HAS_BIAS, BN, ROWS)
+
+
+@triton.jit
+def _gemv_persistent_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
+    M, N, K, stride_xm, stride_wn, stride_sn, stride_ym, ONE,
+    FORMAT: tl.constexpr, GS: tl.constexpr, ROWS: tl.constexpr, JT: tl.constexpr, BN: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """A fixed grid (a few programs per SM); program p takes row blocks p, p + P, p + 2P, ... and walks
+    (block, chunk) as one flat loop, so the prefetch of the next chunk crosses block boundaries: the
+    memory pipe never drains between blocks, and no program pays a cold first load but its first.
+    Needs K % (32 * JT) == 0 and a grid no larger than the number of row blocks."""
+    KSTEP: tl.constexpr = 32 * JT
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    n_blocks = tl.cdiv(N, BN)
+    total = tl.cdiv(n_blocks - pid, nprog) * (K // KSTEP)
+    t = tl.arange(0, JT)
+    wo = tl.arange(0, 4 * JT)
+    blk = pid
+    k0 = 0
+    Wa, Wb, Wc, Wd, S = _load_block(w_ptr, s_ptr, blk * BN, 0, K, N, stride_wn, stride_sn, wo, t, FORMAT, GS,
+                                    BN, False)
+    acc0 = tl.zeros(S.shape, dtype=tl.float32)
+    acc1 = tl.zeros(S.shape, dtype=tl.float32)
+    acc2 = tl.zeros(S.shape, dtype=tl.float32)
+    acc3 = tl.zeros(S.shape, dtype=tl.float32)
+    for _ in range(total):
+        last = k0 + KSTEP >= K
+        k_next = tl.where(last, 0, k0 + KSTEP)
+        blk_next = tl.where(last, blk + nprog, blk)
+        # after this program's last chunk, re-read a valid block: the values are never used
+        Wa_n, Wb_n, Wc_n, Wd_n, S_n = _load_block(w_ptr, s_ptr, tl.minimum(blk_next, n_blocks - 1) * BN,
+                                                  k_next, K, N, stride_wn, stride_sn, wo, t, FORMAT, GS,
+                                                  BN, False)
+        acc0, acc1, acc2, acc3 = _accumulate(x_ptr, stride_xm, k0, K, t, Wa, Wb, Wc, Wd, S,
+                                             acc0, acc1, acc2, acc3, ONE, FORMAT, BN, ROWS, False)
+        if last:
+            _store_all(y_ptr, stride_ym, acc0, acc1, acc2, acc3, b_ptr, blk * BN, N, HAS_BIAS, BN, ROWS)
+            acc0 = tl.zeros(S.shape, dtype=tl.float32)
+            acc1 = tl.zeros(S.shape, dtype=tl.float32)
+            acc2 = tl.zeros(S.shape, dtype=tl.float32)
+            acc3 = tl.zeros(S.shape, dtype=tl.float32)
+        Wa, Wb, Wc, Wd, S = Wa_n, Wb_n, Wc_n, Wd_n, S_n
+        blk = blk_next
+        k0 = k_next
 
 
 _CACHE = ConfigCache("gemv")
@@ -344,13 +418,26 @@ _CACHE = ConfigCache("gemv")
 # thread has >= 32 weights per row per chunk. The first entry is the default when nothing is timed.
 _RAW = [(4, 64, 2), (4, 128, 4), (2, 128, 4), (4, 128, 2), (2, 64, 2), (4, 256, 4), (1, 128, 4),
         (4, 32, 1), (2, 256, 8)]
+# The persistent kernel: (BN, JT, warps, programs per SM).
+_RAW_PERSISTENT = [(4, 64, 2, 8), (4, 64, 2, 12), (4, 128, 4, 4), (4, 128, 4, 6), (2, 128, 4, 8),
+                   (4, 128, 2, 8), (4, 32, 1, 16)]
 
 
 def candidates(k: int) -> list[Config]:
-    """The configs worth timing for reduction length k (no chunk much longer than k)."""
-    out = [Config.make(num_warps=nw, num_stages=1, BN=bn, JT=jt) for bn, jt, nw in _RAW
+    """The configs worth timing for reduction length k (no chunk much longer than k); PERSIST > 0 is
+    the persistent kernel with that many programs per SM (only where chunks divide k)."""
+    out = [Config.make(num_warps=nw, num_stages=1, BN=bn, JT=jt, PERSIST=0) for bn, jt, nw in _RAW
            if 32 * jt <= max(1024, 2 * k)]
-    return out or [Config.make(num_warps=1, num_stages=1, BN=4, JT=32)]
+    out += [Config.make(num_warps=nw, num_stages=1, BN=bn, JT=jt, PERSIST=occ)
+            for bn, jt, nw, occ in _RAW_PERSISTENT if k % (32 * jt) == 0]
+    return out or [Config.make(num_warps=1, num_stages=1, BN=4, JT=32, PERSIST=0)]
+
+
+def _sm_count(device: torch.device) -> int:
+    """SMs of the device; under the interpreter 2, so that tests give each program several blocks."""
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def supported(fmt: int, group: int, m: int) -> bool:
@@ -373,10 +460,18 @@ def gemv(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Opti
     b_arg = bias if bias is not None else x2
 
     def launch(cfg: Config, out=y):
-        grid = (triton.cdiv(N, cfg["BN"]),)
-        _gemv_kernel[grid](x2, words, scales, b_arg, out, M, N, K, x2.stride(0), words.stride(0),
-                           scales.stride(0), out.stride(0), 0x3F800000, FORMAT=fmt, GS=gs, ROWS=M,
-                           HAS_BIAS=bias is not None, EVEN_K=K % (32 * cfg["JT"]) == 0, **cfg.kwargs())
+        n_blocks = triton.cdiv(N, cfg["BN"])
+        args = (x2, words, scales, b_arg, out, M, N, K, x2.stride(0), words.stride(0), scales.stride(0),
+                out.stride(0), 0x3F800000)
+        kwargs = dict(cfg.kwargs(), FORMAT=fmt, GS=gs, ROWS=M, HAS_BIAS=bias is not None)
+        persist = kwargs.pop("PERSIST", 0)
+        if persist > 0:
+            if K % (32 * cfg["JT"]) != 0:
+                raise ValueError(f"triton_gemv: the persistent kernel needs K % {32 * cfg['JT']} == 0, got K={K}")
+            grid = (min(n_blocks, persist * _sm_count(x2.device)),)
+            _gemv_persistent_kernel[grid](*args, **kwargs)
+        else:
+            _gemv_kernel[(n_blocks,)](*args, EVEN_K=K % (32 * cfg["JT"]) == 0, **kwargs)
 
     if config is None:
         key = (fmt, group, M, N, K, x2.dtype, bias is not None, x2.device.index)

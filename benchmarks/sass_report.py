@@ -1,0 +1,111 @@
+"""Compile specq's Triton GEMV kernels for sm_90 on any machine and count the SASS of their K loop.
+
+    python benchmarks/sass_report.py [--kernel gemv] [--fmt int4|mxfp4] [--bn 4 --jt 64 --warps 2 --rows 1]
+
+No GPU is needed: Triton's own ptxas and nvdisasm (shipped in the triton wheel) build and disassemble
+the kernel for an H100 (sm_90), with the argument specialisation the GPU launcher applies (pointers
+16-byte aligned, sizes and strides divisible by 16), so the loads are vectorised as they are there.
+It prints the instruction histogram of the innermost loop (the last backward branch) and the
+instructions per weight, the budget that decides a 4-bit GEMV's speed (see triton_gemv's docstring).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def compile_sm90(fn, signature: dict, constexprs: dict, divisible: list[str], num_warps: int):
+    """triton.compile for sm_90 with tt.divisibility=16 on the named arguments."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible}
+    sig = dict(signature)
+    sig.update({k: "constexpr" for k in constexprs})
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 1})
+
+
+def sass_of(kernel) -> str:
+    import triton
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    try:
+        return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+
+
+_INSTR = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def loop_histogram(sass: str) -> collections.Counter:
+    """Opcode counts of the longest loop: between a backward branch's label and the branch (the K loop)."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, l in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", l))}
+    loop = None
+    for i, l in enumerate(lines):
+        m = re.search(r"BRA\s+`\((\.L_x_\d+)\)", l)
+        if m and labels.get(m.group(1), i) < i and (loop is None or i - labels[m.group(1)] > loop[1] - loop[0]):
+            loop = (labels[m.group(1)], i)
+    start, end = loop if loop else (0, len(lines))
+    ops = collections.Counter()
+    for l in lines[start:end + 1]:
+        m = _INSTR.match(l)
+        if m:
+            ops[m.group(1)] += 1
+    return ops
+
+
+def gemv_kernel(fmt: str, bn: int, jt: int, warps: int, rows: int, persistent: bool = False):
+    from specq.kernels import triton_gemv as g
+    f = g.FORMAT_MXFP4 if fmt == "mxfp4" else g.FORMAT_INT4
+    sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*u8" if f == g.FORMAT_MXFP4 else "*bf16",
+           "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+           "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32", "ONE": "i32"}
+    const = {"FORMAT": f, "GS": 32 if f == g.FORMAT_MXFP4 else 128, "ROWS": rows, "JT": jt, "BN": bn,
+             "HAS_BIAS": False}
+    if not persistent:
+        const["EVEN_K"] = True
+    div = ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "stride_wn", "stride_sn",
+           "stride_ym"]
+    k = compile_sm90(g._gemv_persistent_kernel if persistent else g._gemv_kernel, sig, const, div, warps)
+    weights_per_iter = bn * 32 * jt  # BN rows x one chunk of 32 * JT elements, per program
+    return k, weights_per_iter / (32 * warps)  # weights per thread per iteration
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fmt", default="int4,mxfp4")
+    ap.add_argument("--bn", type=int, default=4)
+    ap.add_argument("--jt", type=int, default=64)
+    ap.add_argument("--warps", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=1)
+    ap.add_argument("--top", type=int, default=16)
+    ap.add_argument("--persistent", action="store_true", help="the persistent-grid kernel")
+    args = ap.parse_args(argv)
+    for fmt in args.fmt.split(","):
+        k, per_thread = gemv_kernel(fmt, args.bn, args.jt, args.warps, args.rows, args.persistent)
+        ops = loop_histogram(sass_of(k))
+        total = sum(ops.values())
+        print(f"== gemv{' persistent' if args.persistent else ''} {fmt} BN={args.bn} JT={args.jt} warps={args.warps} rows={args.rows}: "
+              f"{total} loop instructions, {per_thread:.0f} weights per thread per iteration, "
+              f"{total / per_thread:.2f} instructions per weight")
+        for op, n in ops.most_common(args.top):
+            print(f"  {op:28s} {n:5d}  {n / per_thread:5.2f}/weight")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
