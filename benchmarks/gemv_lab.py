@@ -101,14 +101,14 @@ def _old_halves(v):
     return lo, hi
 
 
-def profile(path: str) -> None:
-    """A few eager launches of each (shape, format, M = 1) winner, for ncu."""
+def profile(path: str, shapes: set) -> None:
+    """A few eager launches of each (shape in ``shapes``, format, M = 1) winner, for ncu."""
     from specq.kernels import triton_gemv
     from specq.kernels.triton_common import Config
 
     res = json.load(open(path))
     for r in res["rows"]:
-        if r["M"] != 1:
+        if r["M"] != 1 or (r["K"], r["N"]) not in shapes:
             continue
         fmt, group = FMTS[r["fmt"]]
         (p, s), _ = kb.make_weights(r["fmt"], r["N"], r["K"], "cuda")
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     if args.old_halves:
         triton_gemv._halves = _old_halves
     if args.profile:
-        profile(args.profile)
+        profile(args.profile, {tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")})
         return 0
     torch.manual_seed(0)
     copy_bw = kb.measure_copy_bandwidth()
@@ -178,14 +178,15 @@ def main(argv=None) -> int:
     print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s, {sms} SMs", flush=True)
     rows, floors = [], {}
     t0 = time.time()
-    for shape in args.shapes.split(","):
-        k, n = (int(v) for v in shape.split("x"))
-        for fname in args.fmts.split(","):
-            fmt, group = FMTS[fname]
-            nbytes = kb.make_weights(fname, 1, k, "cuda")[1] * n
-            if nbytes not in floors:
-                floors[nbytes] = read_floor(nbytes, sms)
-            for m in (int(v) for v in args.ms.split(",")):
+    # M outermost: a run cut short still has every shape at the first M
+    for m in (int(v) for v in args.ms.split(",")):
+        for shape in args.shapes.split(","):
+            k, n = (int(v) for v in shape.split("x"))
+            for fname in args.fmts.split(","):
+                fmt, group = FMTS[fname]
+                nbytes = kb.make_weights(fname, 1, k, "cuda")[1] * n
+                if nbytes not in floors:
+                    floors[nbytes] = read_floor(nbytes, sms)
                 timed = time_configs(fmt, group, k, n, m, print)
                 blocks = [c for c in timed if c["cfg"].get("PERSIST", 0) == 0]
                 pers = [c for c in timed if c["cfg"].get("PERSIST", 0) > 0]
