@@ -77,7 +77,7 @@ def time_configs(fmt: int, group: int, k: int, n: int, m: int, log) -> list[dict
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     rows = []
-    for cfg in triton_gemv.candidates(k):
+    for cfg in triton_gemv.candidates(k, fmt, m):
         def fn(cfg=cfg):
             for w, sc in wsets:
                 triton_gemv.gemv(x, w, sc, None, fmt, group, config=cfg, out=y)
@@ -146,6 +146,13 @@ def to_markdown(rows, meta) -> str:
         out.append(f"| {r['K']}x{r['N']} | {r['fmt']} | {r['M']} | {cell(r['best_blocks'])} | "
                    f"{cell(r['best_persistent'])} | {fl:.2f} | "
                    f"{100 * r['weight_bytes'] / (fl * 1e-6) / meta['copy_bw']:.1f} | {fl / best:.2f} |")
+    dec = [(r, min((c for c in r["all"] if c["cfg"].get("DEC", 0) == d), key=lambda c: c["us"], default=None))
+           for r in rows if r["fmt"] == "int4" and r["M"] >= 2 for d in (0, 1)]
+    if dec:
+        out += ["", "INT4 with several rows of x, best config of each decode form (DEC=0 scaled x, DEC=1 exact q):", "",
+                "| shape KxN | M | DEC | time (us) | config |", "|---|---:|---:|---:|---|"]
+        out += [f"| {r['K']}x{r['N']} | {r['M']} | {c['cfg'].get('DEC', 0)} | {c['us']:.2f} | "
+                + " ".join(f"{k}={v}" for k, v in c["cfg"].items()) + " |" for r, c in dec if c]
     return "\n".join(out)
 
 
@@ -190,6 +197,11 @@ def main(argv=None) -> int:
                 timed = time_configs(fmt, group, k, n, m, print)
                 blocks = [c for c in timed if c["cfg"].get("PERSIST", 0) == 0]
                 pers = [c for c in timed if c["cfg"].get("PERSIST", 0) > 0]
+                for dec in (0, 1):  # INT4 at M >= 2: the best of each decode form
+                    mine = [c for c in timed if c["cfg"].get("DEC", 0) == dec]
+                    if fmt == 1 and m >= 2 and mine:
+                        best = min(mine, key=lambda c: c["us"])
+                        print(f"    best DEC={dec}: {best['us']:.2f} us {best['cfg']}")
                 r = dict(K=k, N=n, fmt=fname, M=m, weight_bytes=nbytes, floor_us=floors[nbytes][0] * 1e6,
                          floor_cfg=floors[nbytes][1],
                          best_blocks=min(blocks, key=lambda c: c["us"]) if blocks else None,

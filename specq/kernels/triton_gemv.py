@@ -46,6 +46,8 @@ _INTERPRET = tl.constexpr(INTERPRET)  # a constexpr global, readable inside kern
 
 FORMAT_MXFP4 = 0
 FORMAT_INT4 = 1
+# kernel-internal: INT4 decoded to exact q floats, shared by the rows of x (config DEC=1)
+_FORMAT_INT4_EXACT = 2
 MAX_ROWS = 4
 
 
@@ -100,6 +102,31 @@ def _int4_word(w, y0, y1, y2, y3, y4, y5, y6, y7, ONE, p):
     p = tl.fma(_win(hi, 11, ONE), y5, p)
     p = tl.fma(_win(hi, 15, ONE), y6, p)
     return tl.fma(_win(hi, 19, ONE), y7, p)
+
+
+@triton.jit
+def _q_win(t, b: tl.constexpr, ONE):
+    """The nibble u at bits b..b+3 of t as the exact fp32 q = u - 8: OR-ed into the mantissa of
+    2^(23-b) (exponent bits from ONE) it is the float 2^(23-b) + u; one LOP3 and one FADD."""
+    magic = ONE + ((23 - b) << 23)
+    return ((t & (0xF << b)) | magic).to(tl.float32, bitcast=True) - (2.0 ** (23 - b) + 8.0)
+
+
+@triton.jit
+def _int4_word_exact(w, x0, x1, x2, x3, x4, x5, x6, x7, ONE, p):
+    """p + sum_i q_i x_i for one word with unscaled x. The q_i do not depend on x, so with several
+    rows of x ptxas decodes each weight once for all rows (2.25 instructions per weight, then one FFMA
+    per row), where the scaled-x form pays ~3 instructions per x value per row."""
+    lo = w << 7
+    hi = w >> 9
+    p = tl.fma(_q_win(lo, 7, ONE), x0, p)
+    p = tl.fma(_q_win(lo, 11, ONE), x1, p)
+    p = tl.fma(_q_win(lo, 15, ONE), x2, p)
+    p = tl.fma(_q_win(lo, 19, ONE), x3, p)
+    p = tl.fma(_q_win(hi, 7, ONE), x4, p)
+    p = tl.fma(_q_win(hi, 11, ONE), x5, p)
+    p = tl.fma(_q_win(hi, 15, ONE), x6, p)
+    return tl.fma(_q_win(hi, 19, ONE), x7, p)
 
 
 @triton.jit
@@ -170,6 +197,11 @@ def _row_partial(w0, w1, w2, w3, X, ONE, FORMAT: tl.constexpr):
         p = _int4_word(w2, c0, c1, c2, c3, c4, c5, c6, c7, ONE, p)
         p = _int4_word(w3, e0, e1, e2, e3, e4, e5, e6, e7, ONE, p)
         return p - d
+    elif FORMAT == 2:
+        p = _int4_word_exact(w0, a0, a1, a2, a3, a4, a5, a6, a7, ONE, p)
+        p = _int4_word_exact(w1, b0, b1, b2, b3, b4, b5, b6, b7, ONE, p)
+        p = _int4_word_exact(w2, c0, c1, c2, c3, c4, c5, c6, c7, ONE, p)
+        return _int4_word_exact(w3, e0, e1, e2, e3, e4, e5, e6, e7, ONE, p)
     else:
         p = _mxfp4_word(w0, a0, a1, a2, a3, a4, a5, a6, a7, p)
         p = _mxfp4_word(w1, b0, b1, b2, b3, b4, b5, b6, b7, p)
@@ -228,7 +260,7 @@ def _load_row(w_ptr, s_ptr, n, k0, K, stride_wn, stride_sn, wo, t,
     else:
         W = tl.load(w_ptr + n * stride_wn + w_idx)
         s = tl.load(s_ptr + n * stride_sn + s_idx)
-    if FORMAT == 1:
+    if FORMAT != 0:
         S = s.to(tl.float32)
     else:
         S = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2^(e - 127), exact (e = 0: subnormal)
@@ -336,7 +368,7 @@ def _store_all(y_ptr, stride_ym, acc0, acc1, acc2, acc3, b_ptr, n0, N,
 def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
     M, N, K, stride_xm, stride_wn, stride_sn, stride_ym, ONE,
-    FORMAT: tl.constexpr,   # 0 MXFP4, 1 INT4; both read as int32 words [N, K/8]
+    FORMAT: tl.constexpr,   # 0 MXFP4, 1 INT4 (scaled x), 2 INT4 (exact q); all read as int32 words [N, K/8]
     GS: tl.constexpr,       # K elements per weight scale (32 for MXFP4; a multiple of 32)
     ROWS: tl.constexpr,     # rows of x (1..4), all handled by every program
     JT: tl.constexpr,       # thread slots per chunk: a chunk is 32 * JT elements of K
@@ -423,14 +455,18 @@ _RAW_PERSISTENT = [(4, 64, 2, 8), (4, 64, 2, 12), (4, 128, 4, 4), (4, 128, 4, 6)
                    (4, 128, 2, 8), (4, 32, 1, 16)]
 
 
-def candidates(k: int) -> list[Config]:
+def candidates(k: int, fmt: int = FORMAT_MXFP4, m: int = 1) -> list[Config]:
     """The configs worth timing for reduction length k (no chunk much longer than k); PERSIST > 0 is
-    the persistent kernel with that many programs per SM (only where chunks divide k)."""
-    out = [Config.make(num_warps=nw, num_stages=1, BN=bn, JT=jt, PERSIST=0) for bn, jt, nw in _RAW
+    the persistent kernel with that many programs per SM (only where chunks divide k). INT4 with
+    several rows of x also tries DEC=1, the exact-q decode shared by the rows."""
+    out = [Config.make(num_warps=nw, num_stages=1, BN=bn, JT=jt, PERSIST=0, DEC=0) for bn, jt, nw in _RAW
            if 32 * jt <= max(1024, 2 * k)]
-    out += [Config.make(num_warps=nw, num_stages=1, BN=bn, JT=jt, PERSIST=occ)
+    out += [Config.make(num_warps=nw, num_stages=1, BN=bn, JT=jt, PERSIST=occ, DEC=0)
             for bn, jt, nw, occ in _RAW_PERSISTENT if k % (32 * jt) == 0]
-    return out or [Config.make(num_warps=1, num_stages=1, BN=4, JT=32, PERSIST=0)]
+    out = out or [Config.make(num_warps=1, num_stages=1, BN=4, JT=32, PERSIST=0, DEC=0)]
+    if fmt == FORMAT_INT4 and m >= 2:
+        out += [Config.make(num_warps=c.num_warps, num_stages=1, **dict(c.meta, DEC=1)) for c in out]
+    return out
 
 
 def _sm_count(device: torch.device) -> int:
@@ -463,8 +499,10 @@ def gemv(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Opti
         n_blocks = triton.cdiv(N, cfg["BN"])
         args = (x2, words, scales, b_arg, out, M, N, K, x2.stride(0), words.stride(0), scales.stride(0),
                 out.stride(0), 0x3F800000)
-        kwargs = dict(cfg.kwargs(), FORMAT=fmt, GS=gs, ROWS=M, HAS_BIAS=bias is not None)
+        kwargs = dict(cfg.kwargs(), GS=gs, ROWS=M, HAS_BIAS=bias is not None)
         persist = kwargs.pop("PERSIST", 0)
+        exact = kwargs.pop("DEC", 0) == 1 and fmt == FORMAT_INT4
+        kwargs["FORMAT"] = _FORMAT_INT4_EXACT if exact else fmt
         if persist > 0:
             if K % (32 * cfg["JT"]) != 0:
                 raise ValueError(f"triton_gemv: the persistent kernel needs K % {32 * cfg['JT']} == 0, got K={K}")
@@ -475,6 +513,6 @@ def gemv(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Opti
 
     if config is None:
         key = (fmt, group, M, N, K, x2.dtype, bias is not None, x2.device.index)
-        config = _CACHE.pick(key, candidates(K), launch)
+        config = _CACHE.pick(key, candidates(K, fmt, M), launch)
     launch(config)
     return y
