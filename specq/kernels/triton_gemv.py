@@ -34,6 +34,7 @@ down projection 16.3 -> 20.0 us and every M = 4 shape 30-40% slower; the 8B-shap
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -473,7 +474,12 @@ def _sm_count(device: torch.device) -> int:
     """SMs of the device; under the interpreter 2, so that tests give each program several blocks."""
     if device.type != "cuda":
         return 2
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def supported(fmt: int, group: int, m: int) -> bool:
