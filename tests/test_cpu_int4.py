@@ -172,3 +172,36 @@ def test_inductor_compiled_call_uses_the_kernel():
     f = torch.compile(lambda t: ops.linear_w4a16(t, packed, scales, bias, 64, 64) * 2, backend="inductor",
                       fullgraph=True)
     assert torch.equal(f(x), eager * 2)
+
+
+_COMPILE_AFTER_REGISTER = r"""
+import torch
+import torch._inductor.config
+from specq.formats import int4, mxfp4
+from specq.kernels import inductor_cpu, ops
+torch._inductor.config.fx_graph_cache = False  # a cached graph would skip the lowering under test
+inductor_cpu.register()  # as the compiled CPU steps do, before anything else lowers the ops
+g = torch.Generator().manual_seed(0)
+w = (torch.randn(64, 256, generator=g) * 0.05).to(torch.bfloat16)
+x = torch.randn(3, 256, generator=g).to(torch.bfloat16)
+p4, s4 = int4.quantize(w, 64)
+pm, sm = mxfp4.quantize(w.float())
+for fn in (lambda t: ops.linear_w4a16(t, p4, s4, None, 64, 0) * 2,
+           lambda t: ops.linear_mxfp4(t, pm, sm, None) * 2):
+    assert torch.equal(torch.compile(fn, backend="inductor", fullgraph=True)(x), fn(x))
+print("ok")
+"""
+
+
+def test_inductor_compile_without_freezing_after_register():
+    """Once the CPU decompositions are registered (they decline without freezing), a plain inductor
+    compile of the ops still works: it used to assert 'both a fallback and a decomp for same op'
+    whenever register() ran before the op's first lowering (a fresh process decides that order)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_AFTER_REGISTER], capture_output=True, text=True,
+                          timeout=600, cwd=root, env=dict(os.environ, PYTHONPATH=root))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -128,11 +128,21 @@ def register() -> None:
     if _REGISTERED:
         return
     from torch._inductor import decomposition as inductor_decomp
+    from torch._inductor import lowering as inductor_lowering
+    from torch._inductor.graph import get_layout_constraint_tag, tag_to_layout_constraint
 
-    table = inductor_decomp.decompositions
-    table[torch.ops.specq.linear_mxfp4.default] = _linear_mxfp4
-    table[torch.ops.specq.linear_w4a16.default] = _linear_w4a16
-    table[torch.ops.specq.linear_w4a4.default] = _linear_w4a4
+    decomps = {torch.ops.specq.linear_mxfp4.default: _linear_mxfp4,
+               torch.ops.specq.linear_w4a16.default: _linear_w4a16,
+               torch.ops.specq.linear_w4a4.default: _linear_w4a4}
+    for op in decomps:
+        # Where a decomposition declines (no freezing, not CPU) the op reaches lowering, which makes its
+        # fallback lazily and asserts that no decomposition exists for it: made after register(), every
+        # later inductor compile of the op without freezing failed. Make the fallback first, with the
+        # layout constraint inductor itself would choose.
+        if op not in inductor_lowering.lowerings:
+            constraint = tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
+            inductor_lowering.make_fallback(op, layout_constraint=constraint)
+    inductor_decomp.decompositions.update(decomps)
     cached = getattr(inductor_decomp, "fast_random_decomps", None)
     if cached is not None and hasattr(cached, "cache_clear"):  # a memoised copy of the table
         cached.cache_clear()
