@@ -1,16 +1,15 @@
-"""The 4-bit GEMV (M <= 4) on the GPU: every launch configuration, the two kernel forms, a read floor.
+"""The 4-bit GEMV (M <= 4) on the GPU: every launch configuration next to a read floor.
 
     python benchmarks/gemv_lab.py --out benchmarks/results/gemv_lab_h100.md --json ...json
-    python benchmarks/gemv_lab.py --old-halves ...        # MXFP4 with the int16-cast fp16 -> fp32 decode
     ncu --section ... python benchmarks/gemv_lab.py --profile lab.json   # the winners, a few eager launches
 
 For each weight shape of a Llama-3-8B decode step (fused q/k/v and gate/up, as the compiled steps run
 them) and the issue's shapes, MXFP4 and INT4 (group 128), M in --ms, it times every candidate of
 ``triton_gemv.candidates`` with the method of benchmarks/kernels.py (CUDA-graph replays, weight copies
-rotated past L2) and reports the best one-program-per-block config (PERSIST=0) and the best persistent
-config next to a read floor: a Triton kernel that only streams the same number of bytes (16-byte loads,
-a persistent grid, one sum per program), the fastest any kernel reading these weights once can be at
-this size on this GPU. ``%copy`` is against the 1 GiB copy bandwidth, as in benchmarks/kernels.py.
+rotated past L2) and reports the best next to a read floor: a Triton kernel that only streams the same
+number of bytes (16-byte loads, a persistent grid, one sum per program), the fastest any kernel reading
+these weights once can be at this size on this GPU. ``%copy`` is against the 1 GiB copy bandwidth, as
+in benchmarks/kernels.py.
 """
 
 from __future__ import annotations
@@ -77,7 +76,7 @@ def time_configs(fmt: int, group: int, k: int, n: int, m: int, log) -> list[dict
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     rows = []
-    for cfg in triton_gemv.candidates(k, fmt, m):
+    for cfg in triton_gemv.candidates(k):
         def fn(cfg=cfg):
             for w, sc in wsets:
                 triton_gemv.gemv(x, w, sc, None, fmt, group, config=cfg, out=y)
@@ -88,17 +87,7 @@ def time_configs(fmt: int, group: int, k: int, n: int, m: int, log) -> list[dict
             continue
         moved = nbytes + m * k * 2 + m * n * 2
         rows.append(dict(cfg=dict(cfg.meta), warps=cfg.num_warps, us=t * 1e6, bytes=moved))
-    del wsets
-    torch.cuda.empty_cache()
     return rows
-
-
-@triton.jit
-def _old_halves(v):
-    """The earlier fp16 -> fp32 decode (int16 casts), for the A/B of --old-halves."""
-    lo = v.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    hi = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return lo, hi
 
 
 def profile(path: str, shapes: set) -> None:
@@ -114,14 +103,11 @@ def profile(path: str, shapes: set) -> None:
         (p, s), _ = kb.make_weights(r["fmt"], r["N"], r["K"], "cuda")
         w = p.view(torch.int32) if fmt == 0 else p
         x = torch.randn(1, r["K"], device="cuda", dtype=torch.bfloat16)
-        for which in ("best_blocks", "best_persistent"):
-            c = r.get(which)
-            if not c:
-                continue
-            cfg = Config.make(num_warps=c["warps"], num_stages=1, **c["cfg"])
-            print(f"profile {r['fmt']} {r['K']}x{r['N']} {which} {cfg}", flush=True)
-            for _ in range(2):
-                triton_gemv.gemv(x, w, s, None, fmt, group, config=cfg)
+        c = r["best"]
+        cfg = Config.make(num_warps=c["warps"], num_stages=1, **c["cfg"])
+        print(f"profile {r['fmt']} {r['K']}x{r['N']} {cfg}", flush=True)
+        for _ in range(2):
+            triton_gemv.gemv(x, w, s, None, fmt, group, config=cfg)
     torch.cuda.synchronize()
 
 
@@ -130,29 +116,15 @@ def to_markdown(rows, meta) -> str:
            f"- torch {meta['torch']}, triton {meta['triton']}; copy bandwidth (1 GiB, read + write) "
            f"{meta['copy_bw'] / 1e12:.2f} TB/s",
            "- time: median of CUDA-graph replays, weight copies rotated past L2; bytes = packed weights + scales "
-           "+ x + y; `read floor` = a kernel that only streams the same bytes",
-           "- `blocks` = best one-program-per-block config, `persistent` = best persistent-grid config", "",
-           "| shape KxN | fmt | M | blocks (us) | %copy | config | persistent (us) | %copy | config | "
-           "read floor (us) | %copy | best / floor |",
-           "|---|---|---:|---:|---:|---|---:|---:|---|---:|---:|---:|"]
+           "+ x + y; `read floor` = a kernel that only streams the same bytes", "",
+           "| shape KxN | fmt | M | GEMV (us) | %copy | config | read floor (us) | %copy | floor / GEMV |",
+           "|---|---|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
-        def cell(c):
-            if not c:
-                return "- | - | -"
-            return f"{c['us']:.2f} | {100 * c['bytes'] / (c['us'] * 1e-6) / meta['copy_bw']:.1f} | " \
-                   + " ".join(f"{k}={v}" for k, v in c["cfg"].items()) + f" w{c['warps']}"
-        best = min((c["us"] for c in (r["best_blocks"], r["best_persistent"]) if c), default=float("nan"))
-        fl = r["floor_us"]
-        out.append(f"| {r['K']}x{r['N']} | {r['fmt']} | {r['M']} | {cell(r['best_blocks'])} | "
-                   f"{cell(r['best_persistent'])} | {fl:.2f} | "
-                   f"{100 * r['weight_bytes'] / (fl * 1e-6) / meta['copy_bw']:.1f} | {fl / best:.2f} |")
-    dec = [(r, min((c for c in r["all"] if c["cfg"].get("DEC", 0) == d), key=lambda c: c["us"], default=None))
-           for r in rows if r["fmt"] == "int4" and r["M"] >= 2 for d in (0, 1)]
-    if dec:
-        out += ["", "INT4 with several rows of x, best config of each decode form (DEC=0 scaled x, DEC=1 exact q):", "",
-                "| shape KxN | M | DEC | time (us) | config |", "|---|---:|---:|---:|---|"]
-        out += [f"| {r['K']}x{r['N']} | {r['M']} | {c['cfg'].get('DEC', 0)} | {c['us']:.2f} | "
-                + " ".join(f"{k}={v}" for k, v in c["cfg"].items()) + " |" for r, c in dec if c]
+        c, fl = r["best"], r["floor_us"]
+        out.append(f"| {r['K']}x{r['N']} | {r['fmt']} | {r['M']} | {c['us']:.2f} | "
+                   f"{100 * c['bytes'] / (c['us'] * 1e-6) / meta['copy_bw']:.1f} | "
+                   + " ".join(f"{k}={v}" for k, v in c["cfg"].items()) + f" w{c['warps']} | {fl:.2f} | "
+                   f"{100 * r['weight_bytes'] / (fl * 1e-6) / meta['copy_bw']:.1f} | {fl / c['us']:.2f} |")
     return "\n".join(out)
 
 
@@ -163,15 +135,11 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", default="1,4")
     ap.add_argument("--fmts", default="mxfp4,int4")
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
-    ap.add_argument("--old-halves", action="store_true")
     ap.add_argument("--profile", help="lab JSON: launch its M = 1 winners a few times (for ncu)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/gemv_lab.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    from specq.kernels import triton_gemv
-    if args.old_halves:
-        triton_gemv._halves = _old_halves
     if args.profile:
         profile(args.profile, {tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")})
         return 0
@@ -195,21 +163,14 @@ def main(argv=None) -> int:
                 if nbytes not in floors:
                     floors[nbytes] = read_floor(nbytes, sms)
                 timed = time_configs(fmt, group, k, n, m, print)
-                blocks = [c for c in timed if c["cfg"].get("PERSIST", 0) == 0]
-                pers = [c for c in timed if c["cfg"].get("PERSIST", 0) > 0]
-                for dec in (0, 1):  # INT4 at M >= 2: the best of each decode form
-                    mine = [c for c in timed if c["cfg"].get("DEC", 0) == dec]
-                    if fmt == 1 and m >= 2 and mine:
-                        best = min(mine, key=lambda c: c["us"])
-                        print(f"    best DEC={dec}: {best['us']:.2f} us {best['cfg']}")
+                torch.cuda.empty_cache()  # the weight copies of this shape
+                if not timed:
+                    continue
                 r = dict(K=k, N=n, fmt=fname, M=m, weight_bytes=nbytes, floor_us=floors[nbytes][0] * 1e6,
-                         floor_cfg=floors[nbytes][1],
-                         best_blocks=min(blocks, key=lambda c: c["us"]) if blocks else None,
-                         best_persistent=min(pers, key=lambda c: c["us"]) if pers else None, all=timed)
+                         floor_cfg=floors[nbytes][1], best=min(timed, key=lambda c: c["us"]), all=timed)
                 rows.append(r)
-                print(f"{k}x{n} {fname} M={m}: blocks {r['best_blocks'] and round(r['best_blocks']['us'], 2)} "
-                      f"persistent {r['best_persistent'] and round(r['best_persistent']['us'], 2)} "
-                      f"floor {r['floor_us']:.2f} us  ({time.time() - t0:.0f} s)", flush=True)
+                print(f"{k}x{n} {fname} M={m}: {r['best']['us']:.2f} us, floor {r['floor_us']:.2f} us "
+                      f"({time.time() - t0:.0f} s)", flush=True)
                 md = to_markdown(rows, meta)
                 for path, text in ((args.out, md), (args.json, json.dumps(dict(meta=meta, rows=rows), indent=1))):
                     if path:

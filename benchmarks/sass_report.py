@@ -68,20 +68,17 @@ def loop_histogram(sass: str) -> collections.Counter:
     return ops
 
 
-def gemv_kernel(fmt: str, bn: int, jt: int, warps: int, rows: int, persistent: bool = False, dec: int = 0):
+def gemv_kernel(fmt: str, bn: int, jt: int, warps: int, rows: int):
     from specq.kernels import triton_gemv as g
     f = g.FORMAT_MXFP4 if fmt == "mxfp4" else g.FORMAT_INT4
     sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*u8" if f == g.FORMAT_MXFP4 else "*bf16",
            "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
            "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32", "ONE": "i32"}
-    kernel_format = g._FORMAT_INT4_EXACT if (dec and f == g.FORMAT_INT4) else f
-    const = {"FORMAT": kernel_format, "GS": 32 if f == g.FORMAT_MXFP4 else 128, "ROWS": rows, "JT": jt, "BN": bn,
-             "HAS_BIAS": False}
-    if not persistent:
-        const["EVEN_K"] = True
+    const = {"FORMAT": g.kernel_format(f, rows), "GS": 32 if f == g.FORMAT_MXFP4 else 128, "ROWS": rows, "JT": jt, "BN": bn,
+             "HAS_BIAS": False, "EVEN_K": True}
     div = ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "stride_wn", "stride_sn",
            "stride_ym"]
-    k = compile_sm90(g._gemv_persistent_kernel if persistent else g._gemv_kernel, sig, const, div, warps)
+    k = compile_sm90(g._gemv_kernel, sig, const, div, warps)
     weights_per_iter = bn * 32 * jt  # BN rows x one chunk of 32 * JT elements, per program
     return k, weights_per_iter / (32 * warps)  # weights per thread per iteration
 
@@ -94,14 +91,12 @@ def main(argv=None) -> int:
     ap.add_argument("--warps", type=int, default=2)
     ap.add_argument("--rows", type=int, default=1)
     ap.add_argument("--top", type=int, default=16)
-    ap.add_argument("--persistent", action="store_true", help="the persistent-grid kernel")
-    ap.add_argument("--dec", type=int, default=0, help="INT4 decode: 0 scaled x, 1 exact q")
     args = ap.parse_args(argv)
     for fmt in args.fmt.split(","):
-        k, per_thread = gemv_kernel(fmt, args.bn, args.jt, args.warps, args.rows, args.persistent, args.dec)
+        k, per_thread = gemv_kernel(fmt, args.bn, args.jt, args.warps, args.rows)
         ops = loop_histogram(sass_of(k))
         total = sum(ops.values())
-        print(f"== gemv{' persistent' if args.persistent else ''} {fmt}{' DEC=1' if args.dec else ''} BN={args.bn} JT={args.jt} warps={args.warps} rows={args.rows}: "
+        print(f"== gemv {fmt} BN={args.bn} JT={args.jt} warps={args.warps} rows={args.rows}: "
               f"{total} loop instructions, {per_thread:.0f} weights per thread per iteration, "
               f"{total / per_thread:.2f} instructions per weight")
         for op, n in ops.most_common(args.top):

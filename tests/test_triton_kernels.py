@@ -187,14 +187,11 @@ def run_case(case, device: str, use_ops: bool) -> dict:
 
 
 # Every GEMV tile configuration (weight rows per program 1/2/4; ragged and even K), run directly so that
-# the configs autotuning may pick on a GPU are all checked here, not only the untimed default. PERSIST
-# (programs per SM, 2 SMs under the interpreter) > 0 runs the persistent kernel, where a program walks
-# several row blocks (N = 23 rows: 6 blocks of 4 on 2 or 4 programs, a ragged last one). DEC=1 is the
-# exact-q INT4 decode offered for several rows of x.
-GEMV_CONFIG_CASES = [(fmt, m, bn, jt, nw, k, p, 0) for fmt in (0, 1) for (m, bn, jt, nw, k, p) in
-                     [(1, 1, 32, 1, 1088, 0), (2, 2, 32, 1, 1024, 0), (3, 4, 64, 2, 2112, 0), (4, 2, 64, 2, 2048, 0),
-                      (1, 4, 32, 1, 2048, 1), (3, 2, 64, 2, 4096, 2), (4, 4, 64, 2, 2048, 2), (2, 1, 32, 1, 1024, 3)]]
-GEMV_CONFIG_CASES += [(1, 2, 4, 64, 2, 2112, 0, 1), (1, 4, 2, 32, 1, 1024, 0, 1), (1, 3, 4, 64, 2, 2048, 2, 1)]
+# the configs autotuning may pick on a GPU are all checked here, not only the untimed default. INT4 at
+# M = 1 runs the scaled-x decode, at M >= 2 the exact-q decode (triton_gemv.kernel_format).
+GEMV_CONFIG_CASES = [(fmt, m, bn, jt, nw, k) for fmt in (0, 1) for (m, bn, jt, nw, k) in
+                     [(1, 1, 32, 1, 1088), (2, 2, 32, 1, 1024), (3, 4, 64, 2, 2112), (4, 2, 64, 2, 2048),
+                      (1, 4, 64, 2, 2048), (2, 4, 32, 1, 2112)]]
 
 
 def _quantized_case(fmt: int, m: int, k: int, n: int, int4_group: int, seed: int):
@@ -213,14 +210,12 @@ def _quantized_case(fmt: int, m: int, k: int, n: int, int4_group: int, seed: int
     return x, b, p, s, int4.dequantize(p, s, torch.float64), int4_group
 
 
-def run_gemv_config(fmt: int, m: int, bn: int, jt: int, nw: int, k: int, persist: int = 0, dec: int = 0,
-                    device: str = "cpu") -> dict:
+def run_gemv_config(fmt: int, m: int, bn: int, jt: int, nw: int, k: int, device: str = "cpu") -> dict:
     from specq.kernels import triton_gemv
     from specq.kernels.triton_common import Config
 
-    n = 23 if persist else 7
-    x, b, words, s, w64, group = _quantized_case(fmt, m, k, n, 64, 1000 * fmt + 100 * m + bn + persist + 7 * dec)
-    cfg = Config.make(num_warps=nw, num_stages=1, BN=bn, JT=jt, PERSIST=persist, DEC=dec)
+    x, b, words, s, w64, group = _quantized_case(fmt, m, k, 7, 64, 1000 * fmt + 100 * m + bn + jt)
+    cfg = Config.make(num_warps=nw, num_stages=1, BN=bn, JT=jt)
     y = triton_gemv.gemv(x.to(device), words.to(device), s.to(device), b.to(device), fmt, group, config=cfg)
     return {"vs_float64": (_rel(y, x.double() @ w64.T + b.double()), 1.5e-2)}
 

@@ -19,22 +19,43 @@ address arithmetic and dequantization included. Everything here serves that budg
   the fp32 ``1 + u 2^(b-23)``; multiplied by ``x 2^(23-b)`` (x scaled once per thread) and summed
   by an FMA chain it gives ``sum x 2^(23-b) + sum u x``; the first sum and ``8 sum x`` depend on x
   alone, so ``sum q x`` (q = u - 8) costs one subtraction per 32 weights.
-- MXFP4: magnitude bits at fp32 bits 22..24 and the sign at bit 31 give ``e2m1 * 2^-126`` exactly
-  (code 1 is an fp32 subnormal, which Triton's FMAs, emitted without .ftz, keep); the partial sum is
-  multiplied by 2^126 and the E8M0 scale 2^(e - 127), both exact, per 32 weights.
+- INT4 with several rows of x (``kernel_format``): the scaled-x trick costs ~3 instructions per x
+  value per row, so there each nibble becomes the exact float q instead: OR-ed into the mantissa of
+  ``2^(23-b)`` it is ``2^(23-b) + u``, and one FADD leaves ``u - 8``. ptxas computes the q once for all
+  rows; SASS at 4 rows 10.15 -> 8.66 instructions per weight; H100 at M = 4 on the 8B shapes 14-16%
+  faster, at M = 2 5-7% (benchmarks/results/gemv_lab_h100.md).
+- MXFP4: nibbles i and i + 4 of a word (16 bits apart) become the two halves of one int32 holding two
+  fp16 ``e2m1 * 2^-14`` (magnitude at fp16 bits 9..11, sign at 15; code 1 is an fp16 subnormal), two
+  shifts and two LOP3 per two weights; one inline-asm block converts both halves to fp32 in place
+  (``cvt.f32.f16`` of ``mov.b32 {lo, hi}``: two HADD2.F32). Written with int16 casts, Triton packed
+  the 16-bit tiles two to a register and ptxas spent 0.7 PRMT per weight regrouping them: 5.38 ->
+  4.88 instructions per weight, and on the H100 gate/up [28672, 4096] at one token 30.4 -> 27.8 us
+  (the down projection unchanged). The partial sum is multiplied by 2^14 and the E8M0 scale
+  2^(e - 127), both exact, per 32 weights.
 
 Rows of x (M <= 4) share the words: one accumulator per row of x.
 
-Tried and dropped (2026-11-23, H100, lab A/B, autotuned both ways): MXFP4 on HFMA2.BF16 pairs
-(nibbles i and i + 4 decoded straight into bf16x2, x packed as bf16x2 pairs scaled by 2^64, four
-HFMA2 per word, then fp32): fewer PTX instructions and gate/up at one token 31.3 -> 27.5 us, but the
-down projection 16.3 -> 20.0 us and every M = 4 shape 30-40% slower; the 8B-shape MXFP4 step
-3.132 -> 3.140 ms, with twice the rounding error. The limit is not only the instruction count.
+Where the time goes (H100, 2026-12-07, benchmarks/results/gemv_lab_h100.md): a Triton kernel that only
+reads the same bytes once takes 11.5 us for 4096 x 14336 (88% of the 1 GiB copy bandwidth; 62% for the
+8 MiB of 4096 x 4096); this GEMV reaches 71-83% of that read floor at one token (INT4), 70-78% (MXFP4).
+Under ncu the MXFP4 GEMV issues an instruction in 76% of the scheduler cycles with eligible warps
+waiting ("not selected" is the largest stall): it is bound by the instruction count, so the fp16-pair
+decode (~2 instructions per weight) plus conversion and FMA is what is left to cut.
+
+Tried and dropped:
+- (2026-11-23, H100, lab A/B, autotuned both ways) MXFP4 on HFMA2.BF16 pairs (nibbles i and i + 4
+  decoded straight into bf16x2, x packed as bf16x2 pairs scaled by 2^64, four HFMA2 per word, then
+  fp32): fewer PTX instructions and gate/up at one token 31.3 -> 27.5 us, but the down projection
+  16.3 -> 20.0 us and every M = 4 shape 30-40% slower; the 8B-shape MXFP4 step 3.132 -> 3.140 ms, with
+  twice the rounding error. The limit is not only the instruction count.
+- (2026-12-07, H100, gemv_lab) a persistent grid (4-16 programs per SM, each walking its row blocks
+  and their K chunks as one flat loop, so the prefetch crosses block boundaries): slower than one
+  program per block on every 8B shape at one token (3-8%; e.g. 4096 x 28672 MXFP4 27.8 -> 29.9 us),
+  with lower achieved occupancy under ncu (35% -> 30%). Cold first loads were not the limit.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -47,7 +68,7 @@ _INTERPRET = tl.constexpr(INTERPRET)  # a constexpr global, readable inside kern
 
 FORMAT_MXFP4 = 0
 FORMAT_INT4 = 1
-# kernel-internal: INT4 decoded to exact q floats, shared by the rows of x (config DEC=1)
+# kernel-internal: INT4 decoded to exact q floats, shared by the rows of x (kernel_format)
 _FORMAT_INT4_EXACT = 2
 MAX_ROWS = 4
 
@@ -398,88 +419,27 @@ def _gemv_kernel(
     _store_all(y_ptr, stride_ym, acc0, acc1, acc2, acc3, b_ptr, n0, N, HAS_BIAS, BN, ROWS)
 
 
-@triton.jit
-def _gemv_persistent_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
-    M, N, K, stride_xm, stride_wn, stride_sn, stride_ym, ONE,
-    FORMAT: tl.constexpr, GS: tl.constexpr, ROWS: tl.constexpr, JT: tl.constexpr, BN: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-):
-    """A fixed grid (a few programs per SM); program p takes row blocks p, p + P, p + 2P, ... and walks
-    (block, chunk) as one flat loop, so the prefetch of the next chunk crosses block boundaries: the
-    memory pipe never drains between blocks, and no program pays a cold first load but its first.
-    Needs K % (32 * JT) == 0 and a grid no larger than the number of row blocks."""
-    KSTEP: tl.constexpr = 32 * JT
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    n_blocks = tl.cdiv(N, BN)
-    total = tl.cdiv(n_blocks - pid, nprog) * (K // KSTEP)
-    t = tl.arange(0, JT)
-    wo = tl.arange(0, 4 * JT)
-    blk = pid
-    k0 = 0
-    Wa, Wb, Wc, Wd, S = _load_block(w_ptr, s_ptr, blk * BN, 0, K, N, stride_wn, stride_sn, wo, t, FORMAT, GS,
-                                    BN, False)
-    acc0 = tl.zeros(S.shape, dtype=tl.float32)
-    acc1 = tl.zeros(S.shape, dtype=tl.float32)
-    acc2 = tl.zeros(S.shape, dtype=tl.float32)
-    acc3 = tl.zeros(S.shape, dtype=tl.float32)
-    for _ in range(total):
-        last = k0 + KSTEP >= K
-        k_next = tl.where(last, 0, k0 + KSTEP)
-        blk_next = tl.where(last, blk + nprog, blk)
-        # after this program's last chunk, re-read a valid block: the values are never used
-        Wa_n, Wb_n, Wc_n, Wd_n, S_n = _load_block(w_ptr, s_ptr, tl.minimum(blk_next, n_blocks - 1) * BN,
-                                                  k_next, K, N, stride_wn, stride_sn, wo, t, FORMAT, GS,
-                                                  BN, False)
-        acc0, acc1, acc2, acc3 = _accumulate(x_ptr, stride_xm, k0, K, t, Wa, Wb, Wc, Wd, S,
-                                             acc0, acc1, acc2, acc3, ONE, FORMAT, BN, ROWS, False)
-        if last:
-            _store_all(y_ptr, stride_ym, acc0, acc1, acc2, acc3, b_ptr, blk * BN, N, HAS_BIAS, BN, ROWS)
-            acc0 = tl.zeros(S.shape, dtype=tl.float32)
-            acc1 = tl.zeros(S.shape, dtype=tl.float32)
-            acc2 = tl.zeros(S.shape, dtype=tl.float32)
-            acc3 = tl.zeros(S.shape, dtype=tl.float32)
-        Wa, Wb, Wc, Wd, S = Wa_n, Wb_n, Wc_n, Wd_n, S_n
-        blk = blk_next
-        k0 = k_next
-
-
 _CACHE = ConfigCache("gemv")
 
 # (BN weight rows per program, JT thread slots per chunk, warps); JT >= 32 * warps so that each
 # thread has >= 32 weights per row per chunk. The first entry is the default when nothing is timed.
 _RAW = [(4, 64, 2), (4, 128, 4), (2, 128, 4), (4, 128, 2), (2, 64, 2), (4, 256, 4), (1, 128, 4),
         (4, 32, 1), (2, 256, 8)]
-# The persistent kernel: (BN, JT, warps, programs per SM).
-_RAW_PERSISTENT = [(4, 64, 2, 8), (4, 64, 2, 12), (4, 128, 4, 4), (4, 128, 4, 6), (2, 128, 4, 8),
-                   (4, 128, 2, 8), (4, 32, 1, 16)]
 
 
-def candidates(k: int, fmt: int = FORMAT_MXFP4, m: int = 1) -> list[Config]:
-    """The configs worth timing for reduction length k (no chunk much longer than k); PERSIST > 0 is
-    the persistent kernel with that many programs per SM (only where chunks divide k). INT4 with
-    several rows of x also tries DEC=1, the exact-q decode shared by the rows."""
-    out = [Config.make(num_warps=nw, num_stages=1, BN=bn, JT=jt, PERSIST=0, DEC=0) for bn, jt, nw in _RAW
+def candidates(k: int) -> list[Config]:
+    """The configs worth timing for reduction length k (no chunk much longer than k)."""
+    out = [Config.make(num_warps=nw, num_stages=1, BN=bn, JT=jt) for bn, jt, nw in _RAW
            if 32 * jt <= max(1024, 2 * k)]
-    out += [Config.make(num_warps=nw, num_stages=1, BN=bn, JT=jt, PERSIST=occ, DEC=0)
-            for bn, jt, nw, occ in _RAW_PERSISTENT if k % (32 * jt) == 0]
-    out = out or [Config.make(num_warps=1, num_stages=1, BN=4, JT=32, PERSIST=0, DEC=0)]
-    if fmt == FORMAT_INT4 and m >= 2:
-        out += [Config.make(num_warps=c.num_warps, num_stages=1, **dict(c.meta, DEC=1)) for c in out]
-    return out
+    return out or [Config.make(num_warps=1, num_stages=1, BN=4, JT=32)]
 
 
-def _sm_count(device: torch.device) -> int:
-    """SMs of the device; under the interpreter 2, so that tests give each program several blocks."""
-    if device.type != "cuda":
-        return 2
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def kernel_format(fmt: int, rows: int) -> int:
+    """The kernel's FORMAT for a launch: INT4 with several rows of x decodes exact q floats shared by
+    the rows (measured on the H100 at 2 and 4 rows: 5-16% faster than scaled x on every 8B shape,
+    benchmarks/results/gemv_lab_h100.md); one row keeps the scaled-x windows (3.73 against 4.14
+    instructions per weight in the sm_90 SASS)."""
+    return _FORMAT_INT4_EXACT if fmt == FORMAT_INT4 and rows >= 2 else fmt
 
 
 def supported(fmt: int, group: int, m: int) -> bool:
@@ -502,23 +462,13 @@ def gemv(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Opti
     b_arg = bias if bias is not None else x2
 
     def launch(cfg: Config, out=y):
-        n_blocks = triton.cdiv(N, cfg["BN"])
-        args = (x2, words, scales, b_arg, out, M, N, K, x2.stride(0), words.stride(0), scales.stride(0),
-                out.stride(0), 0x3F800000)
-        kwargs = dict(cfg.kwargs(), GS=gs, ROWS=M, HAS_BIAS=bias is not None)
-        persist = kwargs.pop("PERSIST", 0)
-        exact = kwargs.pop("DEC", 0) == 1 and fmt == FORMAT_INT4
-        kwargs["FORMAT"] = _FORMAT_INT4_EXACT if exact else fmt
-        if persist > 0:
-            if K % (32 * cfg["JT"]) != 0:
-                raise ValueError(f"triton_gemv: the persistent kernel needs K % {32 * cfg['JT']} == 0, got K={K}")
-            grid = (min(n_blocks, persist * _sm_count(x2.device)),)
-            _gemv_persistent_kernel[grid](*args, **kwargs)
-        else:
-            _gemv_kernel[(n_blocks,)](*args, EVEN_K=K % (32 * cfg["JT"]) == 0, **kwargs)
+        _gemv_kernel[(triton.cdiv(N, cfg["BN"]),)](
+            x2, words, scales, b_arg, out, M, N, K, x2.stride(0), words.stride(0), scales.stride(0),
+            out.stride(0), 0x3F800000, FORMAT=kernel_format(fmt, M), GS=gs, ROWS=M, HAS_BIAS=bias is not None,
+            EVEN_K=K % (32 * cfg["JT"]) == 0, **cfg.kwargs())
 
     if config is None:
         key = (fmt, group, M, N, K, x2.dtype, bias is not None, x2.device.index)
-        config = _CACHE.pick(key, candidates(K, fmt, M), launch)
+        config = _CACHE.pick(key, candidates(K), launch)
     launch(config)
     return y
