@@ -102,31 +102,6 @@ def _win(t, b: tl.constexpr, ONE):
 
 
 @triton.jit
-def _e2m1(t, s_mag: tl.constexpr, s_sign: tl.constexpr):
-    """E2M1 code (magnitude bits at t >> s_mag, sign bit at bit 31 of t << s_sign) as fp32 e2m1 * 2^-126."""
-    if s_mag >= 0:
-        mag = (t << s_mag) & 0x1C00000
-    else:
-        mag = (t >> (-s_mag)) & 0x1C00000
-    return (mag | ((t << s_sign) & -2147483648)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _int4_word(w, y0, y1, y2, y3, y4, y5, y6, y7, ONE, p):
-    """p + sum_i (1 + u_i 2^-c_i) y_i for one word, y_i = x_i 2^c_i (c = 16, 12, 8, 4, 16, 12, 8, 4)."""
-    lo = w << 7
-    hi = w >> 9  # arithmetic: the sign-filled top bits are never read
-    p = tl.fma(_win(lo, 7, ONE), y0, p)
-    p = tl.fma(_win(lo, 11, ONE), y1, p)
-    p = tl.fma(_win(lo, 15, ONE), y2, p)
-    p = tl.fma(_win(lo, 19, ONE), y3, p)
-    p = tl.fma(_win(hi, 7, ONE), y4, p)
-    p = tl.fma(_win(hi, 11, ONE), y5, p)
-    p = tl.fma(_win(hi, 15, ONE), y6, p)
-    return tl.fma(_win(hi, 19, ONE), y7, p)
-
-
-@triton.jit
 def _q_win(t, b: tl.constexpr, ONE):
     """The nibble u at bits b..b+3 of t as the exact fp32 q = u - 8: OR-ed into the mantissa of
     2^(23-b) (exponent bits from ONE) it is the float 2^(23-b) + u; one LOP3 and one FADD."""
@@ -135,20 +110,30 @@ def _q_win(t, b: tl.constexpr, ONE):
 
 
 @triton.jit
-def _int4_word_exact(w, x0, x1, x2, x3, x4, x5, x6, x7, ONE, p):
-    """p + sum_i q_i x_i for one word with unscaled x. The q_i do not depend on x, so with several
-    rows of x ptxas decodes each weight once for all rows (2.25 instructions per weight, then one FFMA
-    per row), where the scaled-x form pays ~3 instructions per x value per row."""
+def _nibble(t, b: tl.constexpr, ONE, EXACT: tl.constexpr):
+    if EXACT:
+        return _q_win(t, b, ONE)
+    else:
+        return _win(t, b, ONE)
+
+
+@triton.jit
+def _int4_word(w, y0, y1, y2, y3, y4, y5, y6, y7, ONE, p, EXACT: tl.constexpr):
+    """One word's 8 weights against their x values, added to p. Scaled x (EXACT False):
+    p + sum_i (1 + u_i 2^-c_i) y_i with y_i = x_i 2^c_i (c = 16, 12, 8, 4, 16, 12, 8, 4). Exact q (EXACT
+    True): p + sum_i q_i x_i with unscaled x; the q_i do not depend on x, so with several rows of x
+    ptxas decodes each weight once for all rows (2.25 instructions per weight, then one FFMA per row),
+    where the scaled-x form pays ~3 instructions per x value per row."""
     lo = w << 7
-    hi = w >> 9
-    p = tl.fma(_q_win(lo, 7, ONE), x0, p)
-    p = tl.fma(_q_win(lo, 11, ONE), x1, p)
-    p = tl.fma(_q_win(lo, 15, ONE), x2, p)
-    p = tl.fma(_q_win(lo, 19, ONE), x3, p)
-    p = tl.fma(_q_win(hi, 7, ONE), x4, p)
-    p = tl.fma(_q_win(hi, 11, ONE), x5, p)
-    p = tl.fma(_q_win(hi, 15, ONE), x6, p)
-    return tl.fma(_q_win(hi, 19, ONE), x7, p)
+    hi = w >> 9  # arithmetic: the sign-filled top bits are never read
+    p = tl.fma(_nibble(lo, 7, ONE, EXACT), y0, p)
+    p = tl.fma(_nibble(lo, 11, ONE, EXACT), y1, p)
+    p = tl.fma(_nibble(lo, 15, ONE, EXACT), y2, p)
+    p = tl.fma(_nibble(lo, 19, ONE, EXACT), y3, p)
+    p = tl.fma(_nibble(hi, 7, ONE, EXACT), y4, p)
+    p = tl.fma(_nibble(hi, 11, ONE, EXACT), y5, p)
+    p = tl.fma(_nibble(hi, 15, ONE, EXACT), y6, p)
+    return tl.fma(_nibble(hi, 19, ONE, EXACT), y7, p)
 
 
 @triton.jit
@@ -213,17 +198,12 @@ def _row_partial(w0, w1, w2, w3, X, ONE, FORMAT: tl.constexpr):
     (a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7,
      c0, c1, c2, c3, c4, c5, c6, c7, e0, e1, e2, e3, e4, e5, e6, e7, d) = X
     p = tl.zeros(w0.shape, dtype=tl.float32)
-    if FORMAT == 1:
-        p = _int4_word(w0, a0, a1, a2, a3, a4, a5, a6, a7, ONE, p)
-        p = _int4_word(w1, b0, b1, b2, b3, b4, b5, b6, b7, ONE, p)
-        p = _int4_word(w2, c0, c1, c2, c3, c4, c5, c6, c7, ONE, p)
-        p = _int4_word(w3, e0, e1, e2, e3, e4, e5, e6, e7, ONE, p)
+    if FORMAT != 0:  # INT4; d = 0 for the exact form (FORMAT 2), whose x is unscaled
+        p = _int4_word(w0, a0, a1, a2, a3, a4, a5, a6, a7, ONE, p, FORMAT == 2)
+        p = _int4_word(w1, b0, b1, b2, b3, b4, b5, b6, b7, ONE, p, FORMAT == 2)
+        p = _int4_word(w2, c0, c1, c2, c3, c4, c5, c6, c7, ONE, p, FORMAT == 2)
+        p = _int4_word(w3, e0, e1, e2, e3, e4, e5, e6, e7, ONE, p, FORMAT == 2)
         return p - d
-    elif FORMAT == 2:
-        p = _int4_word_exact(w0, a0, a1, a2, a3, a4, a5, a6, a7, ONE, p)
-        p = _int4_word_exact(w1, b0, b1, b2, b3, b4, b5, b6, b7, ONE, p)
-        p = _int4_word_exact(w2, c0, c1, c2, c3, c4, c5, c6, c7, ONE, p)
-        return _int4_word_exact(w3, e0, e1, e2, e3, e4, e5, e6, e7, ONE, p)
     else:
         p = _mxfp4_word(w0, a0, a1, a2, a3, a4, a5, a6, a7, p)
         p = _mxfp4_word(w1, b0, b1, b2, b3, b4, b5, b6, b7, p)
