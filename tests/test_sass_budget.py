@@ -1,0 +1,54 @@
+"""Static guards on the 4-bit GEMV's machine code: its K loop for an H100 (sm_90), built on any machine.
+
+The one-token GEMV is bound by instructions per weight (ncu: MXFP4 issues in ~76% of the cycles,
+benchmarks/results/gemv_lab_h100.md), so a change that adds a few instructions per weight, or that
+loses the 16-byte loads, costs speed that CPU CI can't time. Triton's wheel carries ptxas and nvdisasm,
+so benchmarks/sass_report.py compiles the kernel for sm_90 here, with the argument specialisation the
+GPU launcher applies, and counts the loop. The budgets are today's counts plus a small margin
+(2026-12-07: INT4 3.73, MXFP4 4.88 per weight at one row; 8.66 and 9.58 at four rows).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _sass_report():
+    triton = pytest.importorskip("triton")
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not all(os.path.exists(os.path.join(bin_dir, b)) for b in ("ptxas", "nvdisasm")):
+        pytest.skip("this triton wheel carries no ptxas/nvdisasm")
+    spec = importlib.util.spec_from_file_location("sass_report", os.path.join(ROOT, "benchmarks", "sass_report.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# (format, rows of x, instructions per weight in the K loop at most)
+BUDGETS = [("int4", 1, 3.9), ("mxfp4", 1, 5.0), ("int4", 4, 8.9), ("mxfp4", 4, 9.8)]
+
+
+@pytest.mark.parametrize("fmt,rows,budget", BUDGETS, ids=[f"{f}-rows{r}" for f, r, _ in BUDGETS])
+def test_gemv_k_loop_stays_within_its_instruction_budget(fmt, rows, budget):
+    sr = _sass_report()
+    kernel, weights_per_thread = sr.gemv_kernel(fmt, bn=4, jt=64, warps=2, rows=rows)
+    ops = sr.loop_histogram(sr.sass_of(kernel))
+    per_weight = sum(ops.values()) / weights_per_thread
+    assert per_weight <= budget, f"{fmt} rows={rows}: {per_weight:.2f} instructions per weight > {budget}: {ops}"
+    # the words of the 4 weight rows arrive as 16-byte loads, one per row per chunk, and the 32 x
+    # values of a row in 8-byte pieces: 4 word loads, 4 scale loads and 8 per row of x at most
+    # (per-element loads, e.g. after losing the launcher's alignment, would be 32 per row of x)
+    assert ops["LDG.E.128"] >= 4, ops
+    loads = sum(n for op, n in ops.items() if op.startswith("LDG"))
+    assert loads <= 8 + 8 * rows, (loads, ops)
+    if fmt == "mxfp4":
+        # one conversion per weight: the fp16 -> fp32 conversion reads the halves in place
+        assert ops["HADD2.F32"] == weights_per_thread, ops
+        if rows == 1:  # (more rows convert more x values, some with PRMT)
+            # the int16-cast form it replaced cost 0.71 PRMT per weight regrouping halves
+            assert ops["PRMT"] / weights_per_thread <= 0.3, ops
