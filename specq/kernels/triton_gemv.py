@@ -22,7 +22,7 @@ address arithmetic and dequantization included. Everything here serves that budg
 - INT4 with several rows of x (``kernel_format``): the scaled-x trick costs ~3 instructions per x
   value per row, so there each nibble becomes the exact float q instead: OR-ed into the mantissa of
   ``2^(23-b)`` it is ``2^(23-b) + u``, and one FADD leaves ``u - 8``. ptxas computes the q once for all
-  rows; SASS at 4 rows 10.15 -> 8.66 instructions per weight; H100 at M = 4 on the 8B shapes 14-16%
+  rows; SASS at 4 rows 10.15 -> 8.66 instructions per weight; H100 at M = 4 on the 8B shapes 9-16%
   faster, at M = 2 5-7% (benchmarks/results/gemv_lab_h100.md).
 - MXFP4: nibbles i and i + 4 of a word (16 bits apart) become the two halves of one int32 holding two
   fp16 ``e2m1 * 2^-14`` (magnitude at fp16 bits 9..11, sign at 15; code 1 is an fp16 subnormal), two
