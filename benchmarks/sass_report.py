@@ -75,7 +75,7 @@ def gemv_kernel(fmt: str, bn: int, jt: int, warps: int, rows: int):
            "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
            "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32", "ONE": "i32"}
     const = {"FORMAT": g.kernel_format(f, rows), "GS": 32 if f == g.FORMAT_MXFP4 else 128, "ROWS": rows, "JT": jt, "BN": bn,
-             "HAS_BIAS": False, "EVEN_K": True}
+             "HAS_BIAS": False, "EVEN_K": True, "XW": True}
     div = ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "stride_wn", "stride_sn",
            "stride_ym"]
     k = compile_sm90(g._gemv_kernel, sig, const, div, warps)

@@ -220,6 +220,27 @@ def run_gemv_config(fmt: int, m: int, bn: int, jt: int, nw: int, k: int, device:
     return {"vs_float64": (_rel(y, x.double() @ w64.T + b.double()), 1.5e-2)}
 
 
+# bf16 x is read as int32 words of two values when its row stride is even; an odd row stride (a row
+# view of a wider buffer) must take the per-value loads and give the same result.
+GEMV_STRIDE_CASES = [(0, 2, 1088, 1), (1, 3, 2048, 1), (1, 2, 1024, 2)]
+
+
+def run_gemv_strided(fmt: int, m: int, k: int, pad: int, device: str = "cpu") -> dict:
+    from specq.kernels import triton_gemv
+
+    x, b, words, s, w64, group = _quantized_case(fmt, m, k, 7, 64, 31 * fmt + m + pad)
+    wide = torch.zeros(m, k + pad, dtype=x.dtype)
+    wide[:, :k] = x
+    xv = wide.to(device)[:, :k]  # row stride k + pad
+    y = triton_gemv.gemv(xv, words.to(device), s.to(device), b.to(device), fmt, group)
+    # the same values through the other x path (contiguous: even stride, int32 words), where pad is odd:
+    # both convert bf16 -> fp32 exactly and run the same FMA chains, so the outputs are bitwise equal
+    y_words = triton_gemv.gemv(x.to(device), words.to(device), s.to(device), b.to(device), fmt, group)
+    return {"vs_float64": (_rel(y, x.double() @ w64.T + b.double()), 1.5e-2),
+            "stride": (float(xv.stride(0) != k + pad), 0.0),
+            "equal_to_word_path": (float(not torch.equal(y, y_words)), 0.0)}
+
+
 # Dense GEMV (triton_dense_gemv): every tile config at ragged K and N, rows of x 1..4, bias or not.
 DENSE_CONFIG_CASES = [(m, i, k, bias) for i in range(11) for (m, k, bias) in [(1, 1100, True), (3, 2112, False)]]
 DENSE_CONFIG_CASES += [(4, i, 1024, True) for i in (0, 1, 2)] + [(2, i, 64, False) for i in (0, 3)]
@@ -346,7 +367,8 @@ def run_attention_separate(*case, device: str = "cpu") -> dict:
 
 # the families of interpreter checks besides CPU_CASES: (report key prefix, cases, check function)
 def _families():
-    return [("gemv", GEMV_CONFIG_CASES, run_gemv_config), ("dense", DENSE_CONFIG_CASES, run_dense_config),
+    return [("gemv", GEMV_CONFIG_CASES, run_gemv_config), ("gemv_strided", GEMV_STRIDE_CASES, run_gemv_strided),
+            ("dense", DENSE_CONFIG_CASES, run_dense_config),
             ("w4a4", W4A4_CONFIG_CASES, run_w4a4_config), ("attention", ATTENTION_CASES, run_attention),
             ("attention_separate", ATTENTION_CASES[:3], run_attention_separate),
             ("wq", WQ_CONFIG_CASES, run_wq_config)]

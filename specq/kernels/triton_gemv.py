@@ -13,6 +13,14 @@ address arithmetic and dequantization included. Everything here serves that budg
   32 weights. The single cross-thread reduction runs once, after the loop.
 - Loads of chunk c + 1 are issued before chunk c's math (register double buffering: Triton does not
   software-pipeline loads that do not feed a tl.dot).
+- 16-byte loads, checked in the sm_90 SASS (benchmarks/sass_report.py, tests/test_sass_budget.py).
+  The prefetch's mask decides the weight loads' width: ``w_idx < K // 8`` is provably constant over
+  2 words only and cut every load in two; when K is a multiple of the chunk the mask is one scalar
+  (the chunk is all in or all past the end). bf16 x is read as int32 words of two values (``XW``):
+  a bf16 is the top half of its fp32, so the two values cost a shift and an AND, where
+  ``.to(float32)`` spent a PRMT and a shift on every high half. Together (2026-12-07, after the
+  H100 runs below, SASS only, not yet timed): one row 3.73 -> 3.54 (INT4) and 4.88 -> 4.68 (MXFP4)
+  instructions per weight; four rows 8.66 -> 8.12 and 9.58 -> 9.06.
 - INT4 dequantization, 2.25 instructions per weight (shift amortized, one LOP3, one FMA):
   ``W << 7`` places nibbles 0..3 at bits 7, 11, 15, 19 and ``W >> 9`` nibbles 4..7; OR-ed into the
   mantissa of 1.0 (one LOP3 with the mask as immediate and 1.0 in a register) a nibble u at bit b is
@@ -193,6 +201,22 @@ def _x_sub(x_ptr, off, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _x_sub_words(w_ptr, off, mask, MASKED: tl.constexpr):
+    """bf16 x read as int32 words (two values each; off [JT, 4] word offsets): values 8j + 0..7 as
+    eight fp32 [JT] tiles. A bf16 is the top half of its fp32, so the low value is one shift and the
+    high one an AND, where ``.to(float32)`` spends a PRMT and a shift on each high value."""
+    if MASKED:
+        v = tl.load(w_ptr + off, mask=mask, other=0)
+    else:
+        v = tl.load(w_ptr + off)
+    w0, w1, w2, w3 = _split4(v)
+    return ((w0 << 16).to(tl.float32, bitcast=True), (w0 & -65536).to(tl.float32, bitcast=True),
+            (w1 << 16).to(tl.float32, bitcast=True), (w1 & -65536).to(tl.float32, bitcast=True),
+            (w2 << 16).to(tl.float32, bitcast=True), (w2 & -65536).to(tl.float32, bitcast=True),
+            (w3 << 16).to(tl.float32, bitcast=True), (w3 & -65536).to(tl.float32, bitcast=True))
+
+
+@triton.jit
 def _row_partial(w0, w1, w2, w3, X, ONE, FORMAT: tl.constexpr):
     """One weight row's [JT] partial sum over its 32 weights per thread, before the group scale."""
     (a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7,
@@ -228,16 +252,26 @@ def _scaled4(x0, x1, x2, x3, x4, x5, x6, x7):
 
 
 @triton.jit
-def _load_x(x_ptr, row, stride_xm, k0, K, t, FORMAT: tl.constexpr, MASKED: tl.constexpr):
+def _load_x(x_ptr, row, stride_xm, k0, K, t, FORMAT: tl.constexpr, MASKED: tl.constexpr, XW: tl.constexpr):
     """The 32 x values of each thread (words 4t .. 4t + 3 of the chunk), ready for the FMA chains,
-    plus (INT4) the x-only correction d per thread."""
-    base = x_ptr + row * stride_xm + k0
-    o = 32 * t[:, None] + tl.arange(0, 8)[None, :]
-    m = (k0 + o) < K
-    a0, a1, a2, a3, a4, a5, a6, a7 = _x_sub(base, o, m, MASKED)
-    b0, b1, b2, b3, b4, b5, b6, b7 = _x_sub(base, o + 8, m, MASKED)
-    c0, c1, c2, c3, c4, c5, c6, c7 = _x_sub(base, o + 16, m, MASKED)
-    e0, e1, e2, e3, e4, e5, e6, e7 = _x_sub(base, o + 24, m, MASKED)
+    plus (INT4) the x-only correction d per thread. XW: bf16 x with an even row stride, read as int32
+    words of two values (K is a multiple of 8, so a word never straddles the end)."""
+    if XW:
+        base = x_ptr.to(tl.pointer_type(tl.int32)) + (row * stride_xm + k0) // 2
+        o = 16 * t[:, None] + tl.arange(0, 4)[None, :]
+        m = (k0 + 2 * o) < K
+        a0, a1, a2, a3, a4, a5, a6, a7 = _x_sub_words(base, o, m, MASKED)
+        b0, b1, b2, b3, b4, b5, b6, b7 = _x_sub_words(base, o + 4, m, MASKED)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _x_sub_words(base, o + 8, m, MASKED)
+        e0, e1, e2, e3, e4, e5, e6, e7 = _x_sub_words(base, o + 12, m, MASKED)
+    else:
+        base = x_ptr + row * stride_xm + k0
+        o = 32 * t[:, None] + tl.arange(0, 8)[None, :]
+        m = (k0 + o) < K
+        a0, a1, a2, a3, a4, a5, a6, a7 = _x_sub(base, o, m, MASKED)
+        b0, b1, b2, b3, b4, b5, b6, b7 = _x_sub(base, o + 8, m, MASKED)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _x_sub(base, o + 16, m, MASKED)
+        e0, e1, e2, e3, e4, e5, e6, e7 = _x_sub(base, o + 24, m, MASKED)
     if FORMAT == 1:
         a0, a1, a2, a3, a4, a5, a6, a7, da = _scaled4(a0, a1, a2, a3, a4, a5, a6, a7)
         b0, b1, b2, b3, b4, b5, b6, b7, db = _scaled4(b0, b1, b2, b3, b4, b5, b6, b7)
@@ -253,10 +287,16 @@ def _load_x(x_ptr, row, stride_xm, k0, K, t, FORMAT: tl.constexpr, MASKED: tl.co
 @triton.jit
 def _load_row(w_ptr, s_ptr, n, k0, K, stride_wn, stride_sn, wo, t,
               FORMAT: tl.constexpr, GS: tl.constexpr, MASKED: tl.constexpr):
-    """Row n, K-chunk k0: words [JT, 4] (4 consecutive per thread) and the fp32 group scale [JT]."""
+    """Row n, K-chunk k0: words [JT, 4] (4 consecutive per thread) and the fp32 group scale [JT].
+    MASKED: 0 none, 1 per element (ragged K), 2 the whole chunk or nothing (K a multiple of the chunk:
+    a scalar mask keeps the 16-byte loads, where ``w_idx < K // 8`` is provably constant over only
+    2 words and cut each into two 8-byte loads)."""
     w_idx = k0 // 8 + wo
     s_idx = (k0 + 32 * t) // GS
-    if MASKED:
+    if MASKED == 2:
+        W = tl.load(w_ptr + n * stride_wn + w_idx, mask=k0 < K, other=0)
+        s = tl.load(s_ptr + n * stride_sn + s_idx, mask=k0 < K, other=0)
+    elif MASKED == 1:
         W = tl.load(w_ptr + n * stride_wn + w_idx, mask=w_idx < K // 8, other=0)
         s = tl.load(s_ptr + n * stride_sn + s_idx, mask=(k0 + 32 * t) < K, other=0)
     else:
@@ -338,18 +378,19 @@ def _load_block(w_ptr, s_ptr, n0, k0, K, N, stride_wn, stride_sn, wo, t,
 
 @triton.jit
 def _accumulate(x_ptr, stride_xm, k0, K, t, Wa, Wb, Wc, Wd, S, acc0, acc1, acc2, acc3, ONE,
-                FORMAT: tl.constexpr, BN: tl.constexpr, ROWS: tl.constexpr, MASKED: tl.constexpr):
+                FORMAT: tl.constexpr, BN: tl.constexpr, ROWS: tl.constexpr, MASKED: tl.constexpr,
+                XW: tl.constexpr):
     """acc_r += (BN rows' partial sums against row r of x over chunk k0) * scale, for r < ROWS."""
-    X = _load_x(x_ptr, 0, stride_xm, k0, K, t, FORMAT, MASKED)
+    X = _load_x(x_ptr, 0, stride_xm, k0, K, t, FORMAT, MASKED, XW)
     acc0 = tl.fma(_term(Wa, Wb, Wc, Wd, X, ONE, FORMAT, BN), S, acc0)
     if ROWS > 1:
-        X = _load_x(x_ptr, 1, stride_xm, k0, K, t, FORMAT, MASKED)
+        X = _load_x(x_ptr, 1, stride_xm, k0, K, t, FORMAT, MASKED, XW)
         acc1 = tl.fma(_term(Wa, Wb, Wc, Wd, X, ONE, FORMAT, BN), S, acc1)
     if ROWS > 2:
-        X = _load_x(x_ptr, 2, stride_xm, k0, K, t, FORMAT, MASKED)
+        X = _load_x(x_ptr, 2, stride_xm, k0, K, t, FORMAT, MASKED, XW)
         acc2 = tl.fma(_term(Wa, Wb, Wc, Wd, X, ONE, FORMAT, BN), S, acc2)
     if ROWS > 3:
-        X = _load_x(x_ptr, 3, stride_xm, k0, K, t, FORMAT, MASKED)
+        X = _load_x(x_ptr, 3, stride_xm, k0, K, t, FORMAT, MASKED, XW)
         acc3 = tl.fma(_term(Wa, Wb, Wc, Wd, X, ONE, FORMAT, BN), S, acc3)
     return acc0, acc1, acc2, acc3
 
@@ -377,6 +418,7 @@ def _gemv_kernel(
     BN: tl.constexpr,       # weight rows per program: 1, 2 or 4
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,   # K % (32 * JT) == 0: no masks along K
+    XW: tl.constexpr,       # bf16 x with an even row stride, read as int32 words (_load_x)
 ):
     """One program per block of BN weight rows, walking K."""
     KSTEP: tl.constexpr = 32 * JT
@@ -384,7 +426,7 @@ def _gemv_kernel(
     t = tl.arange(0, JT)
     wo = tl.arange(0, 4 * JT)
     Wa, Wb, Wc, Wd, S = _load_block(w_ptr, s_ptr, n0, 0, K, N, stride_wn, stride_sn, wo, t, FORMAT, GS, BN,
-                                    not EVEN_K)
+                                    0 if EVEN_K else 1)
     acc0 = tl.zeros(S.shape, dtype=tl.float32)
     acc1 = tl.zeros(S.shape, dtype=tl.float32)
     acc2 = tl.zeros(S.shape, dtype=tl.float32)
@@ -392,9 +434,9 @@ def _gemv_kernel(
     for k0 in range(0, K, KSTEP):
         # prefetch the next chunk (masked: past the end it reads nothing)
         Wa_n, Wb_n, Wc_n, Wd_n, S_n = _load_block(w_ptr, s_ptr, n0, k0 + KSTEP, K, N, stride_wn, stride_sn,
-                                                  wo, t, FORMAT, GS, BN, True)
+                                                  wo, t, FORMAT, GS, BN, 2 if EVEN_K else 1)
         acc0, acc1, acc2, acc3 = _accumulate(x_ptr, stride_xm, k0, K, t, Wa, Wb, Wc, Wd, S,
-                                             acc0, acc1, acc2, acc3, ONE, FORMAT, BN, ROWS, not EVEN_K)
+                                             acc0, acc1, acc2, acc3, ONE, FORMAT, BN, ROWS, not EVEN_K, XW)
         Wa, Wb, Wc, Wd, S = Wa_n, Wb_n, Wc_n, Wd_n, S_n
     _store_all(y_ptr, stride_ym, acc0, acc1, acc2, acc3, b_ptr, n0, N, HAS_BIAS, BN, ROWS)
 
@@ -445,7 +487,8 @@ def gemv(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Opti
         _gemv_kernel[(triton.cdiv(N, cfg["BN"]),)](
             x2, words, scales, b_arg, out, M, N, K, x2.stride(0), words.stride(0), scales.stride(0),
             out.stride(0), 0x3F800000, FORMAT=kernel_format(fmt, M), GS=gs, ROWS=M, HAS_BIAS=bias is not None,
-            EVEN_K=K % (32 * cfg["JT"]) == 0, **cfg.kwargs())
+            EVEN_K=K % (32 * cfg["JT"]) == 0, XW=x2.dtype == torch.bfloat16 and x2.stride(0) % 2 == 0,
+            **cfg.kwargs())
 
     if config is None:
         key = (fmt, group, M, N, K, x2.dtype, bias is not None, x2.device.index)
