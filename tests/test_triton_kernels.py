@@ -220,18 +220,19 @@ def run_gemv_config(fmt: int, m: int, bn: int, jt: int, nw: int, k: int, device:
     return {"vs_float64": (_rel(y, x.double() @ w64.T + b.double()), 1.5e-2)}
 
 
-# bf16 x is read as int32 words of two values when its row stride is even; an odd row stride (a row
-# view of a wider buffer) must take the per-value loads and give the same result.
-GEMV_STRIDE_CASES = [(0, 2, 1088, 1), (1, 3, 2048, 1), (1, 2, 1024, 2)]
+# bf16 x is read as int32 words of two values when its rows start on 4-byte boundaries; an odd row
+# stride or an odd first element (views of a wider buffer) must take the per-value loads and give the
+# same result. (fmt, m, k, pad, first element)
+GEMV_STRIDE_CASES = [(0, 2, 1088, 1, 0), (1, 3, 2048, 1, 0), (1, 2, 1024, 2, 0), (0, 1, 1024, 2, 1)]
 
 
-def run_gemv_strided(fmt: int, m: int, k: int, pad: int, device: str = "cpu") -> dict:
+def run_gemv_strided(fmt: int, m: int, k: int, pad: int, first: int, device: str = "cpu") -> dict:
     from specq.kernels import triton_gemv
 
-    x, b, words, s, w64, group = _quantized_case(fmt, m, k, 7, 64, 31 * fmt + m + pad)
+    x, b, words, s, w64, group = _quantized_case(fmt, m, k, 7, 64, 31 * fmt + m + pad + first)
     wide = torch.zeros(m, k + pad, dtype=x.dtype)
-    wide[:, :k] = x
-    xv = wide.to(device)[:, :k]  # row stride k + pad
+    wide[:, first:first + k] = x
+    xv = wide.to(device)[:, first:first + k]  # row stride k + pad, rows starting at element `first`
     y = triton_gemv.gemv(xv, words.to(device), s.to(device), b.to(device), fmt, group)
     # the same values through the other x path (contiguous: even stride, int32 words), where pad is odd:
     # both convert bf16 -> fp32 exactly and run the same FMA chains, so the outputs are bitwise equal

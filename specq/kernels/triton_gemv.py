@@ -483,12 +483,14 @@ def gemv(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Opti
     y = out if out is not None else torch.empty((M, N), device=x2.device, dtype=x2.dtype)
     b_arg = bias if bias is not None else x2
 
+    # bf16 x as int32 words needs every row to start on a 4-byte boundary
+    xw = x2.dtype == torch.bfloat16 and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0
+
     def launch(cfg: Config, out=y):
         _gemv_kernel[(triton.cdiv(N, cfg["BN"]),)](
             x2, words, scales, b_arg, out, M, N, K, x2.stride(0), words.stride(0), scales.stride(0),
             out.stride(0), 0x3F800000, FORMAT=kernel_format(fmt, M), GS=gs, ROWS=M, HAS_BIAS=bias is not None,
-            EVEN_K=K % (32 * cfg["JT"]) == 0, XW=x2.dtype == torch.bfloat16 and x2.stride(0) % 2 == 0,
-            **cfg.kwargs())
+            EVEN_K=K % (32 * cfg["JT"]) == 0, XW=xw, **cfg.kwargs())
 
     if config is None:
         key = (fmt, group, M, N, K, x2.dtype, bias is not None, x2.device.index)
