@@ -66,12 +66,14 @@ def read_floor(nbytes: int, sms: int) -> tuple[float, str]:
     return best
 
 
-def time_configs(fmt: int, group: int, k: int, n: int, m: int, log) -> list[dict]:
+def time_configs(fname: str, k: int, n: int, m: int, log) -> tuple[list[dict], int]:
+    """Every candidate config of the GEMV for format ``fname`` at M = m, and the weights' bytes."""
     from specq.kernels import triton_gemv
 
-    (p, s), nbytes = kb.make_weights("mxfp4" if fmt == 0 else "int4", n, k, "cuda")
+    fmt, group = FMTS[fname]
+    (p, s), nbytes = kb.make_weights(fname, n, k, "cuda")
     copies = max(1, min(64, math.ceil(kb.L2_FLUSH_BYTES / nbytes)))
-    wsets = [(p, s)] + [kb.make_weights("mxfp4" if fmt == 0 else "int4", n, k, "cuda")[0] for _ in range(copies - 1)]
+    wsets = [(p, s)] + [kb.make_weights(fname, n, k, "cuda")[0] for _ in range(copies - 1)]
     wsets = [(w.view(torch.int32) if fmt == 0 else w, sc) for w, sc in wsets]
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
@@ -87,7 +89,7 @@ def time_configs(fmt: int, group: int, k: int, n: int, m: int, log) -> list[dict
             continue
         moved = nbytes + m * k * 2 + m * n * 2
         rows.append(dict(cfg=dict(cfg.meta), warps=cfg.num_warps, us=t * 1e6, bytes=moved))
-    return rows
+    return rows, nbytes
 
 
 def profile(path: str, shapes: set) -> None:
@@ -158,14 +160,12 @@ def main(argv=None) -> int:
         for shape in args.shapes.split(","):
             k, n = (int(v) for v in shape.split("x"))
             for fname in args.fmts.split(","):
-                fmt, group = FMTS[fname]
-                nbytes = kb.make_weights(fname, 1, k, "cuda")[1] * n
-                if nbytes not in floors:
-                    floors[nbytes] = read_floor(nbytes, sms)
-                timed = time_configs(fmt, group, k, n, m, print)
+                timed, nbytes = time_configs(fname, k, n, m, print)
                 torch.cuda.empty_cache()  # the weight copies of this shape
                 if not timed:
                     continue
+                if nbytes not in floors:
+                    floors[nbytes] = read_floor(nbytes, sms)
                 r = dict(K=k, N=n, fmt=fname, M=m, weight_bytes=nbytes, floor_us=floors[nbytes][0] * 1e6,
                          floor_cfg=floors[nbytes][1], best=min(timed, key=lambda c: c["us"]), all=timed)
                 rows.append(r)

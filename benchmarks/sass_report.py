@@ -1,11 +1,11 @@
 """Compile specq's Triton GEMV kernels for sm_90 on any machine and count the SASS of their K loop.
 
-    python benchmarks/sass_report.py [--kernel gemv] [--fmt int4|mxfp4] [--bn 4 --jt 64 --warps 2 --rows 1]
+    python benchmarks/sass_report.py [--fmt int4,mxfp4] [--bn 4 --jt 64 --warps 2 --rows 1] [--top 16]
 
 No GPU is needed: Triton's own ptxas and nvdisasm (shipped in the triton wheel) build and disassemble
 the kernel for an H100 (sm_90), with the argument specialisation the GPU launcher applies (pointers
 16-byte aligned, sizes and strides divisible by 16), so the loads are vectorised as they are there.
-It prints the instruction histogram of the innermost loop (the last backward branch) and the
+It prints the instruction histogram of the K loop (the longest span closed by a backward branch) and the
 instructions per weight, the budget that decides a 4-bit GEMV's speed (see triton_gemv's docstring).
 """
 
