@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import os
@@ -66,10 +67,15 @@ def read_floor(nbytes: int, sms: int) -> tuple[float, str]:
     return best
 
 
-def time_configs(fname: str, k: int, n: int, m: int, log) -> tuple[list[dict], int]:
-    """Every candidate config of the GEMV for format ``fname`` at M = m, and the weights' bytes."""
-    from specq.kernels import triton_gemv
+def kernel_module(name: str):
+    """The kernel under test: ``gemv`` (CUDA cores, M <= 4) or ``mma`` (tensor cores, M <= 16)."""
+    from specq.kernels import triton_gemv, triton_mma_gemv
+    return {"gemv": triton_gemv, "mma": triton_mma_gemv}[name]
 
+
+def time_configs(fname: str, k: int, n: int, m: int, log, kernel: str = "gemv") -> tuple[list[dict], int]:
+    """Every candidate config of ``kernel`` for format ``fname`` at M = m, and the weights' bytes."""
+    mod = kernel_module(kernel)
     fmt, group = FMTS[fname]
     (p, s), nbytes = kb.make_weights(fname, n, k, "cuda")
     copies = max(1, min(64, math.ceil(kb.L2_FLUSH_BYTES / nbytes)))
@@ -78,10 +84,10 @@ def time_configs(fname: str, k: int, n: int, m: int, log) -> tuple[list[dict], i
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     rows = []
-    for cfg in triton_gemv.candidates(k):
+    for cfg in mod.candidates(k):
         def fn(cfg=cfg):
             for w, sc in wsets:
-                triton_gemv.gemv(x, w, sc, None, fmt, group, config=cfg, out=y)
+                mod.gemv(x, w, sc, None, fmt, group, config=cfg, out=y)
         try:
             t = kb._bench(fn, len(wsets))
         except Exception as e:  # noqa: BLE001  a config that does not compile: report and go on
@@ -94,7 +100,6 @@ def time_configs(fname: str, k: int, n: int, m: int, log) -> tuple[list[dict], i
 
 def profile(path: str, shapes: set) -> None:
     """A few eager launches of each (shape in ``shapes``, format, M = 1) winner, for ncu."""
-    from specq.kernels import triton_gemv
     from specq.kernels.triton_common import Config
 
     res = json.load(open(path))
@@ -107,9 +112,9 @@ def profile(path: str, shapes: set) -> None:
         x = torch.randn(1, r["K"], device="cuda", dtype=torch.bfloat16)
         c = r["best"]
         cfg = Config.make(num_warps=c["warps"], num_stages=1, **c["cfg"])
-        print(f"profile {r['fmt']} {r['K']}x{r['N']} {cfg}", flush=True)
+        print(f"profile {r.get('kernel', 'gemv')} {r['fmt']} {r['K']}x{r['N']} {cfg}", flush=True)
         for _ in range(2):
-            triton_gemv.gemv(x, w, s, None, fmt, group, config=cfg)
+            kernel_module(r.get("kernel", "gemv")).gemv(x, w, s, None, fmt, group, config=cfg)
     torch.cuda.synchronize()
 
 
@@ -119,11 +124,11 @@ def to_markdown(rows, meta) -> str:
            f"{meta['copy_bw'] / 1e12:.2f} TB/s",
            "- time: median of CUDA-graph replays, weight copies rotated past L2; bytes = packed weights + scales "
            "+ x + y; `read floor` = a kernel that only streams the same bytes", "",
-           "| shape KxN | fmt | M | GEMV (us) | %copy | config | read floor (us) | %copy | floor / GEMV |",
-           "|---|---|---:|---:|---:|---|---:|---:|---:|"]
+           "| shape KxN | fmt | M | kernel | time (us) | %copy | config | read floor (us) | %copy | floor / time |",
+           "|---|---|---:|---|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         c, fl = r["best"], r["floor_us"]
-        out.append(f"| {r['K']}x{r['N']} | {r['fmt']} | {r['M']} | {c['us']:.2f} | "
+        out.append(f"| {r['K']}x{r['N']} | {r['fmt']} | {r['M']} | {r.get('kernel', 'gemv')} | {c['us']:.2f} | "
                    f"{100 * c['bytes'] / (c['us'] * 1e-6) / meta['copy_bw']:.1f} | "
                    + " ".join(f"{k}={v}" for k, v in c["cfg"].items()) + f" w{c['warps']} | {fl:.2f} | "
                    f"{100 * r['weight_bytes'] / (fl * 1e-6) / meta['copy_bw']:.1f} | {fl / c['us']:.2f} |")
@@ -136,6 +141,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json")
     ap.add_argument("--ms", default="1,4")
     ap.add_argument("--fmts", default="mxfp4,int4")
+    ap.add_argument("--kernels", default="gemv", help="gemv (CUDA cores, M <= 4), mma (tensor cores, M <= 16)")
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
     ap.add_argument("--profile", help="lab JSON: launch its M = 1 winners a few times (for ncu)")
     args = ap.parse_args(argv)
@@ -159,17 +165,20 @@ def main(argv=None) -> int:
     for m in (int(v) for v in args.ms.split(",")):
         for shape in args.shapes.split(","):
             k, n = (int(v) for v in shape.split("x"))
-            for fname in args.fmts.split(","):
-                timed, nbytes = time_configs(fname, k, n, m, print)
+            for fname, kernel in itertools.product(args.fmts.split(","), args.kernels.split(",")):
+                if m > kernel_module(kernel).MAX_ROWS:
+                    continue
+                timed, nbytes = time_configs(fname, k, n, m, print, kernel)
                 torch.cuda.empty_cache()  # the weight copies of this shape
                 if not timed:
                     continue
                 if nbytes not in floors:
                     floors[nbytes] = read_floor(nbytes, sms)
-                r = dict(K=k, N=n, fmt=fname, M=m, weight_bytes=nbytes, floor_us=floors[nbytes][0] * 1e6,
-                         floor_cfg=floors[nbytes][1], best=min(timed, key=lambda c: c["us"]), all=timed)
+                r = dict(K=k, N=n, fmt=fname, M=m, kernel=kernel, weight_bytes=nbytes,
+                         floor_us=floors[nbytes][0] * 1e6, floor_cfg=floors[nbytes][1],
+                         best=min(timed, key=lambda c: c["us"]), all=timed)
                 rows.append(r)
-                print(f"{k}x{n} {fname} M={m}: {r['best']['us']:.2f} us, floor {r['floor_us']:.2f} us "
+                print(f"{k}x{n} {fname} M={m} {kernel}: {r['best']['us']:.2f} us, floor {r['floor_us']:.2f} us "
                       f"({time.time() - t0:.0f} s)", flush=True)
                 md = to_markdown(rows, meta)
                 for path, text in ((args.out, md), (args.json, json.dumps(dict(meta=meta, rows=rows), indent=1))):

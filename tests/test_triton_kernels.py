@@ -242,6 +242,24 @@ def run_gemv_strided(fmt: int, m: int, k: int, pad: int, first: int, device: str
             "equal_to_word_path": (float(not torch.equal(y, y_words)), 0.0)}
 
 
+# Tensor-core GEMV (triton_mma_gemv): both formats, 1..16 rows of x (one and two 8-row x tiles), one and two
+# 16-row weight tiles per program, 1..4 warps along K, K ragged against the warp step (masked) and N
+# ragged against the tile. (fmt, m, tiles, warps, k, n, int4 group)
+MMA_GEMV_CASES = [(1, 1, 1, 1, 256, 16, 128), (1, 3, 1, 2, 1152, 40, 128), (1, 11, 2, 4, 1024, 37, 256),
+                  (1, 16, 2, 2, 768, 32, 128), (0, 1, 1, 1, 256, 16, 32), (0, 5, 2, 2, 544, 33, 32),
+                  (0, 8, 1, 4, 2048, 20, 32), (0, 16, 1, 2, 1088, 20, 32)]
+
+
+def run_mma_gemv(fmt: int, m: int, tiles: int, warps: int, k: int, n: int, group: int, device: str = "cpu") -> dict:
+    from specq.kernels import triton_mma_gemv
+    from specq.kernels.triton_common import Config
+
+    x, b, words, s, w64, group = _quantized_case(fmt, m, k, n, group, 17 * fmt + m + tiles + warps)
+    cfg = Config.make(num_warps=warps, num_stages=1, TILES=tiles, KW=warps)
+    y = triton_mma_gemv.gemv(x.to(device), words.to(device), s.to(device), b.to(device), fmt, group, config=cfg)
+    return {"vs_float64": (_rel(y, x.double() @ w64.T + b.double()), 1.5e-2)}
+
+
 # Dense GEMV (triton_dense_gemv): every tile config at ragged K and N, rows of x 1..4, bias or not.
 DENSE_CONFIG_CASES = [(m, i, k, bias) for i in range(11) for (m, k, bias) in [(1, 1100, True), (3, 2112, False)]]
 DENSE_CONFIG_CASES += [(4, i, 1024, True) for i in (0, 1, 2)] + [(2, i, 64, False) for i in (0, 3)]
@@ -369,6 +387,7 @@ def run_attention_separate(*case, device: str = "cpu") -> dict:
 # the families of interpreter checks besides CPU_CASES: (report key prefix, cases, check function)
 def _families():
     return [("gemv", GEMV_CONFIG_CASES, run_gemv_config), ("gemv_strided", GEMV_STRIDE_CASES, run_gemv_strided),
+            ("mma_gemv", MMA_GEMV_CASES, run_mma_gemv),
             ("dense", DENSE_CONFIG_CASES, run_dense_config),
             ("w4a4", W4A4_CONFIG_CASES, run_w4a4_config), ("attention", ATTENTION_CASES, run_attention),
             ("attention_separate", ATTENTION_CASES[:3], run_attention_separate),
