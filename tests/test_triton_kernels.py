@@ -255,7 +255,7 @@ def run_mma_gemv(fmt: int, m: int, tiles: int, warps: int, k: int, n: int, group
     from specq.kernels.triton_common import Config
 
     x, b, words, s, w64, group = _quantized_case(fmt, m, k, n, group, 17 * fmt + m + tiles + warps)
-    cfg = Config.make(num_warps=warps, num_stages=1, TILES=tiles, KW=warps)
+    cfg = Config.make(num_warps=warps, num_stages=1, TILES=tiles, KW=warps, PREFETCH=int(m % 2 == 1))
     y = triton_mma_gemv.gemv(x.to(device), words.to(device), s.to(device), b.to(device), fmt, group, config=cfg)
     return {"vs_float64": (_rel(y, x.double() @ w64.T + b.double()), 1.5e-2)}
 

@@ -274,6 +274,28 @@ def _tile_step(wa, wb, sa, sb, X, acc, FORMAT: tl.constexpr, KW: tl.constexpr):
 
 
 @triton.jit
+def _load_step(w_ptr, s_ptr, xw_ptr, r0, r1, r2, r3, xr0, xr1, kb, K, M, stride_wn, stride_sn, stride_xw, q4,
+               FORMAT: tl.constexpr, GS: tl.constexpr, TILES: tl.constexpr, NB: tl.constexpr, MASKED: tl.constexpr):
+    """Everything one K step reads: the words and scales of the 16 * TILES weight rows and 32 x values
+    of each x tile, per thread (unused tiles repeat tile 0 and are dead code)."""
+    ok = kb < K
+    w0 = _load_words(w_ptr, r0, stride_wn, kb, K, q4, MASKED)
+    w1 = _load_words(w_ptr, r1, stride_wn, kb, K, q4, MASKED)
+    s0 = _load_scale(s_ptr, r0, stride_sn, kb, K, GS, FORMAT, MASKED)
+    s1 = _load_scale(s_ptr, r1, stride_sn, kb, K, GS, FORMAT, MASKED)
+    X0 = _load_x_words(xw_ptr, xr0, stride_xw, kb, ok & (xr0 < M), q4)
+    w2, w3, s2, s3, X1 = w0, w1, s0, s1, X0
+    if TILES > 1:
+        w2 = _load_words(w_ptr, r2, stride_wn, kb, K, q4, MASKED)
+        w3 = _load_words(w_ptr, r3, stride_wn, kb, K, q4, MASKED)
+        s2 = _load_scale(s_ptr, r2, stride_sn, kb, K, GS, FORMAT, MASKED)
+        s3 = _load_scale(s_ptr, r3, stride_sn, kb, K, GS, FORMAT, MASKED)
+    if NB > 1:
+        X1 = _load_x_words(xw_ptr, xr1, stride_xw, kb, ok & (xr1 < M), q4)
+    return w0, w1, w2, w3, s0, s1, s2, s3, X0, X1
+
+
+@triton.jit
 def _store_tile(y_ptr, b_ptr, acc, n_base, m_base, M, N, stride_ym, HAS_BIAS: tl.constexpr, KW: tl.constexpr):
     """Add the KW warps' partial sums and store D[g, 2q..2q+1] / D[g + 8, ..] of one 16 x 8 tile:
     weight rows n_base + g (+ 8) are y's columns, x rows m_base + 2q (+ 1) are y's rows."""
@@ -309,6 +331,7 @@ def _mma_gemv_kernel(
     KW: tl.constexpr,       # warps, interleaved along K (num_warps must equal KW)
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,   # K % (128 * KW) == 0: no masks along K
+    PREFETCH: tl.constexpr,  # load step k + 1 before step k's math
 ):
     """One program per 16 * TILES weight rows, walking K in steps of 128 * KW."""
     JT: tl.constexpr = 32 * KW
@@ -332,27 +355,30 @@ def _mma_gemv_kernel(
     acc01 = (z, z, z, z)
     acc10 = (z, z, z, z)
     acc11 = (z, z, z, z)
-    for k0 in range(0, K, 128 * KW):
-        kb = k0 + kofs
-        ok = kb < K
-        MASKED: tl.constexpr = not EVEN_K
-        w0 = _load_words(w_ptr, r0, stride_wn, kb, K, q4, MASKED)
-        w1 = _load_words(w_ptr, r1, stride_wn, kb, K, q4, MASKED)
-        s0 = _load_scale(s_ptr, r0, stride_sn, kb, K, GS, FORMAT, MASKED)
-        s1 = _load_scale(s_ptr, r1, stride_sn, kb, K, GS, FORMAT, MASKED)
-        X0 = _load_x_words(xw_ptr, xr0, stride_xw, kb, ok & (xr0 < M), q4)
+    MASKED: tl.constexpr = not EVEN_K
+    KSTEP: tl.constexpr = 128 * KW
+    # register double buffering: step k0 + KSTEP is loaded before step k0's math (Triton does not
+    # pipeline loads that feed no tl.dot); past the end the loads are masked off
+    if PREFETCH:
+        cur = _load_step(w_ptr, s_ptr, xw_ptr, r0, r1, r2, r3, xr0, xr1, kofs, K, M, stride_wn, stride_sn,
+                         stride_xw, q4, FORMAT, GS, TILES, NB, MASKED)
+    for k0 in range(0, K, KSTEP):
+        if PREFETCH:
+            nxt = _load_step(w_ptr, s_ptr, xw_ptr, r0, r1, r2, r3, xr0, xr1, k0 + KSTEP + kofs, K, M, stride_wn,
+                             stride_sn, stride_xw, q4, FORMAT, GS, TILES, NB, True)
+        else:
+            cur = _load_step(w_ptr, s_ptr, xw_ptr, r0, r1, r2, r3, xr0, xr1, k0 + kofs, K, M, stride_wn,
+                             stride_sn, stride_xw, q4, FORMAT, GS, TILES, NB, MASKED)
+        w0, w1, w2, w3, s0, s1, s2, s3, X0, X1 = cur
         acc00 = _tile_step(w0, w1, s0, s1, X0, acc00, FORMAT, KW)
         if NB > 1:
-            X1 = _load_x_words(xw_ptr, xr1, stride_xw, kb, ok & (xr1 < M), q4)
             acc01 = _tile_step(w0, w1, s0, s1, X1, acc01, FORMAT, KW)
         if TILES > 1:
-            w2 = _load_words(w_ptr, r2, stride_wn, kb, K, q4, MASKED)
-            w3 = _load_words(w_ptr, r3, stride_wn, kb, K, q4, MASKED)
-            s2 = _load_scale(s_ptr, r2, stride_sn, kb, K, GS, FORMAT, MASKED)
-            s3 = _load_scale(s_ptr, r3, stride_sn, kb, K, GS, FORMAT, MASKED)
             acc10 = _tile_step(w2, w3, s2, s3, X0, acc10, FORMAT, KW)
             if NB > 1:
                 acc11 = _tile_step(w2, w3, s2, s3, X1, acc11, FORMAT, KW)
+        if PREFETCH:
+            cur = nxt
     _store_tile(y_ptr, b_ptr, acc00, n0, 0, M, N, stride_ym, HAS_BIAS, KW)
     if NB > 1:
         _store_tile(y_ptr, b_ptr, acc01, n0, 8, M, N, stride_ym, HAS_BIAS, KW)
@@ -364,14 +390,15 @@ def _mma_gemv_kernel(
 
 _CACHE = ConfigCache("mma_gemv")
 
-# (TILES, KW warps): the first entry is the default when nothing is timed
-_RAW = [(1, 4), (2, 4), (1, 8), (2, 2), (1, 2), (2, 8)]
+# (TILES, KW warps, PREFETCH): the first entry is the default when nothing is timed
+_RAW = [(2, 4, 1), (1, 4, 1), (1, 8, 1), (2, 2, 1), (2, 8, 1), (1, 2, 1), (2, 4, 0), (1, 8, 0)]
 
 
 def candidates(k: int) -> list[Config]:
     """Configs whose K step (128 * KW) is no longer than K."""
-    out = [Config.make(num_warps=kw, num_stages=1, TILES=tiles, KW=kw) for tiles, kw in _RAW if 128 * kw <= max(128, k)]
-    return out or [Config.make(num_warps=1, num_stages=1, TILES=1, KW=1)]
+    out = [Config.make(num_warps=kw, num_stages=1, TILES=tiles, KW=kw, PREFETCH=pf) for tiles, kw, pf in _RAW
+           if 128 * kw <= max(128, k)]
+    return out or [Config.make(num_warps=1, num_stages=1, TILES=1, KW=1, PREFETCH=1)]
 
 
 def supported(fmt: int, group: int, m: int, x: torch.Tensor) -> bool:
