@@ -84,7 +84,7 @@ def time_configs(fname: str, k: int, n: int, m: int, log, kernel: str = "gemv") 
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     rows = []
-    for cfg in mod.candidates(k):
+    for cfg in (mod.candidates(k, fmt) if kernel == "mma" else mod.candidates(k)):
         def fn(cfg=cfg):
             for w, sc in wsets:
                 mod.gemv(x, w, sc, None, fmt, group, config=cfg, out=y)

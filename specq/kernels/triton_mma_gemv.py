@@ -66,21 +66,36 @@ def _bf16_pair(lo, hi):
 
 
 @triton.jit
-def _int4_pairs(w):
-    """int32 word of 8 INT4 codes (q + 8, nibble i = element i) -> 4 registers of bf16 pairs
-    (q_i, q_{i+4}) for i = 0..3."""
+def _int4_pairs(w, OFFSET: tl.constexpr):
+    """int32 word of 8 INT4 codes (u = q + 8, nibble i = element i) -> 4 registers of bf16 pairs
+    (v_i, v_{i+4}) for i = 0..3: v = q, or with OFFSET v = 128 + u (the caller subtracts 136 sum x)."""
     if _INTERPRET:
-        q0 = ((w >> 0) & 0xF).to(tl.float32) - 8.0
-        q1 = ((w >> 4) & 0xF).to(tl.float32) - 8.0
-        q2 = ((w >> 8) & 0xF).to(tl.float32) - 8.0
-        q3 = ((w >> 12) & 0xF).to(tl.float32) - 8.0
-        q4 = ((w >> 16) & 0xF).to(tl.float32) - 8.0
-        q5 = ((w >> 20) & 0xF).to(tl.float32) - 8.0
-        q6 = ((w >> 24) & 0xF).to(tl.float32) - 8.0
-        q7 = ((w >> 28) & 0xF).to(tl.float32) - 8.0
-        return _bf16_pair(q0, q4), _bf16_pair(q1, q5), _bf16_pair(q2, q6), _bf16_pair(q3, q7)
+        d = 128.0 if OFFSET else -8.0
+        v0 = ((w >> 0) & 0xF).to(tl.float32) + d
+        v1 = ((w >> 4) & 0xF).to(tl.float32) + d
+        v2 = ((w >> 8) & 0xF).to(tl.float32) + d
+        v3 = ((w >> 12) & 0xF).to(tl.float32) + d
+        v4 = ((w >> 16) & 0xF).to(tl.float32) + d
+        v5 = ((w >> 20) & 0xF).to(tl.float32) + d
+        v6 = ((w >> 24) & 0xF).to(tl.float32) + d
+        v7 = ((w >> 28) & 0xF).to(tl.float32) + d
+        return _bf16_pair(v0, v4), _bf16_pair(v1, v5), _bf16_pair(v2, v6), _bf16_pair(v3, v7)
+    elif OFFSET:
+        # lop3 0xEA: (a & b) | c: nibbles 0 and 4 (16 bits apart) in the mantissas of bf16 128.0
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 t;
+            lop3.b32 $0, $4, 0x000F000F, 0x43004300, 0xEA;
+            shr.u32 t, $4, 4;
+            lop3.b32 $1, t, 0x000F000F, 0x43004300, 0xEA;
+            shr.u32 t, $4, 8;
+            lop3.b32 $2, t, 0x000F000F, 0x43004300, 0xEA;
+            shr.u32 t, $4, 12;
+            lop3.b32 $3, t, 0x000F000F, 0x43004300, 0xEA;
+            }""",
+            "=r,=r,=r,=r,r", [w], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
     else:
-        # lop3 0xEA: (a & b) | c. fma.rn.bf16x2 by 1.0 and -136 (exact: 128 + u - 136 = u - 8).
+        # as above, then fma.rn.bf16x2 by 1.0 and -136 (exact: 128 + u - 136 = u - 8)
         return tl.inline_asm_elementwise(
             """{
             .reg .b32 t, one, off;
@@ -210,7 +225,24 @@ def _decode(w, e, FORMAT: tl.constexpr):
     if FORMAT == 0:
         return _mxfp4_pairs(w, e)
     else:
-        return _int4_pairs(w)
+        return _int4_pairs(w, FORMAT == 2)
+
+
+@triton.jit
+def _offset_sums(X, KW: tl.constexpr):
+    """INT4 with offset codes (FORMAT 2): 136 * sum of x over the thread group's K step, per column of
+    the x tile, from the same MMAs with A = 136 everywhere (one per weight MMA of a 16-row tile, shared
+    by all tiles): outputs (D[., 2q], D[., 2q + 1])."""
+    X0, X1, X2, X3 = X
+    c136 = tl.full(X0[0].shape, 0x43084308, tl.int32)  # bf16 pair (136, 136)
+    z = tl.zeros(X0[0].shape, tl.float32)
+    c = (z, z, z, z)
+    r = (c136, c136, c136, c136)
+    c = _mma_word(r, r, _x_pairs(X0[0], X0[1], X0[2], X0[3]), c, KW)
+    c = _mma_word(r, r, _x_pairs(X1[0], X1[1], X1[2], X1[3]), c, KW)
+    c = _mma_word(r, r, _x_pairs(X2[0], X2[1], X2[2], X2[3]), c, KW)
+    c = _mma_word(r, r, _x_pairs(X3[0], X3[1], X3[2], X3[3]), c, KW)
+    return c[0], c[1]
 
 
 @triton.jit
@@ -251,9 +283,10 @@ def _load_x_words(xw_ptr, xrow, stride_xw, kb, ok, q4):
 
 
 @triton.jit
-def _tile_step(wa, wb, sa, sb, X, acc, FORMAT: tl.constexpr, KW: tl.constexpr):
+def _tile_step(wa, wb, sa, sb, X, acc, corr, FORMAT: tl.constexpr, KW: tl.constexpr):
     """16 weight rows (g from words wa, g + 8 from wb) x one 8-column x tile over the thread's 32 K:
-    8 MMAs; INT4 scales the step's fp32 sum by the rows' group scales, MXFP4 scaled its weights."""
+    8 MMAs; INT4 scales the step's fp32 sum (less the offset sums ``corr`` in FORMAT 2) by the rows'
+    group scales, MXFP4 scaled its weights."""
     if FORMAT == 0:
         c = acc
     else:
@@ -270,7 +303,14 @@ def _tile_step(wa, wb, sa, sb, X, acc, FORMAT: tl.constexpr, KW: tl.constexpr):
         return c
     else:
         a0, a1, a2, a3 = acc
-        return (tl.fma(c[0], sa, a0), tl.fma(c[1], sa, a1), tl.fma(c[2], sb, a2), tl.fma(c[3], sb, a3))
+        c0, c1, c2, c3 = c
+        if FORMAT == 2:
+            e0, e1 = corr
+            c0 -= e0
+            c1 -= e1
+            c2 -= e0
+            c3 -= e1
+        return (tl.fma(c0, sa, a0), tl.fma(c1, sa, a1), tl.fma(c2, sb, a2), tl.fma(c3, sb, a3))
 
 
 @triton.jit
@@ -324,7 +364,8 @@ def _store_tile(y_ptr, b_ptr, acc, n_base, m_base, M, N, stride_ym, HAS_BIAS: tl
 def _mma_gemv_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
     M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-    FORMAT: tl.constexpr,   # 0 MXFP4, 1 INT4; both read as int32 words [N, K/8]
+    FORMAT: tl.constexpr,   # 0 MXFP4, 1 INT4 (exact q), 2 INT4 (offset codes 128 + u, see _offset_sums);
+                            # all read as int32 words [N, K/8]
     GS: tl.constexpr,       # K per weight scale: 32 (MXFP4), a multiple of 128 (INT4)
     TILES: tl.constexpr,    # 16-row weight tiles per program: 1 or 2
     NB: tl.constexpr,       # 8-row x tiles: 1 (M <= 8) or 2 (M <= 16)
@@ -332,8 +373,21 @@ def _mma_gemv_kernel(
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,   # K % (128 * KW) == 0: no masks along K
     PREFETCH: tl.constexpr,  # load step k + 1 before step k's math
+    OFFSET: tl.constexpr,   # INT4: decode offset codes (FORMAT 2) instead of exact q
 ):
     """One program per 16 * TILES weight rows, walking K in steps of 128 * KW."""
+    if OFFSET and FORMAT == 1:
+        _mma_gemv_body(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+                       2, GS, TILES, NB, KW, HAS_BIAS, EVEN_K, PREFETCH)
+    else:
+        _mma_gemv_body(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+                       FORMAT, GS, TILES, NB, KW, HAS_BIAS, EVEN_K, PREFETCH)
+
+
+@triton.jit
+def _mma_gemv_body(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+                   FORMAT: tl.constexpr, GS: tl.constexpr, TILES: tl.constexpr, NB: tl.constexpr, KW: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr):
     JT: tl.constexpr = 32 * KW
     t = tl.arange(0, JT)
     g = (t % 32) // 4
@@ -370,13 +424,19 @@ def _mma_gemv_kernel(
             cur = _load_step(w_ptr, s_ptr, xw_ptr, r0, r1, r2, r3, xr0, xr1, k0 + kofs, K, M, stride_wn,
                              stride_sn, stride_xw, q4, FORMAT, GS, TILES, NB, MASKED)
         w0, w1, w2, w3, s0, s1, s2, s3, X0, X1 = cur
-        acc00 = _tile_step(w0, w1, s0, s1, X0, acc00, FORMAT, KW)
-        if NB > 1:
-            acc01 = _tile_step(w0, w1, s0, s1, X1, acc01, FORMAT, KW)
-        if TILES > 1:
-            acc10 = _tile_step(w2, w3, s2, s3, X0, acc10, FORMAT, KW)
+        e0 = (z, z)
+        e1 = (z, z)
+        if FORMAT == 2:
+            e0 = _offset_sums(X0, KW)
             if NB > 1:
-                acc11 = _tile_step(w2, w3, s2, s3, X1, acc11, FORMAT, KW)
+                e1 = _offset_sums(X1, KW)
+        acc00 = _tile_step(w0, w1, s0, s1, X0, acc00, e0, FORMAT, KW)
+        if NB > 1:
+            acc01 = _tile_step(w0, w1, s0, s1, X1, acc01, e1, FORMAT, KW)
+        if TILES > 1:
+            acc10 = _tile_step(w2, w3, s2, s3, X0, acc10, e0, FORMAT, KW)
+            if NB > 1:
+                acc11 = _tile_step(w2, w3, s2, s3, X1, acc11, e1, FORMAT, KW)
         if PREFETCH:
             cur = nxt
     _store_tile(y_ptr, b_ptr, acc00, n0, 0, M, N, stride_ym, HAS_BIAS, KW)
@@ -390,15 +450,16 @@ def _mma_gemv_kernel(
 
 _CACHE = ConfigCache("mma_gemv")
 
-# (TILES, KW warps, PREFETCH): the first entry is the default when nothing is timed
-_RAW = [(2, 4, 1), (1, 4, 1), (1, 8, 1), (2, 2, 1), (2, 8, 1), (1, 2, 1), (2, 4, 0), (1, 8, 0)]
+# (TILES, KW warps, PREFETCH, OFFSET): the first entry is the default when nothing is timed
+_RAW = [(2, 4, 1, 0), (1, 4, 1, 0), (1, 8, 1, 0), (2, 2, 1, 0), (2, 8, 1, 0), (1, 2, 1, 0), (2, 4, 0, 0),
+        (1, 8, 0, 0), (2, 4, 1, 1), (1, 8, 1, 1), (2, 8, 1, 1)]
 
 
-def candidates(k: int) -> list[Config]:
-    """Configs whose K step (128 * KW) is no longer than K."""
-    out = [Config.make(num_warps=kw, num_stages=1, TILES=tiles, KW=kw, PREFETCH=pf) for tiles, kw, pf in _RAW
-           if 128 * kw <= max(128, k)]
-    return out or [Config.make(num_warps=1, num_stages=1, TILES=1, KW=1, PREFETCH=1)]
+def candidates(k: int, fmt: int = FORMAT_INT4) -> list[Config]:
+    """Configs whose K step (128 * KW) is no longer than K (OFFSET only for INT4)."""
+    out = [Config.make(num_warps=kw, num_stages=1, TILES=tiles, KW=kw, PREFETCH=pf, OFFSET=off)
+           for tiles, kw, pf, off in _RAW if 128 * kw <= max(128, k) and (fmt == FORMAT_INT4 or not off)]
+    return out or [Config.make(num_warps=1, num_stages=1, TILES=1, KW=1, PREFETCH=1, OFFSET=0)]
 
 
 def supported(fmt: int, group: int, m: int, x: torch.Tensor) -> bool:
@@ -431,6 +492,6 @@ def gemv(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Opti
 
     if config is None:
         key = (fmt, group, M, N, K, bias is not None, x2.device.index)
-        config = _CACHE.pick(key, candidates(K), launch)
+        config = _CACHE.pick(key, candidates(K, fmt), launch)
     launch(config)
     return y

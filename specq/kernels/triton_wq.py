@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from specq.kernels import triton_gemv
+from specq.kernels import triton_gemv, triton_mma_gemv
 from specq.kernels.triton_common import INTERPRET, Config, ConfigCache, dot_flags, m_bucket, next_pow2
 
 _INTERPRET = tl.constexpr(INTERPRET)  # a constexpr global, readable inside kernels
@@ -320,6 +320,9 @@ def supported_int4_group(group: int) -> bool:
 # each streaming the weights once); more rows take the tensor-core kernel. Chosen from
 # benchmarks/kernel_paths.py on the H100 (results in benchmarks/results/).
 GEMV_MAX_M = 4
+# Up to this many rows, bf16 activations take the tensor-core GEMV (triton_mma_gemv) where it applies
+# (MXFP4, or INT4 groups of 128 * n); 0 = never on "auto".
+MMA_MAX_M = 0
 
 
 def wq_matmul(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
@@ -328,7 +331,7 @@ def wq_matmul(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias
 
     Both formats are read as int32 words [N, K/8] (an MXFP4 uint8 [N, K/2] viewed as int32: byte b
     of word j holds elements 8j + 2b, 8j + 2b + 1 in its low, high nibble, the INT4 order).
-    ``path``: "auto", or "gemv" / "dot" to force one kernel (benchmarks compare them)."""
+    ``path``: "auto", or "gemv" / "mma" / "dot" to force one kernel (benchmarks compare them)."""
     M, K = x2.shape
     N = packed.shape[0]
     y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
@@ -338,6 +341,15 @@ def wq_matmul(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias
     if fmt == FORMAT_MXFP4:
         words = words.view(torch.int32)
     scales = scales.contiguous()
+    mma_ok = triton_mma_gemv.supported(fmt, group, min(M, triton_mma_gemv.MAX_ROWS), x2)
+    if path == "mma" and not mma_ok:
+        raise ValueError(f"the MMA GEMV path needs bf16 activations (rows on 4-byte boundaries, K % 32 == 0) and "
+                         f"MXFP4 or an INT4 group that is a multiple of 128, got {x2.dtype}, group {group}")
+    if path == "mma" or (path == "auto" and mma_ok and M <= MMA_MAX_M):
+        for r in range(0, M, triton_mma_gemv.MAX_ROWS):
+            rows = slice(r, min(M, r + triton_mma_gemv.MAX_ROWS))
+            triton_mma_gemv.gemv(x2[rows], words, scales, bias, fmt, group, out=y[rows])
+        return y
     gemv_ok = x2.dtype in (torch.bfloat16, torch.float16) and triton_gemv.supported(fmt, group, 1)
     if path == "gemv" and not gemv_ok:
         raise ValueError(f"the GEMV path needs bf16/fp16 activations and a supported group, got {x2.dtype}, {group}")
