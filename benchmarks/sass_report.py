@@ -1,6 +1,7 @@
 """Compile specq's Triton GEMV kernels for sm_90 on any machine and count the SASS of their K loop.
 
     python benchmarks/sass_report.py [--fmt int4,mxfp4] [--bn 4 --jt 64 --warps 2 --rows 1] [--top 16]
+    python benchmarks/sass_report.py --mma [--tiles 2 --warps 4 --rows 1 --offset 0]   # tensor-core GEMV
 
 No GPU is needed: Triton's own ptxas and nvdisasm (shipped in the triton wheel) build and disassemble
 the kernel for an H100 (sm_90), with the argument specialisation the GPU launcher applies (pointers
@@ -83,6 +84,21 @@ def gemv_kernel(fmt: str, bn: int, jt: int, warps: int, rows: int):
     return k, weights_per_iter / (32 * warps)  # weights per thread per iteration
 
 
+def mma_gemv_kernel(fmt: str, tiles: int, kw: int, nb: int = 1, prefetch: int = 1, offset: int = 0):
+    """The tensor-core GEMV (triton_mma_gemv) for sm_90, and its weights per thread per K step."""
+    from specq.kernels import triton_mma_gemv as g
+    f = g.FORMAT_MXFP4 if fmt == "mxfp4" else g.FORMAT_INT4
+    sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*u8" if f == g.FORMAT_MXFP4 else "*bf16",
+           "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+           "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32"}
+    const = {"FORMAT": f, "GS": 32 if f == g.FORMAT_MXFP4 else 128, "TILES": tiles, "NB": nb, "KW": kw,
+             "HAS_BIAS": False, "EVEN_K": True, "PREFETCH": prefetch, "OFFSET": offset}
+    div = ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "stride_wn", "stride_sn",
+           "stride_ym"]
+    k = compile_sm90(g._mma_gemv_kernel, sig, const, div, kw)
+    return k, 2 * tiles * 32  # 16 * TILES rows x 128 K per warp step = 2 * TILES rows x 32 K per thread
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fmt", default="int4,mxfp4")
@@ -91,12 +107,20 @@ def main(argv=None) -> int:
     ap.add_argument("--warps", type=int, default=2)
     ap.add_argument("--rows", type=int, default=1)
     ap.add_argument("--top", type=int, default=16)
+    ap.add_argument("--mma", action="store_true", help="the tensor-core GEMV instead (--tiles, --warps, --rows)")
+    ap.add_argument("--tiles", type=int, default=2)
+    ap.add_argument("--offset", type=int, default=0, help="INT4 offset codes (tensor-core GEMV)")
     args = ap.parse_args(argv)
     for fmt in args.fmt.split(","):
-        k, per_thread = gemv_kernel(fmt, args.bn, args.jt, args.warps, args.rows)
+        if args.mma:
+            k, per_thread = mma_gemv_kernel(fmt, args.tiles, args.warps, 1 if args.rows <= 8 else 2,
+                                            offset=args.offset)
+        else:
+            k, per_thread = gemv_kernel(fmt, args.bn, args.jt, args.warps, args.rows)
         ops = loop_histogram(sass_of(k))
         total = sum(ops.values())
-        print(f"== gemv {fmt} BN={args.bn} JT={args.jt} warps={args.warps} rows={args.rows}: "
+        what = (f"mma-gemv {fmt} TILES={args.tiles}" if args.mma else f"gemv {fmt} BN={args.bn} JT={args.jt}")
+        print(f"== {what} warps={args.warps} rows={args.rows}: "
               f"{total} loop instructions, {per_thread:.0f} weights per thread per iteration, "
               f"{total / per_thread:.2f} instructions per weight")
         for op, n in ops.most_common(args.top):

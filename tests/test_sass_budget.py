@@ -52,3 +52,27 @@ def test_gemv_k_loop_stays_within_its_instruction_budget(fmt, rows, budget):
         if rows == 1:  # (more rows convert more x values, some with PRMT)
             # the int16-cast form it replaced cost 0.71 PRMT per weight regrouping halves
             assert ops["PRMT"] / weights_per_thread <= 0.3, ops
+
+
+# Tensor-core GEMV (triton_mma_gemv): (format, 16-row tiles per program, rows of x, INT4 offset codes, budget)
+MMA_BUDGETS = [("int4", 2, 1, 0, 2.5), ("int4", 2, 1, 1, 2.2), ("mxfp4", 2, 1, 0, 3.5), ("int4", 2, 16, 1, 2.87),
+               ("mxfp4", 2, 16, 0, 4.3)]
+
+
+@pytest.mark.parametrize("fmt,tiles,rows,offset,budget", MMA_BUDGETS,
+                         ids=[f"{f}-tiles{t}-rows{r}-offset{o}" for f, t, r, o, _ in MMA_BUDGETS])
+def test_mma_gemv_k_loop_decodes_into_registers(fmt, tiles, rows, offset, budget):
+    """The weights go from the 16-byte loads through the decode into the MMA's registers: no shared
+    memory in the K loop (Triton's tl.dot path stores and reloads every decoded tile), one HMMA per
+    16 x 8 x 16 block, and the instruction count per weight within its budget (2026-12-07 + ~3%)."""
+    sr = _sass_report()
+    nb = 1 if rows <= 8 else 2
+    kernel, weights_per_thread = sr.mma_gemv_kernel(fmt, tiles, kw=4, nb=nb, offset=offset)
+    ops = sr.loop_histogram(sr.sass_of(kernel))
+    assert not [op for op in ops if op.startswith(("STS", "LDS", "BAR"))], ops
+    # per thread and step: 2 * TILES rows x 4 words, each word two MMAs per x tile (+ the offset sums)
+    mmas = 2 * tiles * 4 * nb + (8 * nb if offset else 0)
+    assert ops["HMMA.16816.F32.BF16"] == mmas, ops
+    assert ops["LDG.E.128"] == 2 * tiles + 4 * nb, ops
+    per_weight = sum(ops.values()) / weights_per_thread
+    assert per_weight <= budget, f"{fmt}: {per_weight:.2f} instructions per weight > {budget}: {ops}"
