@@ -1,12 +1,14 @@
-"""Which 4-bit weight-only kernel to use at each small M: the CUDA-core GEMV or the tensor-core kernel (GPU).
+"""Which 4-bit weight-only kernel to use at each small M: the CUDA-core GEMV, the tensor-core GEMV or the
+tiled tensor-core kernel (GPU).
 
     python benchmarks/kernel_paths.py --out benchmarks/results/kernel_paths_h100.md
 
 For K x N in the Llama-3-8B shapes and M in 1..32 it times ``triton_wq.wq_matmul`` with
-``path="gemv"`` (launches of <= 4 rows, each streaming the weights) and ``path="dot"`` (the tiled
-tensor-core kernel), next to bf16 ``F.linear`` and torch's int4 tinygemm, with the method of
-benchmarks/kernels.py (CUDA-graph replays, weights rotated past L2). ``GEMV_MAX_M`` in
-specq/kernels/triton_wq.py is chosen from this table.
+``path="gemv"`` (launches of <= 4 rows, each streaming the weights), ``path="mma"`` (launches of <= 16
+rows, weights decoded into mma.sync registers) and ``path="dot"`` (the tiled tensor-core kernel), next to
+bf16 ``F.linear`` and torch's int4 tinygemm, with the method of benchmarks/kernels.py (CUDA-graph replays,
+weights rotated past L2). ``GEMV_MAX_M`` and ``MMA_MAX_M`` in specq/kernels/triton_wq.py are chosen from
+this table.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import kernels as kb  # noqa: E402  (benchmarks/kernels.py)
 
 MS = [1, 2, 3, 4, 5, 8, 12, 16, 32]
+PATHS = ("gemv", "mma", "dot")
 
 
 def main(argv=None) -> int:
@@ -51,8 +54,9 @@ def main(argv=None) -> int:
     for shape in args.shapes.split(","):
         k, n = (int(v) for v in shape.split("x"))
         lines += [f"## K={k}, N={n}", "",
-                  "| M | bf16 | tinygemm | mxfp4 gemv | mxfp4 dot | w4a16 gemv | w4a16 dot | best mxfp4 %bw | best w4a16 %bw |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| M | bf16 | tinygemm | mxfp4 gemv | mxfp4 mma | mxfp4 dot | w4a16 gemv | w4a16 mma | w4a16 dot "
+                  "| best mxfp4 %bw | best w4a16 %bw |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         sets = {}
         for kind in ("bf16", "tinygemm", "mxfp4", "int4"):
             one, nbytes = kb.make_weights(kind, n, k, dev)
@@ -73,18 +77,19 @@ def main(argv=None) -> int:
             timed("tinygemm", "tinygemm", lambda w: kb.call("tinygemm", x, w))
             for fmt_name, wkind, fmt, g in (("mxfp4", "mxfp4", triton_wq.FORMAT_MXFP4, 32),
                                             ("w4a16", "int4", triton_wq.FORMAT_INT4, 128)):
-                for path in ("gemv", "dot"):
+                for path in PATHS:
                     timed(f"{fmt_name} {path}", wkind,
                           lambda w, fmt=fmt, g=g, path=path: triton_wq.wq_matmul(x, w[0], w[1], None, fmt, g, path=path))
 
             def pct(fmt_name, wkind):
-                best = min(t.get(f"{fmt_name} gemv", math.inf), t.get(f"{fmt_name} dot", math.inf))
+                best = min(t.get(f"{fmt_name} {path}", math.inf) for path in PATHS)
                 moved = sets[wkind][1] + m * k * 2 + m * n * 2
                 return f"{100 * moved / (best * 1e-6) / copy_bw:.0f}%" if best < math.inf else "-"
 
             cell = lambda name: f"{t[name]:.2f}" if name in t else "-"  # noqa: E731
-            row = (f"| {m} | {cell('bf16')} | {cell('tinygemm')} | {cell('mxfp4 gemv')} | {cell('mxfp4 dot')} | "
-                   f"{cell('w4a16 gemv')} | {cell('w4a16 dot')} | {pct('mxfp4', 'mxfp4')} | {pct('w4a16', 'int4')} |")
+            row = (f"| {m} | {cell('bf16')} | {cell('tinygemm')} | "
+                   + " | ".join(cell(f"{f} {p}") for f in ("mxfp4", "w4a16") for p in PATHS)
+                   + f" | {pct('mxfp4', 'mxfp4')} | {pct('w4a16', 'int4')} |")
             print(shape, row, flush=True)
             lines.append(row)
         lines.append("")
