@@ -96,12 +96,11 @@ def linear_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor
             xq = activation.fake_quantize_int4(xr, act_group_size)
             y = F.linear(xq, int4.dequantize(packed, scales, x.dtype), bias)
             return y.reshape(*x.shape[:-1], n)
-        if (x2.shape[0] <= triton_wq.GEMV_MAX_M and x2.dtype in (torch.bfloat16, torch.float16)
-                and triton_wq.triton_gemv.supported(triton_wq.FORMAT_INT4, group_size, x2.shape[0])
+        if (triton_wq.streams_weights(x2, triton_wq.FORMAT_INT4, group_size)
                 and triton_act.supported(k, had_block, act_group_size)):
-            # decode sizes: the INT8 tensor-core kernel pads M to 16 rows and is 2-4x slower than
-            # the weight-streaming GEMV, so quantize x (the reference's own fake-quantized
-            # activation, in x.dtype) and run the W4A16 GEMV on it
+            # decode and verify sizes: the INT8 tensor-core kernel pads M to 16 rows and is 2-4x slower
+            # than the weight-streaming kernels, so quantize x (the reference's own fake-quantized
+            # activation, in x.dtype) and run the W4A16 streaming kernel on it
             xq = triton_act.fake_quantize(x2, act_group_size, had_block)
             y = triton_wq.wq_matmul(xq, packed, scales, bias, triton_wq.FORMAT_INT4, group_size)
             return y.reshape(*x.shape[:-1], n)

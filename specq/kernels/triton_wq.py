@@ -325,6 +325,21 @@ GEMV_MAX_M = 4
 MMA_MAX_M = 0
 
 
+def _streaming_path(x2: torch.Tensor, fmt: int, group: int) -> Optional[str]:
+    """The weight-streaming kernel "auto" takes for x2 ("mma" or "gemv"), or None (the tiled kernel)."""
+    M = x2.shape[0]
+    if M <= MMA_MAX_M and triton_mma_gemv.supported(fmt, group, min(M, triton_mma_gemv.MAX_ROWS), x2):
+        return "mma"
+    if M <= GEMV_MAX_M and x2.dtype in (torch.bfloat16, torch.float16) and triton_gemv.supported(fmt, group, 1):
+        return "gemv"
+    return None
+
+
+def streams_weights(x2: torch.Tensor, fmt: int, group: int) -> bool:
+    """Whether ``wq_matmul(x2, ..)`` on "auto" runs a weight-streaming kernel (decode and verify sizes)."""
+    return _streaming_path(x2, fmt, group) is not None
+
+
 def wq_matmul(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
               fmt: int, group: int, path: str = "auto") -> torch.Tensor:
     """x2 [M, K] (unit stride along K) -> [M, N] in x2.dtype. Arguments are assumed validated.
@@ -341,22 +356,18 @@ def wq_matmul(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias
     if fmt == FORMAT_MXFP4:
         words = words.view(torch.int32)
     scales = scales.contiguous()
-    mma_ok = triton_mma_gemv.supported(fmt, group, min(M, triton_mma_gemv.MAX_ROWS), x2)
-    if path == "mma" and not mma_ok:
-        raise ValueError(f"the MMA GEMV path needs bf16 activations (rows on 4-byte boundaries, K % 32 == 0) and "
-                         f"MXFP4 or an INT4 group that is a multiple of 128, got {x2.dtype}, group {group}")
-    if path == "mma" or (path == "auto" and mma_ok and M <= MMA_MAX_M):
-        for r in range(0, M, triton_mma_gemv.MAX_ROWS):
-            rows = slice(r, min(M, r + triton_mma_gemv.MAX_ROWS))
-            triton_mma_gemv.gemv(x2[rows], words, scales, bias, fmt, group, out=y[rows])
-        return y
-    gemv_ok = x2.dtype in (torch.bfloat16, torch.float16) and triton_gemv.supported(fmt, group, 1)
-    if path == "gemv" and not gemv_ok:
-        raise ValueError(f"the GEMV path needs bf16/fp16 activations and a supported group, got {x2.dtype}, {group}")
-    if path == "gemv" or (path == "auto" and gemv_ok and M <= GEMV_MAX_M):
-        for r in range(0, M, triton_gemv.MAX_ROWS):
-            rows = slice(r, min(M, r + triton_gemv.MAX_ROWS))
-            triton_gemv.gemv(x2[rows], words, scales, bias, fmt, group, out=y[rows])
+    if path == "auto":
+        path = _streaming_path(x2, fmt, group) or "dot"
+    if path in ("mma", "gemv"):
+        mod = triton_mma_gemv if path == "mma" else triton_gemv
+        if path == "mma" and not triton_mma_gemv.supported(fmt, group, min(M, mod.MAX_ROWS), x2):
+            raise ValueError(f"the MMA GEMV path needs bf16 activations (rows on 4-byte boundaries, K % 32 == 0) "
+                             f"and MXFP4 or an INT4 group that is a multiple of 128, got {x2.dtype}, group {group}")
+        if path == "gemv" and not (x2.dtype in (torch.bfloat16, torch.float16) and triton_gemv.supported(fmt, group, 1)):
+            raise ValueError(f"the GEMV path needs bf16/fp16 activations and a supported group, got {x2.dtype}, {group}")
+        for r in range(0, M, mod.MAX_ROWS):  # launches of <= MAX_ROWS rows, each streaming the weights once
+            rows = slice(r, min(M, r + mod.MAX_ROWS))
+            mod.gemv(x2[rows], words, scales, bias, fmt, group, out=y[rows])
         return y
     _dot_matmul(x2, words, scales, bias, fmt, group, y)
     return y
