@@ -25,6 +25,7 @@ All products accumulate in fp32; the output is cast to x's dtype.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -321,8 +322,8 @@ def supported_int4_group(group: int) -> bool:
 # benchmarks/kernel_paths.py on the H100 (results in benchmarks/results/).
 GEMV_MAX_M = 4
 # Up to this many rows, bf16 activations take the tensor-core GEMV (triton_mma_gemv) where it applies
-# (MXFP4, or INT4 groups of 128 * n); 0 = never on "auto".
-MMA_MAX_M = 0
+# (MXFP4, or INT4 groups of 128 * n); 0 = never on "auto". SPECQ_MMA_MAX_M overrides it (A/B runs).
+MMA_MAX_M = int(os.environ.get("SPECQ_MMA_MAX_M", "0"))
 
 
 def _streaming_path(x2: torch.Tensor, fmt: int, group: int) -> Optional[str]:
