@@ -261,6 +261,28 @@ def run_mma_gemv(fmt: int, m: int, tiles: int, warps: int, k: int, n: int, group
     return {"vs_float64": (_rel(y, x.double() @ w64.T + b.double()), 1.5e-2)}
 
 
+# MXFP4 scale bytes across the tensor-core GEMV's documented range (E8M0 e in [34, 160]: |w| from ~2^-93
+# to 2^35): random codes, each 32-element group with its own random scale. (m, e_lo, e_hi)
+MMA_GEMV_SCALE_CASES = [(3, 34, 160), (1, 100, 150)]
+
+
+def run_mma_gemv_scale_range(m: int, e_lo: int, e_hi: int, device: str = "cpu") -> dict:
+    from specq.formats import mxfp4
+    from specq.kernels import triton_mma_gemv
+
+    gen = torch.Generator().manual_seed(e_lo + e_hi + m)
+    n, k = 24, 512
+    packed = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8)
+    scales = torch.randint(e_lo, e_hi + 1, (n, k // 32), generator=gen, dtype=torch.uint8)
+    w64 = mxfp4.dequantize(packed, scales, torch.float64)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    y = triton_mma_gemv.gemv(x.to(device), packed.view(torch.int32).to(device), scales.to(device), None, 0, 32)
+    ref = x.double() @ w64.T
+    # rows are dominated by their largest scales; compare each output against its row's magnitude
+    err = ((y.double().cpu() - ref).abs() / ref.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)).max()
+    return {"vs_float64_rowwise": (float(err), 1e-2), "finite": (float(not torch.isfinite(y).all()), 0.0)}
+
+
 # Dense GEMV (triton_dense_gemv): every tile config at ragged K and N, rows of x 1..4, bias or not.
 DENSE_CONFIG_CASES = [(m, i, k, bias) for i in range(11) for (m, k, bias) in [(1, 1100, True), (3, 2112, False)]]
 DENSE_CONFIG_CASES += [(4, i, 1024, True) for i in (0, 1, 2)] + [(2, i, 64, False) for i in (0, 3)]
@@ -389,6 +411,7 @@ def run_attention_separate(*case, device: str = "cpu") -> dict:
 def _families():
     return [("gemv", GEMV_CONFIG_CASES, run_gemv_config), ("gemv_strided", GEMV_STRIDE_CASES, run_gemv_strided),
             ("mma_gemv", MMA_GEMV_CASES, run_mma_gemv),
+            ("mma_gemv_scales", MMA_GEMV_SCALE_CASES, run_mma_gemv_scale_range),
             ("dense", DENSE_CONFIG_CASES, run_dense_config),
             ("w4a4", W4A4_CONFIG_CASES, run_w4a4_config), ("attention", ATTENTION_CASES, run_attention),
             ("attention_separate", ATTENTION_CASES[:3], run_attention_separate),

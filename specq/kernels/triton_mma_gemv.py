@@ -20,7 +20,9 @@ sums are added once at the end.
   ``fma.rn.bf16x2`` leaves q = u - 8 exactly. The group scale (groups of 128 * n along K, one per warp
   step) multiplies the fp32 MMA result.
 - MXFP4: the E2M1 magnitude at bf16 bits 6..8 and the sign at bit 15 is e2m1 * 2^-126 (code 1 a bf16
-  subnormal); one ``mul.rn.bf16x2`` by 2^(e - 1) (E8M0 byte e) gives the dequantized weight exactly.
+  subnormal); one ``mul.rn.bf16x2`` by 2^(e - 33) (E8M0 byte e) gives the dequantized weight times
+  2^-32 exactly, and the sums are multiplied by 2^32 at the end (the bias keeps the bf16 scale finite
+  for every realistic scale: e <= 160).
   The 4 lanes of a group hold 4 different 32-element scale groups, so the scale goes on before the MMA.
 - x pairs: the MMA wants x[k] and x[k + 4] in one register (the weights' pairing); two PRMTs per
   4 values, shared by all weight rows of the thread.
@@ -130,21 +132,24 @@ def _e2m1_f32(w, i: tl.constexpr):
 @triton.jit
 def _mxfp4_pairs(w, e):
     """int32 word of 8 E2M1 codes and its E8M0 scale byte e (int32) -> 4 registers of bf16 pairs of
-    dequantized weights (w_i, w_{i+4}) for i = 0..3."""
+    dequantized weights times 2^-32 (w_i, w_{i+4}) for i = 0..3 (the kernel multiplies its sums by
+    2^32). The bias keeps the bf16 scale 2^(e - 33) finite for every e <= 160 (|w| < 2^35), where
+    2^(e - 1) would overflow above e = 128; weights under 2^-93 (e < 34) underflow, which changes
+    no sum of bf16-sized products."""
     if _INTERPRET:
-        s = tl.exp2((e - 127).to(tl.float32))
+        s = tl.exp2((e - 159).to(tl.float32))  # 2^(e - 127) * 2^-32, as on the GPU
         return (_bf16_pair(_e2m1_f32(w, 0) * s, _e2m1_f32(w, 4) * s),
                 _bf16_pair(_e2m1_f32(w, 1) * s, _e2m1_f32(w, 5) * s),
                 _bf16_pair(_e2m1_f32(w, 2) * s, _e2m1_f32(w, 6) * s),
                 _bf16_pair(_e2m1_f32(w, 3) * s, _e2m1_f32(w, 7) * s))
     else:
         # magnitude of nibble i to bf16 bits 6..8 (and 22..24 for nibble i + 4), sign to bits 15 / 31:
-        # e2m1 * 2^-126 exactly; times 2^(e - 1) (bf16 exponent field e + 126, both halves) in bf16.
+        # e2m1 * 2^-126 exactly; times 2^(e - 33) (bf16 exponent field e + 94, both halves) in bf16.
         # lop3 0xF8: a | (b & c).
         return tl.inline_asm_elementwise(
             """{
             .reg .b32 m, sg, sc;
-            add.u32 sc, $5, 126;
+            add.u32 sc, $5, 94;
             shl.b32 sc, sc, 7;
             prmt.b32 sc, sc, sc, 0x1010;
             shl.b32 m, $4, 6;
@@ -336,6 +341,12 @@ def _load_step(w_ptr, s_ptr, xw_ptr, r0, r1, r2, r3, xr0, xr1, kb, K, M, stride_
 
 
 @triton.jit
+def _times(acc, f: tl.constexpr):
+    a0, a1, a2, a3 = acc
+    return a0 * f, a1 * f, a2 * f, a3 * f
+
+
+@triton.jit
 def _store_tile(y_ptr, b_ptr, acc, n_base, m_base, M, N, stride_ym, HAS_BIAS: tl.constexpr, KW: tl.constexpr):
     """Add the KW warps' partial sums and store D[g, 2q..2q+1] / D[g + 8, ..] of one 16 x 8 tile:
     weight rows n_base + g (+ 8) are y's columns, x rows m_base + 2q (+ 1) are y's rows."""
@@ -439,6 +450,11 @@ def _mma_gemv_body(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride
                 acc11 = _tile_step(w2, w3, s2, s3, X1, acc11, e1, FORMAT, KW)
         if PREFETCH:
             cur = nxt
+    if FORMAT == 0:  # undo the 2^-32 of the decoded MXFP4 weights (exact)
+        acc00 = _times(acc00, 4294967296.0)
+        acc01 = _times(acc01, 4294967296.0)
+        acc10 = _times(acc10, 4294967296.0)
+        acc11 = _times(acc11, 4294967296.0)
     _store_tile(y_ptr, b_ptr, acc00, n0, 0, M, N, stride_ym, HAS_BIAS, KW)
     if NB > 1:
         _store_tile(y_ptr, b_ptr, acc01, n0, 8, M, N, stride_ym, HAS_BIAS, KW)
