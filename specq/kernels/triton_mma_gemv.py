@@ -467,8 +467,8 @@ def _mma_gemv_body(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride
 _CACHE = ConfigCache("mma_gemv")
 
 # (TILES, KW warps, PREFETCH, OFFSET): the first entry is the default when nothing is timed
-_RAW = [(2, 4, 1, 0), (1, 4, 1, 0), (1, 8, 1, 0), (2, 2, 1, 0), (2, 8, 1, 0), (1, 2, 1, 0), (2, 4, 0, 0),
-        (1, 8, 0, 0), (2, 4, 1, 1), (1, 8, 1, 1), (2, 8, 1, 1)]
+_RAW = [(1, 8, 1, 0), (2, 4, 1, 0), (1, 4, 1, 0), (1, 2, 1, 0), (2, 4, 0, 0), (1, 16, 1, 0), (2, 8, 1, 0),
+        (1, 16, 0, 0), (1, 8, 1, 1)]
 
 
 def candidates(k: int, fmt: int = FORMAT_INT4) -> list[Config]:
