@@ -321,15 +321,19 @@ def supported_int4_group(group: int) -> bool:
 # each streaming the weights once); more rows take the tensor-core kernel. Chosen from
 # benchmarks/kernel_paths.py on the H100 (results in benchmarks/results/).
 GEMV_MAX_M = 4
-# Up to this many rows, bf16 activations take the tensor-core GEMV (triton_mma_gemv) where it applies
-# (MXFP4, or INT4 groups of 128 * n); 0 = never on "auto". SPECQ_MMA_MAX_M overrides it (A/B runs).
-MMA_MAX_M = int(os.environ.get("SPECQ_MMA_MAX_M", "0"))
+# From MMA_MIN_M to MMA_MAX_M rows, bf16 activations take the tensor-core GEMV (triton_mma_gemv) where
+# it applies (MXFP4, or INT4 groups of 128 * n). H100, 2026-12-07 (benchmarks/results/kernels_mma_h100.md):
+# at 2..16 rows it is 1.1-2.9x faster than the CUDA-core GEMV / tiled kernel and faster than tinygemm
+# from M = 4 on every 8B shape; at one row the CUDA-core GEMV is faster on 4096x4096 and 14336x4096.
+# SPECQ_MMA_MAX_M overrides the upper end (0 = never; A/B runs).
+MMA_MIN_M = 2
+MMA_MAX_M = int(os.environ.get("SPECQ_MMA_MAX_M", "16"))
 
 
 def _streaming_path(x2: torch.Tensor, fmt: int, group: int) -> Optional[str]:
     """The weight-streaming kernel "auto" takes for x2 ("mma" or "gemv"), or None (the tiled kernel)."""
     M = x2.shape[0]
-    if M <= MMA_MAX_M and triton_mma_gemv.supported(fmt, group, min(M, triton_mma_gemv.MAX_ROWS), x2):
+    if MMA_MIN_M <= M <= MMA_MAX_M and triton_mma_gemv.supported(fmt, group, min(M, triton_mma_gemv.MAX_ROWS), x2):
         return "mma"
     if M <= GEMV_MAX_M and x2.dtype in (torch.bfloat16, torch.float16) and triton_gemv.supported(fmt, group, 1):
         return "gemv"
