@@ -11,8 +11,9 @@ Each validates its arguments with the ops' own checks, flattens x to [M, K], and
 - mxfp4: one weight-streaming / tiled kernel (``triton_wq``);
 - w4a16: the Hadamard pre-kernel when had_block > 0 (``triton_act.rotate``), then ``triton_wq``;
 - w4a4: one pre-kernel that rotates and quantizes x to INT4 (two for per-token scales), then the
-  INT8-tensor-core kernel (``triton_w4a4``); at decode sizes (M <= 4) the pre-kernel writes the
-  fake-quantized x instead and the W4A16 GEMV runs on it;
+  INT8-tensor-core kernel (``triton_w4a4``); at the sizes a weight-streaming kernel serves
+  (``triton_wq.streams_weights``: M <= 16 in bf16, M <= 4 in fp16) the pre-kernel writes the
+  fake-quantized x instead and the W4A16 streaming kernel runs on it;
 - dense (bf16/fp16 weights): at 1..4 rows of x the weight-streaming GEMV of ``triton_dense_gemv``
   where it times faster than F.linear for the shape, else F.linear;
 - ``decode_attention`` (specq.kernels.attention_op): the split-KV kernel of ``triton_attention``.

@@ -13,8 +13,9 @@ close to instruction-bound as well as memory-bound:
   then gives ``sum x (MAGIC + 8 + q)``; subtracting ``(MAGIC + 8) * sum(x)`` per K-chunk (sum(x) from a
   second dot with a ones tile, on tensor cores that are idle at small M) leaves ``sum x q``, which is
   scaled by the group scale after the dot (SUB_K divides the group size), so the scale costs one
-  multiply per output, not per weight. M <= 4 with bf16/fp16 activations takes the CUDA-core GEMV
-  of ``triton_gemv`` instead. float32 activations take the exact path
+  multiply per output, not per weight. Decode and verify sizes take a weight-streaming kernel instead:
+  bf16 at 2..16 rows the tensor-core GEMV of ``triton_mma_gemv``, one row (and fp16 up to 4 rows) the
+  CUDA-core GEMV of ``triton_gemv`` (``_streaming_path``). float32 activations take the exact path
   (``(u - 8)`` as float, IEEE fp32 dot).
 - MXFP4: the E2M1 code ``c`` placed at bit 9 of an fp16 (sign at bit 15) is ``e2m1(c) * 2^-14``
   exactly (code 1, the only subnormal, included); it is multiplied by ``2^(e - 127 + 14)`` built
