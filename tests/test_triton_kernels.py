@@ -585,3 +585,38 @@ def test_gpu_cuda_graph_capture_and_3d_input():
 
 if __name__ == "__main__" and "--interpret-worker" in sys.argv:
     _worker()
+
+
+def test_streaming_path_choice_by_rows_dtype_and_group():
+    """"auto" in wq_matmul: one row -> CUDA-core GEMV; 2..16 bf16 rows -> tensor-core GEMV (MXFP4, INT4 groups
+    of 128 * n); fp16 or other groups -> CUDA-core GEMV up to 4 rows; anything larger -> the tiled kernel."""
+    pytest.importorskip("triton")
+    from specq.kernels import triton_wq
+
+    def path(m, dtype=torch.bfloat16, fmt=triton_wq.FORMAT_INT4, group=128, k=256):
+        return triton_wq._streaming_path(torch.zeros(m, k, dtype=dtype), fmt, group)
+
+    if "SPECQ_MMA_MAX_M" in os.environ:
+        pytest.skip("SPECQ_MMA_MAX_M overrides the routing under test")
+    assert triton_wq.MMA_MIN_M == 2 and triton_wq.MMA_MAX_M == 16  # the H100 measurements' choice
+    assert path(1) == "gemv" and path(1, fmt=triton_wq.FORMAT_MXFP4, group=32) == "gemv"
+    assert [path(m) for m in (2, 5, 16)] == ["mma"] * 3
+    assert path(8, fmt=triton_wq.FORMAT_MXFP4, group=32) == "mma"
+    assert path(17) is None
+    assert path(3, dtype=torch.float16) == "gemv" and path(5, dtype=torch.float16) is None
+    assert path(3, group=64) == "gemv" and path(8, group=64) is None  # INT4 groups under 128: no mma
+    assert path(4, dtype=torch.float32) is None
+
+
+def test_mma_gemv_rejects_what_it_cannot_run_with_a_clear_error():
+    pytest.importorskip("triton")
+    from specq.kernels import triton_mma_gemv, triton_wq
+
+    words = torch.zeros(16, 32, dtype=torch.int32)
+    scales = torch.ones(16, 2, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bf16 x with 1..16 rows"):
+        triton_mma_gemv.gemv(torch.zeros(2, 256, dtype=torch.float16), words, scales, None, 1, 128)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        triton_mma_gemv.gemv(torch.zeros(2, 256, dtype=torch.bfloat16), words, scales, None, 1, 64)
+    with pytest.raises(ValueError, match="MMA GEMV path needs bf16"):
+        triton_wq.wq_matmul(torch.zeros(2, 256, dtype=torch.float16), words, scales, None, 1, 128, path="mma")
