@@ -51,6 +51,43 @@ FORMAT_INT4 = 1
 MAX_ROWS = 16
 
 
+def _int4_ptx(exact: bool) -> str:
+    """PTX: word $4 -> 4 bf16 pairs $0..$3. Nibbles i and i + 4 (16 bits apart) go into the mantissas of
+    bf16 128.0 (lop3 0xEA: (a & b) | c), giving 128 + u; ``exact`` then subtracts 136 with one
+    fma.rn.bf16x2 (by 1.0, exact: 128 + u - 136 = q)."""
+    body = [".reg .b32 t, one, off;", "mov.b32 one, 0x3F803F80;", "mov.b32 off, 0xC308C308;"] if exact else [
+        ".reg .b32 t;"]
+    for i in range(4):
+        src = "$4" if i == 0 else "t"
+        if i:
+            body.append(f"shr.u32 t, $4, {4 * i};")
+        body.append(f"lop3.b32 ${i}, {src}, 0x000F000F, 0x43004300, 0xEA;")
+        if exact:
+            body.append(f"fma.rn.bf16x2 ${i}, ${i}, one, off;")
+    return "{ " + " ".join(body) + " }"
+
+
+def _mxfp4_ptx() -> str:
+    """PTX: word $4 and E8M0 byte $5 -> 4 bf16 pairs $0..$3 of dequantized weights times 2^-32. The
+    magnitude of nibble i goes to bf16 bits 6..8 (22..24 for nibble i + 4) and its sign to bit 15 (31):
+    e2m1 * 2^-126 exactly (lop3 0xF8: a | (b & c)); one mul.rn.bf16x2 by 2^(e - 33) (exponent field
+    e + 94 in both halves) scales it."""
+    body = [".reg .b32 m, sg, sc;", "add.u32 sc, $5, 94;", "shl.b32 sc, sc, 7;", "prmt.b32 sc, sc, sc, 0x1010;"]
+    for i in range(4):
+        body.append(f"shl.b32 m, $4, {6 - 4 * i};" if i < 2 else f"shr.u32 m, $4, {4 * i - 6};")
+        body.append("and.b32 m, m, 0x01C001C0;")
+        sign = "$4" if i == 3 else "sg"
+        if i < 3:
+            body.append(f"shl.b32 sg, $4, {12 - 4 * i};")
+        body += [f"lop3.b32 ${i}, m, {sign}, 0x80008000, 0xF8;", f"mul.rn.bf16x2 ${i}, ${i}, sc;"]
+    return "{ " + " ".join(body) + " }"
+
+
+_INT4_PTX = tl.constexpr(_int4_ptx(exact=True))
+_INT4_OFFSET_PTX = tl.constexpr(_int4_ptx(exact=False))
+_MXFP4_PTX = tl.constexpr(_mxfp4_ptx())
+
+
 @triton.jit
 def _bf16_lo(v):
     return (v << 16).to(tl.float32, bitcast=True)
@@ -82,40 +119,9 @@ def _int4_pairs(w, OFFSET: tl.constexpr):
         v6 = ((w >> 24) & 0xF).to(tl.float32) + d
         v7 = ((w >> 28) & 0xF).to(tl.float32) + d
         return _bf16_pair(v0, v4), _bf16_pair(v1, v5), _bf16_pair(v2, v6), _bf16_pair(v3, v7)
-    elif OFFSET:
-        # lop3 0xEA: (a & b) | c: nibbles 0 and 4 (16 bits apart) in the mantissas of bf16 128.0
-        return tl.inline_asm_elementwise(
-            """{
-            .reg .b32 t;
-            lop3.b32 $0, $4, 0x000F000F, 0x43004300, 0xEA;
-            shr.u32 t, $4, 4;
-            lop3.b32 $1, t, 0x000F000F, 0x43004300, 0xEA;
-            shr.u32 t, $4, 8;
-            lop3.b32 $2, t, 0x000F000F, 0x43004300, 0xEA;
-            shr.u32 t, $4, 12;
-            lop3.b32 $3, t, 0x000F000F, 0x43004300, 0xEA;
-            }""",
-            "=r,=r,=r,=r,r", [w], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
     else:
-        # as above, then fma.rn.bf16x2 by 1.0 and -136 (exact: 128 + u - 136 = u - 8)
-        return tl.inline_asm_elementwise(
-            """{
-            .reg .b32 t, one, off;
-            mov.b32 one, 0x3F803F80;
-            mov.b32 off, 0xC308C308;
-            lop3.b32 $0, $4, 0x000F000F, 0x43004300, 0xEA;
-            fma.rn.bf16x2 $0, $0, one, off;
-            shr.u32 t, $4, 4;
-            lop3.b32 $1, t, 0x000F000F, 0x43004300, 0xEA;
-            fma.rn.bf16x2 $1, $1, one, off;
-            shr.u32 t, $4, 8;
-            lop3.b32 $2, t, 0x000F000F, 0x43004300, 0xEA;
-            fma.rn.bf16x2 $2, $2, one, off;
-            shr.u32 t, $4, 12;
-            lop3.b32 $3, t, 0x000F000F, 0x43004300, 0xEA;
-            fma.rn.bf16x2 $3, $3, one, off;
-            }""",
-            "=r,=r,=r,=r,r", [w], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(_INT4_OFFSET_PTX if OFFSET else _INT4_PTX, "=r,=r,=r,=r,r", [w],
+                                         dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
 
 
 @triton.jit
@@ -143,35 +149,8 @@ def _mxfp4_pairs(w, e):
                 _bf16_pair(_e2m1_f32(w, 2) * s, _e2m1_f32(w, 6) * s),
                 _bf16_pair(_e2m1_f32(w, 3) * s, _e2m1_f32(w, 7) * s))
     else:
-        # magnitude of nibble i to bf16 bits 6..8 (and 22..24 for nibble i + 4), sign to bits 15 / 31:
-        # e2m1 * 2^-126 exactly; times 2^(e - 33) (bf16 exponent field e + 94, both halves) in bf16.
-        # lop3 0xF8: a | (b & c).
         return tl.inline_asm_elementwise(
-            """{
-            .reg .b32 m, sg, sc;
-            add.u32 sc, $5, 94;
-            shl.b32 sc, sc, 7;
-            prmt.b32 sc, sc, sc, 0x1010;
-            shl.b32 m, $4, 6;
-            and.b32 m, m, 0x01C001C0;
-            shl.b32 sg, $4, 12;
-            lop3.b32 $0, m, sg, 0x80008000, 0xF8;
-            mul.rn.bf16x2 $0, $0, sc;
-            shl.b32 m, $4, 2;
-            and.b32 m, m, 0x01C001C0;
-            shl.b32 sg, $4, 8;
-            lop3.b32 $1, m, sg, 0x80008000, 0xF8;
-            mul.rn.bf16x2 $1, $1, sc;
-            shr.u32 m, $4, 2;
-            and.b32 m, m, 0x01C001C0;
-            shl.b32 sg, $4, 4;
-            lop3.b32 $2, m, sg, 0x80008000, 0xF8;
-            mul.rn.bf16x2 $2, $2, sc;
-            shr.u32 m, $4, 6;
-            and.b32 m, m, 0x01C001C0;
-            lop3.b32 $3, m, $4, 0x80008000, 0xF8;
-            mul.rn.bf16x2 $3, $3, sc;
-            }""",
+            _MXFP4_PTX,
             "=r,=r,=r,=r,r,r", [w, e], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
 
 
