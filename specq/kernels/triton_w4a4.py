@@ -12,6 +12,19 @@ The K loop runs in chunks of SUB_K (<= 128) that lie inside one weight group and
 group, so each chunk's dot is exact in int32 (|dot| <= 128 * 64 < 2^22, which the fast int -> float
 conversion below needs); it is then scaled into the fp32 accumulator by
 ``s_w[n, g]`` (and ``s_x[m, g']`` for per-group activations; per-token scales multiply once at the end).
+
+Where the time goes at large M (sm_90 SASS of the K loop, benchmarks/sass_report.py's compile helper,
+2026-12-07; H100 2026-11-23: the GEMM alone at 0.83-0.91x bf16 for M = 256..1024): the loop is bound by
+CUDA-core instructions, not by the INT8 tensor cores. A 128 x 128 tile with 8 warps issues 446
+instructions per thread per 128-deep K chunk for 4 IGMMA (3568 warp instructions, ~890 issue cycles
+on 4 schedulers, against ~490 cycles of tensor work): ~165 unpack the INT4 nibbles (SHF + SGXT per
+weight, then PRMT to pack bytes), 128 rescale the int32 chunk into the fp32 accumulator (FADD + FFMA
+per element, every weight group), and the decoded tile still goes through shared memory (STS + LDSM)
+before the wgmma. With 4 warps the same tile spills (30 STL, 50 LDL per chunk: the int32 and fp32
+accumulators together exceed the registers); the 8-warp SWAP config is in the candidates for that.
+Reaching 1.5x bf16 needs the unpack near 0.3 instructions per weight (e.g. codes u = q + 8 as
+unsigned bytes, two LOP3 per word, with ``8 sum x`` subtracted per group and the activation codes
+written in the matching K order by the pre-kernel).
 """
 
 from __future__ import annotations
@@ -145,7 +158,7 @@ def _candidates(m: int, wg: int, ag: int) -> list[Config]:
         # decoded in registers and the activation tile is the pipelined shared-memory operand
         raw = [(128, 128, 128, 8, 4, 0, None), (256, 128, 128, 8, 3, 0, None), (128, 128, 128, 4, 4, 0, None),
                (64, 128, 128, 4, 4, 0, None), (128, 128, 128, 4, 4, 1, 128), (128, 128, 128, 8, 3, 1, 256),
-               (256, 128, 128, 8, 3, 1, 128), (64, 128, 128, 4, 4, 1, 128)]
+               (256, 128, 128, 8, 3, 1, 128), (64, 128, 128, 4, 4, 1, 128), (128, 128, 128, 8, 3, 1, 128)]
         gm = 8
     out, seen = [], set()
     for bn, sk, kstep, nw, st, swap, bm_cfg in raw:
