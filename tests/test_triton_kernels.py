@@ -243,11 +243,13 @@ def run_gemv_strided(fmt: int, m: int, k: int, pad: int, first: int, device: str
 
 
 # Tensor-core GEMV (triton_mma_gemv): both formats, 1..16 rows of x (one and two 8-row x tiles), one and two
-# 16-row weight tiles per program, 1..4 warps along K, K ragged against the warp step (masked) and N
-# ragged against the tile; INT4 above 8 rows with the offset codes. (fmt, m, tiles, warps, k, n, int4 group)
+# 16-row weight tiles per program, 1..16 warps along K (every warp count the candidates use), K ragged
+# against the warp step (masked) and N ragged against the tile; INT4 above 8 rows with the offset codes.
+# (fmt, m, tiles, warps, k, n, int4 group)
 MMA_GEMV_CASES = [(1, 1, 1, 1, 256, 16, 128), (1, 3, 1, 2, 1152, 40, 128), (1, 11, 2, 4, 1024, 37, 256),
                   (1, 16, 2, 2, 768, 32, 128), (1, 9, 1, 2, 640, 24, 128), (0, 1, 1, 1, 256, 16, 32), (0, 5, 2, 2, 544, 33, 32),
-                  (0, 8, 1, 4, 2048, 20, 32), (0, 16, 1, 2, 1088, 20, 32)]
+                  (0, 8, 1, 4, 2048, 20, 32), (0, 16, 1, 2, 1088, 20, 32), (1, 7, 1, 8, 2048, 24, 128),
+                  (0, 2, 1, 16, 4096, 16, 32)]
 
 
 def run_mma_gemv(fmt: int, m: int, tiles: int, warps: int, k: int, n: int, group: int, device: str = "cpu") -> dict:
