@@ -27,6 +27,17 @@ sums are added once at the end.
 - x pairs: the MMA wants x[k] and x[k + 4] in one register (the weights' pairing); two PRMTs per
   4 values, shared by all weight rows of the thread.
 
+- INT4 offset codes (``OFFSET``, autotuned): the codes 128 + u go to the MMA unchanged and 8 more MMAs
+  with A = 136 everywhere subtract ``136 sum x`` per step (2.09 against 2.41 instructions per weight);
+  it never won on the H100, exact q did.
+
+Measured (H100, 2026-12-07, benchmarks/results/kernels_mma_h100.md): the time barely grows with M
+(4096 x 14336 W4A16 14.6 / 14.9 / 15.9 / 20.6 us at 1 / 4 / 8 / 16 rows), 1.1-2.9x faster than the
+kernels it replaced at 4..16 rows and faster than tinygemm there on every 8B shape; 63-82% of a
+read-only kernel's time at one row, where more warps along K helped the small-N shapes most. At one
+row the CUDA-core GEMV stays faster on 4096 x 4096 and 14336 x 4096, so ``triton_wq`` routes 2..16 rows
+here.
+
 The kernel relies on Triton giving element t of a [32 * num_warps] tile to lane t % 32 of warp t // 32
 (a blocked layout, one element per thread); the GPU tests compare it with the reference op. Under
 ``TRITON_INTERPRET=1`` the PTX blocks are replaced by Triton ops that compute the same values, the MMA
