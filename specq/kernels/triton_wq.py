@@ -362,14 +362,16 @@ def wq_matmul(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias
     if fmt == FORMAT_MXFP4:
         words = words.view(torch.int32)
     scales = scales.contiguous()
-    if path == "auto":
+    forced = path != "auto"  # a forced path is checked here; "auto" only picks supported ones
+    if not forced:
         path = _streaming_path(x2, fmt, group) or "dot"
     if path in ("mma", "gemv"):
         mod = triton_mma_gemv if path == "mma" else triton_gemv
-        if path == "mma" and not triton_mma_gemv.supported(fmt, group, min(M, mod.MAX_ROWS), x2):
+        if forced and path == "mma" and not triton_mma_gemv.supported(fmt, group, min(M, mod.MAX_ROWS), x2):
             raise ValueError(f"the MMA GEMV path needs bf16 activations (rows on 4-byte boundaries, K % 32 == 0) "
                              f"and MXFP4 or an INT4 group that is a multiple of 128, got {x2.dtype}, group {group}")
-        if path == "gemv" and not (x2.dtype in (torch.bfloat16, torch.float16) and triton_gemv.supported(fmt, group, 1)):
+        if forced and path == "gemv" and not (x2.dtype in (torch.bfloat16, torch.float16)
+                                              and triton_gemv.supported(fmt, group, 1)):
             raise ValueError(f"the GEMV path needs bf16/fp16 activations and a supported group, got {x2.dtype}, {group}")
         for r in range(0, M, mod.MAX_ROWS):  # launches of <= MAX_ROWS rows, each streaming the weights once
             rows = slice(r, min(M, r + mod.MAX_ROWS))
