@@ -69,17 +69,24 @@ def loop_histogram(sass: str) -> collections.Counter:
     return ops
 
 
+# the 4-bit GEMVs' common arguments, and those the launcher specialises as divisible by 16 on the GPU
+_DIVISIBLE = ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "stride_wn", "stride_sn",
+              "stride_ym"]
+
+
+def _gemv_signature(mxfp4: bool) -> dict:
+    return {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*u8" if mxfp4 else "*bf16", "b_ptr": "*bf16",
+            "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32",
+            "stride_sn": "i32", "stride_ym": "i32"}
+
+
 def gemv_kernel(fmt: str, bn: int, jt: int, warps: int, rows: int):
     from specq.kernels import triton_gemv as g
     f = g.FORMAT_MXFP4 if fmt == "mxfp4" else g.FORMAT_INT4
-    sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*u8" if f == g.FORMAT_MXFP4 else "*bf16",
-           "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-           "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32", "ONE": "i32"}
+    sig = dict(_gemv_signature(f == g.FORMAT_MXFP4), ONE="i32")
     const = {"FORMAT": g.kernel_format(f, rows), "GS": 32 if f == g.FORMAT_MXFP4 else 128, "ROWS": rows, "JT": jt, "BN": bn,
              "HAS_BIAS": False, "EVEN_K": True, "XW": True}
-    div = ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "stride_wn", "stride_sn",
-           "stride_ym"]
-    k = compile_sm90(g._gemv_kernel, sig, const, div, warps)
+    k = compile_sm90(g._gemv_kernel, sig, const, _DIVISIBLE, warps)
     weights_per_iter = bn * 32 * jt  # BN rows x one chunk of 32 * JT elements, per program
     return k, weights_per_iter / (32 * warps)  # weights per thread per iteration
 
@@ -88,14 +95,9 @@ def mma_gemv_kernel(fmt: str, tiles: int, kw: int, nb: int = 1, prefetch: int = 
     """The tensor-core GEMV (triton_mma_gemv) for sm_90, and its weights per thread per K step."""
     from specq.kernels import triton_mma_gemv as g
     f = g.FORMAT_MXFP4 if fmt == "mxfp4" else g.FORMAT_INT4
-    sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*u8" if f == g.FORMAT_MXFP4 else "*bf16",
-           "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-           "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32"}
     const = {"FORMAT": f, "GS": 32 if f == g.FORMAT_MXFP4 else 128, "TILES": tiles, "NB": nb, "KW": kw,
              "HAS_BIAS": False, "EVEN_K": True, "PREFETCH": prefetch, "OFFSET": offset}
-    div = ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "stride_wn", "stride_sn",
-           "stride_ym"]
-    k = compile_sm90(g._mma_gemv_kernel, sig, const, div, kw)
+    k = compile_sm90(g._mma_gemv_kernel, _gemv_signature(f == g.FORMAT_MXFP4), const, _DIVISIBLE, kw)
     return k, 2 * tiles * 32  # 16 * TILES rows x 128 K per warp step = 2 * TILES rows x 32 K per thread
 
 
