@@ -95,8 +95,8 @@ def mma_gemv_kernel(fmt: str, tiles: int, kw: int, nb: int = 1, prefetch: int = 
     """The tensor-core GEMV (triton_mma_gemv) for sm_90, and its weights per thread per K step."""
     from specq.kernels import triton_mma_gemv as g
     f = g.FORMAT_MXFP4 if fmt == "mxfp4" else g.FORMAT_INT4
-    const = {"FORMAT": f, "GS": 32 if f == g.FORMAT_MXFP4 else 128, "TILES": tiles, "NB": nb, "KW": kw,
-             "HAS_BIAS": False, "EVEN_K": True, "PREFETCH": prefetch, "OFFSET": offset}
+    const = {"FORMAT": g.kernel_format(f, offset), "GS": 32 if f == g.FORMAT_MXFP4 else 128, "TILES": tiles,
+             "NB": nb, "KW": kw, "HAS_BIAS": False, "EVEN_K": True, "PREFETCH": prefetch}
     k = compile_sm90(g._mma_gemv_kernel, _gemv_signature(f == g.FORMAT_MXFP4), const, _DIVISIBLE, kw)
     return k, 2 * tiles * 32  # 16 * TILES rows x 128 K per warp step = 2 * TILES rows x 32 K per thread
 

@@ -374,21 +374,8 @@ def _mma_gemv_kernel(
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,   # K % (128 * KW) == 0: no masks along K
     PREFETCH: tl.constexpr,  # load step k + 1 before step k's math
-    OFFSET: tl.constexpr,   # INT4: decode offset codes (FORMAT 2) instead of exact q
 ):
     """One program per 16 * TILES weight rows, walking K in steps of 128 * KW."""
-    if OFFSET and FORMAT == 1:
-        _mma_gemv_body(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                       2, GS, TILES, NB, KW, HAS_BIAS, EVEN_K, PREFETCH)
-    else:
-        _mma_gemv_body(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                       FORMAT, GS, TILES, NB, KW, HAS_BIAS, EVEN_K, PREFETCH)
-
-
-@triton.jit
-def _mma_gemv_body(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                   FORMAT: tl.constexpr, GS: tl.constexpr, TILES: tl.constexpr, NB: tl.constexpr, KW: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr):
     JT: tl.constexpr = 32 * KW
     t = tl.arange(0, JT)
     g = (t % 32) // 4
@@ -468,6 +455,11 @@ def candidates(k: int, fmt: int = FORMAT_INT4) -> list[Config]:
     return out or [Config.make(num_warps=1, num_stages=1, TILES=1, KW=1, PREFETCH=1, OFFSET=0)]
 
 
+def kernel_format(fmt: int, offset: int) -> int:
+    """The kernel's FORMAT: INT4 with the OFFSET config decodes offset codes (FORMAT 2)."""
+    return 2 if fmt == FORMAT_INT4 and offset else fmt
+
+
 def supported(fmt: int, group: int, m: int, x: torch.Tensor) -> bool:
     """bf16 x whose rows start on 4-byte boundaries, 1..16 rows; INT4 groups of whole 128-element steps."""
     gs = group if fmt == FORMAT_INT4 else 32
@@ -491,10 +483,12 @@ def gemv(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Opti
     stride_xm = x2.stride(0) if M > 1 else 2 * K  # one row: any stride (never read across rows)
 
     def launch(cfg: Config, out=y):
+        meta = cfg.kwargs()
+        offset = meta.pop("OFFSET")  # a config choice that selects the kernel's FORMAT 2
         _mma_gemv_kernel[(triton.cdiv(N, 16 * cfg["TILES"]),)](
             x2, words, scales, b_arg, out, M, N, K, stride_xm, words.stride(0), scales.stride(0), out.stride(0),
-            FORMAT=fmt, GS=gs, NB=1 if M <= 8 else 2, HAS_BIAS=bias is not None,
-            EVEN_K=K % (128 * cfg["KW"]) == 0, **cfg.kwargs())
+            FORMAT=kernel_format(fmt, offset), GS=gs, NB=1 if M <= 8 else 2, HAS_BIAS=bias is not None,
+            EVEN_K=K % (128 * cfg["KW"]) == 0, **meta)
 
     if config is None:
         # one tuning per x tile count: the time barely depends on M within a tile (H100 lab: the same
