@@ -139,9 +139,10 @@ def run(shapes, ms, kinds, copy_bw, bf16_rate, log=print):
                 x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
                 if kind == "w4a4-gemm":
                     from specq.formats import activation
+                    from specq.kernels import triton_w4a4
 
                     q, sx = activation.quantize_int4(x, 0)
-                    x = (q, sx.reshape(m, 1).contiguous())
+                    x = (triton_w4a4.to_word_order(q).contiguous(), sx.reshape(m, 1).contiguous())
                 try:
                     def fn():
                         for ws in wsets:

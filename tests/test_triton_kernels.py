@@ -113,7 +113,7 @@ def _rot64(x: torch.Tensor, had_block: int) -> torch.Tensor:
 def run_case(case, device: str, use_ops: bool) -> dict:
     """Run one case; returns {check: (value, limit)} where each check passes iff value <= limit."""
     from specq.formats import activation, int4, mxfp4
-    from specq.kernels import ops, triton_act, triton_backend
+    from specq.kernels import ops, triton_act, triton_backend, triton_w4a4
 
     name, op, dtype_name, M, K, N, group, act_group, had_block, has_bias = case
     dtype = getattr(torch, dtype_name)
@@ -163,7 +163,7 @@ def run_case(case, device: str, use_ops: bool) -> dict:
         # moves amax / 7 by an ulp now and then and breaks exact ties differently; the op's definition
         # (and the kernel) divide.
         q_ref, s_ref = activation.quantize_int4(xr.cpu(), act_group)
-        q, sx = q.cpu(), sx.cpu()
+        q, sx = triton_w4a4.from_word_order(q.cpu()), sx.cpu()
         diff = (q.int() - q_ref.int()).abs()
         checks["act_codes_mismatch_frac"] = (float((diff > 0).float().mean()), max(1e-3, 2.0 / diff.numel()))
         checks["act_codes_max_step"] = (float(diff.max()), 1.0)
@@ -347,6 +347,7 @@ def run_w4a4_config(ag: int, index: int, device: str = "cpu") -> dict:
     ref = xd @ int4.dequantize(p, s, torch.float64).T + b.double()
     cfgs = triton_w4a4._candidates(m, 128, ag)
     cfg = cfgs[index]
+    q = triton_w4a4.to_word_order(q).contiguous()
     q, sx, p, s, b = (t.to(device) for t in (q, sx, p, s, b))
     out = torch.empty(m, n, dtype=torch.bfloat16, device=device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
@@ -622,3 +623,16 @@ def test_mma_gemv_rejects_what_it_cannot_run_with_a_clear_error():
         triton_mma_gemv.gemv(torch.zeros(2, 256, dtype=torch.bfloat16), words, scales, None, 1, 64)
     with pytest.raises(ValueError, match="MMA GEMV path needs bf16"):
         triton_wq.wq_matmul(torch.zeros(2, 256, dtype=torch.float16), words, scales, None, 1, 128, path="mma")
+
+
+def test_w4a4_word_order_matches_the_weight_decode_and_inverts():
+    from specq.kernels import triton_act, triton_w4a4
+
+    q = torch.arange(16).reshape(1, 16)
+    assert triton_w4a4.to_word_order(q).tolist() == [[0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15]]
+    x = torch.randint(-8, 8, (3, 5, 24), dtype=torch.int8)
+    assert torch.equal(triton_w4a4.from_word_order(triton_w4a4.to_word_order(x)), x)
+    # the pre-kernel permutes whole blocks of 8 inside its chunks: K = 36 (Hadamard 12) cannot be ordered
+    assert triton_act.supported(36, 12, 0) and not triton_act.supported(36, 12, 0, codes=True)
+    with pytest.raises(ValueError, match="blocks of 8"):
+        triton_act.quantize(torch.zeros(2, 36), 0, 12)

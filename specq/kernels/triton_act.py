@@ -41,6 +41,13 @@ def _round_clamp_int4(v):
 
 
 @triton.jit
+def _word_order(qv, BLOCK_M: tl.constexpr, CHP: tl.constexpr):
+    """[BLOCK_M, CHP] codes -> the W4A4 GEMM's K order (triton_w4a4.to_word_order): even elements of each
+    block of 8, then the odd ones. Chunks start at multiples of 8, so blocks never straddle two programs."""
+    return tl.reshape(tl.permute(tl.reshape(qv, (BLOCK_M, CHP // 8, 4, 2)), (0, 1, 3, 2)), (BLOCK_M, CHP))
+
+
+@triton.jit
 def _act_prep_kernel(
     x_ptr, h_ptr, y_ptr, q_ptr, s_ptr, amax_ptr,
     M, K, stride_xm, stride_ym, stride_qm, stride_sm, stride_am, n_chunks, inv_norm,
@@ -78,8 +85,8 @@ def _act_prep_kernel(
                 fq = tl.reshape(qv.to(tl.float32) * scale[:, :, None], (BLOCK_M, CHP)).to(x_dtype)
                 tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_k[None, :], fq, mask=mk_mask)
             else:
-                tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], tl.reshape(qv, (BLOCK_M, CHP)),
-                         mask=mk_mask)
+                tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :],
+                         _word_order(tl.reshape(qv, (BLOCK_M, CHP)), BLOCK_M, CHP), mask=mk_mask)
                 offs_g = tl.arange(0, NG)
                 g_mask = (offs_g < CH // AG) & (c * CH + offs_g * AG < K)
                 tl.store(s_ptr + offs_m[:, None] * stride_sm + (c * (CH // AG) + offs_g)[None, :], scale,
@@ -97,7 +104,8 @@ def _act_prep_kernel(
                 fq = (qv.to(tl.float32) * scale[:, None]).to(x_dtype)
                 tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_k[None, :], fq, mask=mk_mask)
             else:
-                tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], qv, mask=mk_mask)
+                tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], _word_order(qv, BLOCK_M, CHP),
+                         mask=mk_mask)
                 tl.store(s_ptr + offs_m * stride_sm, scale, mask=m_mask & (c == 0))
 
 
@@ -136,8 +144,11 @@ def _chunk(k: int, had_block: int, act_group: int) -> Optional[int]:
     return ch if next_pow2(ch) <= MAX_CHUNK else None
 
 
-def supported(k: int, had_block: int, act_group: int) -> bool:
-    return _chunk(k, had_block, act_group) is not None
+def supported(k: int, had_block: int, act_group: int, codes: bool = False) -> bool:
+    """Whether the pre-kernel handles this K, rotation and grouping; ``codes``: as INT4 codes for the W4A4
+    GEMM (``quantize``), whose word order needs chunks of whole blocks of 8."""
+    ch = _chunk(k, had_block, act_group)
+    return ch is not None and (not codes or (k % 8 == 0 and ch % 8 == 0))
 
 
 def _launch(x2, mode, had_block, act_group, y=None, q=None, s=None, amax=None, n_chunks=1, fake=False):
@@ -169,8 +180,12 @@ def rotate(x2: torch.Tensor, had_block: int) -> torch.Tensor:
 
 
 def quantize(x2: torch.Tensor, act_group: int, had_block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x2 [M, K] -> (q int8 [M, K], scales float32 [M, K/act_group] or [M, 1]) of the rotated x2."""
+    """x2 [M, K] -> (q int8 [M, K], scales float32 [M, K/act_group] or [M, 1]) of the rotated x2, q in the
+    W4A4 GEMM's K order (``triton_w4a4.to_word_order`` of the codes; the scales keep K's order)."""
     M, K = x2.shape
+    if not supported(K, had_block, act_group, codes=True):
+        raise ValueError(f"W4A4 activation codes come in blocks of 8 along K: K = {K} with Hadamard block "
+                         f"{had_block} and activation group {act_group} does not tile them; use the reference op")
     q = torch.empty((M, K), device=x2.device, dtype=torch.int8)
     s = torch.empty((M, K // act_group if act_group > 0 else 1), device=x2.device, dtype=torch.float32)
     if M == 0:

@@ -3,28 +3,34 @@
 Hopper has no INT4 tensor cores, so both operands are held as int8 values in [-8, 7]:
 
 - activations come quantized from the pre-kernel (``triton_act.quantize``: rotation + dynamic
-  per-token or per-group INT4, int8 [M, K] plus fp32 scales);
-- weights are the packed INT4 copy shared with W4A16 (int32 [N, K/8], ``q + 8`` LSB-first), turned
-  into signed nibbles in registers: XOR with 0x88888888 maps ``q + 8`` to q's 4-bit two's complement,
-  then ``(word << (28 - 4i)) >> 28`` (arithmetic) sign-extends nibble i: two shifts per weight.
+  per-token or per-group INT4, int8 [M, K] plus fp32 scales), with K in *word order*;
+- weights are the packed INT4 copy shared with W4A16 (int32 [N, K/8], ``q + 8`` LSB-first). A word's
+  even nibbles are one mask away from four bytes, its odd ones a shift and a mask, so the kernel decodes
+  a word into bytes (k0, k2, k4, k6) and (k1, k3, k5, k7), and the activations come in that order
+  (``to_word_order``): the dot sums over K, so any order both operands share gives the same result.
+  Three more instructions per four weights turn the codes into signed bytes (``_signed_bytes``).
 
 The K loop runs in chunks of SUB_K (<= 128) that lie inside one weight group and one activation
 group, so each chunk's dot is exact in int32 (|dot| <= 128 * 64 < 2^22, which the fast int -> float
 conversion below needs); it is then scaled into the fp32 accumulator by
 ``s_w[n, g]`` (and ``s_x[m, g']`` for per-group activations; per-token scales multiply once at the end).
 
-Where the time goes at large M (sm_90 SASS of the K loop, benchmarks/sass_report.py's compile helper,
-2026-12-07; H100 2026-11-23: the GEMM alone at 0.83-0.91x bf16 for M = 256..1024): the loop is bound by
-CUDA-core instructions, not by the INT8 tensor cores. A 128 x 128 tile with 8 warps issues 446
-instructions per thread per 128-deep K chunk for 4 IGMMA (3568 warp instructions, ~890 issue cycles
-on 4 schedulers, against ~490 cycles of tensor work): ~165 unpack the INT4 nibbles (SHF + SGXT per
-weight, then PRMT to pack bytes), 128 rescale the int32 chunk into the fp32 accumulator (FADD + FFMA
-per element, every weight group), and the decoded tile still goes through shared memory (STS + LDSM)
-before the wgmma. With 4 warps the same tile spills (30 STL, 50 LDL per chunk: the int32 and fp32
-accumulators together exceed the registers); the 8-warp SWAP config is in the candidates for that.
-Reaching 1.5x bf16 needs the unpack near 0.3 instructions per weight (e.g. codes u = q + 8 as
-unsigned bytes, two LOP3 per word, with ``8 sum x`` subtracted per group and the activation codes
-written in the matching K order by the pre-kernel).
+Where the time goes at large M (sm_90 SASS of the K loop, 128 x 128 SWAP tile, 8 warps; H100
+2026-11-23: the GEMM alone at 0.83-0.91x bf16 for M = 256..1024): the loop is bound by CUDA-core
+instructions, not by the INT8 tensor cores (4 IGMMA per 128-deep chunk, ~490 cycles of tensor work per
+SM). Per thread and chunk:
+
+- the weight decode took ~165 instructions (a shift and a sign-extend per weight, PRMT to pack bytes);
+  the word-order decode takes ~57 (7 per word), and the loop went from 446 to 334 instructions;
+- the rescale takes 192: the int32 accumulator's magic initial value (the int -> float trick's add,
+  folded into the MMA's init), the float subtract and the FFMA into the fp32 accumulator, per output
+  element and weight group. That is ~384 issue cycles per chunk, most of the tensor time: per-group
+  weight scales keep W4A4 near the tensor-core rate at best, not far past it;
+- the decoded weight tile goes through shared memory (STS + LDSM, 8 instructions) to reach the
+  wgmma's register operand layout.
+
+With 4 warps the 128 x 128 tile spills (the int32 and fp32 accumulators together exceed the
+registers); the 8-warp SWAP config avoids that.
 """
 
 from __future__ import annotations
@@ -41,9 +47,28 @@ from specq.kernels.triton_wq import _interleave8, _tile_ids
 
 
 @triton.jit
-def _snib(pw, i: tl.constexpr):
-    """Nibble i of words already XOR-ed with 0x88888888, sign-extended: the INT4 value q."""
-    return ((pw << (28 - 4 * i)) >> 28).to(tl.int8)
+def _signed_bytes(u):
+    """Words of four unsigned codes q + 8 (one per byte, < 16) -> the same words holding q as int8. Each byte
+    becomes 0x80 + q (>= 0x78, so the subtract borrows nothing from the next byte), and the XOR of its top
+    bit turns that into q's two's complement: three instructions per four weights."""
+    return ((u | -2139062144) - 134744072) ^ -2139062144  # | 0x80808080, - 0x08080808, ^ 0x80808080
+
+
+@triton.jit
+def _bytes4(v):
+    return v.to(tl.int8), (v >> 8).to(tl.int8), (v >> 16).to(tl.int8), (v >> 24).to(tl.int8)
+
+
+@triton.jit
+def _decode_words(pw):
+    """int32 words [R, J] of eight INT4 codes -> int8 [R, J, 2, 2, 2] in word order (see ``to_word_order``):
+    the even nibbles (a mask) then the odd ones (a shift and a mask). Byte i of a decoded word is element i of
+    its group of four, so LLVM packs the operand registers from the words as they are (no PRMT)."""
+    lo = _signed_bytes(pw & 0x0F0F0F0F)
+    hi = _signed_bytes((pw >> 4) & 0x0F0F0F0F)
+    l0, l1, l2, l3 = _bytes4(lo)
+    h0, h1, h2, h3 = _bytes4(hi)
+    return _interleave8(l0, l1, l2, l3, h0, h1, h2, h3)
 
 
 @triton.jit
@@ -92,10 +117,7 @@ def _w4a4_matmul_kernel(
                 a = tl.load(q_ptr + rm[:, None] * stride_qm + offs_k[None, :], mask=(offs_k < K)[None, :], other=0)
                 pw = tl.load(w_ptr + rn[:, None] * stride_wn + offs_w[None, :],
                              mask=(offs_w < K // 8)[None, :], other=0)
-            pw = pw ^ -2004318072  # 0x88888888: (q + 8) -> q as 4-bit two's complement
-            wv = tl.reshape(_interleave8(_snib(pw, 0), _snib(pw, 1), _snib(pw, 2), _snib(pw, 3),
-                                         _snib(pw, 4), _snib(pw, 5), _snib(pw, 6), _snib(pw, 7)),
-                            (BLOCK_N, SUB_K))
+            wv = tl.reshape(_decode_words(pw), (BLOCK_N, SUB_K))  # int8, word order
             sw = tl.load(sw_ptr + rn * stride_swn + kk // WG, mask=(kk < K) & (rn >= 0), other=0.0).to(tl.float32)
             if SWAP:
                 d = _small_i32_to_f32(tl.dot(wv, tl.trans(a), out_dtype=tl.int32))  # [BLOCK_N, BLOCK_M]
@@ -128,6 +150,17 @@ def _w4a4_matmul_kernel(
 
 
 _CACHE = ConfigCache("w4a4_matmul")
+
+
+def to_word_order(q: torch.Tensor) -> torch.Tensor:
+    """Activation codes [..., K] (K % 8 == 0) in the packed weights' decode order: in each block of 8,
+    the even elements, then the odd ones (k0 k2 k4 k6 k1 k3 k5 k7)."""
+    return q.reshape(*q.shape[:-1], -1, 4, 2).transpose(-1, -2).reshape(q.shape)
+
+
+def from_word_order(q: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``to_word_order``."""
+    return q.reshape(*q.shape[:-1], -1, 2, 4).transpose(-1, -2).reshape(q.shape)
 
 
 def _sub_k(wg: int, ag: int, want: int) -> Optional[int]:
@@ -173,7 +206,7 @@ def _candidates(m: int, wg: int, ag: int) -> list[Config]:
 
 def w4a4_matmul(q: torch.Tensor, sx: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                 bias: Optional[torch.Tensor], group: int, act_group: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """q int8 [M, K], sx fp32 [M, K/act_group or 1] -> [M, N] in out_dtype."""
+    """q int8 [M, K] in word order (``to_word_order``), sx fp32 [M, K/act_group or 1] -> [M, N] in out_dtype."""
     M, K = q.shape
     N = packed.shape[0]
     y = torch.empty((M, N), device=q.device, dtype=out_dtype)
