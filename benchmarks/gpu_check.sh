@@ -2,10 +2,10 @@
 # One device call that checks and times the kernels and the 8B-shape decode step. Each step has its own time
 # limit, so a slow one cannot eat the rest; pick the steps that fit the device tool's 600 s per call:
 #
-#   bash benchmarks/gpu_check.sh                       # default: gpu_tests kernels gemv_lab e2e_8b (~560 s)
+#   bash benchmarks/gpu_check.sh                       # default: gpu_tests e2e_8b kernels_m12 (~490 s)
 #   bash benchmarks/gpu_check.sh gpu_tests w4a4_large  # only these steps
 #
-# gpu_tests   (90 s)  the GPU kernel tests (tests/test_triton_kernels.py, GPU cases only)
+# gpu_tests   (240 s)  the GPU kernel tests (tests/test_triton_kernels.py, GPU cases only)
 # kernels     (170 s) benchmarks/kernels.py at the decode and verify sizes M = 1..16 against bf16 and tinygemm
 # kernels_m12 (60 s)  the same at M = 1, 2 only (the sizes where tinygemm is closest)
 # gemv_lab    (110 s) benchmarks/gemv_lab.py at M = 1 and 4, both streaming kernels, 8B-shape matrices
@@ -28,7 +28,7 @@ step() {  # step NAME SECONDS COMMAND...
 }
 run_step() {
   case $1 in
-    gpu_tests) step gpu_tests 90 python -m pytest -q -x tests/test_triton_kernels.py -k gpu ;;
+    gpu_tests) step gpu_tests 240 python -m pytest -q -x tests/test_triton_kernels.py -k gpu ;;
     kernels) step kernels 170 python benchmarks/kernels.py --kinds bf16,tinygemm,mxfp4,w4a16 --ms 1,2,4,8,16 \
       --out "$OUT/kernels_m1_16.md" --json "$OUT/kernels_m1_16.json"
       grep -E "^\| (tinygemm|mxfp4|w4a16) \| (1|4|16) " "$OUT/kernels_m1_16.md" ;;
@@ -41,11 +41,11 @@ run_step() {
       --rows ar_bf16@inductor,ar_mxfp4@inductor --steps --steps-compile none \
       --step-shapes bf16:5,mxfp4:1,mxfp4:5,w4a16:1,w4a16:5,round:mxfp4:bf16:4 --out "$OUT" --tag llama3_8b_shape_check
       grep -E "^\| (ar_|bf16|mxfp4|w4a16|round)" "$OUT"/e2e_llama3_8b_shape_check.md ;;
-    w4a4_large) step w4a4_large 200 python benchmarks/kernels.py --kinds bf16,w4a4-gemm,w4a4/tok+h --ms 256,1024 \
+    w4a4_large) step w4a4_large 200 python benchmarks/kernels.py --kinds bf16,w4a4-gemm,w4a4/tok+h,w4a4/g32+h,w4a4-act --ms 256,1024 \
       --out "$OUT/kernels_w4a4_large.md" --json "$OUT/kernels_w4a4_large.json"
       grep -E "^\| (bf16|w4a4)" "$OUT/kernels_w4a4_large.md" ;;
     *) echo "unknown step '$1' (gpu_tests kernels kernels_m12 gemv_lab e2e_8b w4a4_large)"; return 2 ;;
   esac
 }
-[ $# -eq 0 ] && set -- gpu_tests kernels gemv_lab e2e_8b
+[ $# -eq 0 ] && set -- gpu_tests e2e_8b kernels_m12
 for name in "$@"; do run_step "$name"; done

@@ -16,6 +16,8 @@ it times (median, CUDA-graph replays, so launch overhead is what a captured deco
 - ``w4a4/g32+h`` the same with activation groups of 32
 - ``w4a4-gemm``  the W4A4 INT8-tensor-core kernel alone, on activations quantized beforehand
                  (per token), to separate it from the rotation + quantization pre-kernels
+- ``w4a4-act``   those pre-kernels alone (Hadamard 128 + per-token INT4 codes; bytes: x read, codes
+                 written; the TFLOP/s column counts the matmul it feeds)
 
 Bytes counted (one pass, the convention of the copy measurement, which counts read + write): packed
 weights + scales + activations read + output written. The copy bandwidth and the bf16 matmul rate
@@ -115,6 +117,10 @@ def call(kind: str, x: torch.Tensor, wts: tuple):
         return torch.ops.specq.linear_w4a4(x, wts[0], wts[1], None, 128, 0, 128)
     if kind == "w4a4/g32+h":
         return torch.ops.specq.linear_w4a4(x, wts[0], wts[1], None, 128, 32, 128)
+    if kind == "w4a4-act":
+        from specq.kernels import triton_act
+
+        return triton_act.quantize(x, 0, 128)
     if kind == "w4a4-gemm":
         from specq.kernels import triton_w4a4
 
@@ -123,7 +129,8 @@ def call(kind: str, x: torch.Tensor, wts: tuple):
     raise ValueError(kind)
 
 
-KINDS = ["bf16", "dense", "tinygemm", "mxfp4", "w4a16", "w4a16+h", "w4a4/tok+h", "w4a4/g32+h", "w4a4-gemm"]
+KINDS = ["bf16", "dense", "tinygemm", "mxfp4", "w4a16", "w4a16+h", "w4a4/tok+h", "w4a4/g32+h", "w4a4-gemm",
+         "w4a4-act"]
 
 
 def run(shapes, ms, kinds, copy_bw, bf16_rate, log=print):
@@ -151,7 +158,10 @@ def run(shapes, ms, kinds, copy_bw, bf16_rate, log=print):
                 except Exception as e:  # report, keep going (e.g. tinygemm missing on this build)
                     log(f"  {kind} K={k} N={n} M={m}: FAILED {type(e).__name__}: {str(e)[:200]}")
                     continue
-                moved = nbytes + m * k * (1 if kind == "w4a4-gemm" else 2) + m * n * 2
+                if kind == "w4a4-act":  # x read, codes written (the scales are negligible)
+                    moved = m * k * 3
+                else:
+                    moved = nbytes + m * k * (1 if kind == "w4a4-gemm" else 2) + m * n * 2
                 row = dict(kind=kind, K=k, N=n, M=m, us=t * 1e6, GBps=moved / t / 1e9,
                            pct_bw=100 * moved / t / copy_bw, TFLOPs=2 * m * n * k / t / 1e12,
                            pct_mm=100 * 2 * m * n * k / t / bf16_rate, weight_bytes=nbytes)

@@ -410,12 +410,45 @@ def run_attention_separate(*case, device: str = "cpu") -> dict:
         triton_attention.FUSED_COMBINE = saved
 
 
+# Activation pre-kernel (triton_act): the whole-row kernel (one launch, the default where a row fits) against
+# the chunked two-pass kernels (the path for longer rows), bit for bit, and both against the reference codes:
+# (M, K, activation group, Hadamard block, dtype)
+ACT_PATH_CASES = [(3, 256, 0, 128, "bfloat16"), (5, 4096, 0, 128, "bfloat16"), (2, 192, 0, 12, "float16"),
+                  (17, 256, 32, 32, "bfloat16"), (4, 1152, 0, 64, "bfloat16"), (4, 200, 0, 0, "float32"),
+                  (3, 640, 32, 128, "bfloat16")]
+
+
+def run_act_paths(m: int, k: int, ag: int, hb: int, dtype: str, device: str = "cpu") -> dict:
+    from specq.formats import activation
+    from specq.kernels import triton_act, triton_w4a4
+
+    gen = torch.Generator().manual_seed(m * 7 + k + ag)
+    x = (torch.randn(m, k, generator=gen) * torch.rand(m, 1, generator=gen) * 4).to(getattr(torch, dtype))
+    x = x.to(device)
+    assert triton_act._rows_layout(k, hb, ag) is not None
+    rows = triton_act.quantize(x, ag, hb) + (triton_act.fake_quantize(x, ag, hb),)
+    saved, triton_act.ROWS_MAX_TILE = triton_act.ROWS_MAX_TILE, 0
+    try:
+        assert triton_act._rows_layout(k, hb, ag) is None
+        chunks = triton_act.quantize(x, ag, hb) + (triton_act.fake_quantize(x, ag, hb),)
+    finally:
+        triton_act.ROWS_MAX_TILE = saved
+    xr = (triton_act.rotate(x, hb) if hb > 0 else x).cpu()  # the rotation is checked against float64 elsewhere
+    q_ref, _ = activation.quantize_int4(xr, ag)
+    diff = (triton_w4a4.from_word_order(rows[0].cpu()).int() - q_ref.int()).abs()
+    return {"codes_equal": (float(not torch.equal(rows[0], chunks[0])), 0.0),
+            "scales_equal": (float(not torch.equal(rows[1], chunks[1])), 0.0),
+            "fake_equal": (float(not torch.equal(rows[2], chunks[2])), 0.0),
+            "codes_vs_reference_mismatch_frac": (float((diff > 0).float().mean()), max(1e-3, 2.0 / diff.numel())),
+            "codes_vs_reference_max_step": (float(diff.max()), 1.0)}
+
+
 # the families of interpreter checks besides CPU_CASES: (report key prefix, cases, check function)
 def _families():
     return [("gemv", GEMV_CONFIG_CASES, run_gemv_config), ("gemv_strided", GEMV_STRIDE_CASES, run_gemv_strided),
             ("mma_gemv", MMA_GEMV_CASES, run_mma_gemv),
             ("mma_gemv_scales", MMA_GEMV_SCALE_CASES, run_mma_gemv_scale_range),
-            ("dense", DENSE_CONFIG_CASES, run_dense_config),
+            ("dense", DENSE_CONFIG_CASES, run_dense_config), ("act_paths", ACT_PATH_CASES, run_act_paths),
             ("w4a4", W4A4_CONFIG_CASES, run_w4a4_config), ("attention", ATTENTION_CASES, run_attention),
             ("attention_separate", ATTENTION_CASES[:3], run_attention_separate),
             ("wq", WQ_CONFIG_CASES, run_wq_config)]

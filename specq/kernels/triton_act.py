@@ -109,6 +109,60 @@ def _act_prep_kernel(
                 tl.store(s_ptr + offs_m * stride_sm, scale, mask=m_mask & (c == 0))
 
 
+@triton.jit
+def _act_rows_kernel(
+    x_ptr, h_ptr, y_ptr, q_ptr, s_ptr,
+    M, K, stride_xm, stride_ym, stride_qm, stride_sm, inv_norm,
+    CH: tl.constexpr, CHP: tl.constexpr, NP: tl.constexpr, R: tl.constexpr, AG: tl.constexpr,
+    ROTATE: tl.constexpr, FAKE: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Rotation + INT4 quantization of R whole rows per program, in one launch: each row is cut into its
+    NP (padded) chunks of CH columns, and the [R * NP, CHP] tile is rotated by one dot, so a per-token
+    amax needs no second pass over x. AG: activation group (0 = per token)."""
+    rows = tl.program_id(0) * R + tl.arange(0, R)
+    offs_c = tl.arange(0, CHP)
+    offs_k = tl.arange(0, NP)[:, None] * CH + offs_c[None, :]  # [NP, CHP]
+    k_mask = (offs_c < CH)[None, :] & (offs_k < K)
+    mask = (rows < M)[:, None, None] & k_mask[None, :, :]
+    x = tl.load(x_ptr + rows[:, None, None] * stride_xm + offs_k[None, :, :], mask=mask, other=0.0)
+    x_dtype = x_ptr.dtype.element_ty
+    if ROTATE:
+        h = tl.load(h_ptr + offs_c[:, None] * CHP + offs_c[None, :])
+        r = (_dot(tl.reshape(x, (R * NP, CHP)), h, DOT_FP32, IEEE) * inv_norm).to(x_dtype)
+        r = tl.reshape(r, (R, NP, CHP)).to(tl.float32)
+    else:
+        r = x.to(tl.float32)
+    if AG == 0:
+        scale = tl.math.div_rn(tl.max(tl.max(tl.abs(r), axis=2), axis=1), 7.0)  # [R]
+        safe = tl.where(scale > 0, scale, 1.0)
+        qv = _round_clamp_int4(tl.math.div_rn(r, safe[:, None, None]))
+        fq = qv.to(tl.float32) * scale[:, None, None]
+    else:
+        NG: tl.constexpr = CHP // AG
+        r4 = tl.reshape(r, (R, NP, NG, AG))
+        scale = tl.math.div_rn(tl.max(tl.abs(r4), axis=3), 7.0)  # [R, NP, NG]
+        safe = tl.where(scale > 0, scale, 1.0)
+        q4 = _round_clamp_int4(tl.math.div_rn(r4, safe[:, :, :, None]))
+        qv = tl.reshape(q4, (R, NP, CHP))
+        fq = tl.reshape(q4.to(tl.float32) * scale[:, :, :, None], (R, NP, CHP))
+    if FAKE:
+        tl.store(y_ptr + rows[:, None, None] * stride_ym + offs_k[None, :, :], fq.to(x_dtype), mask=mask)
+    else:
+        qw = tl.reshape(_word_order(tl.reshape(qv, (R * NP, CHP)), R * NP, CHP), (R, NP, CHP))
+        tl.store(q_ptr + rows[:, None, None] * stride_qm + offs_k[None, :, :], qw, mask=mask)
+        if AG == 0:
+            tl.store(s_ptr + rows * stride_sm, scale, mask=rows < M)
+        else:
+            offs_g = tl.arange(0, NG)
+            g_idx = tl.arange(0, NP)[:, None] * (CH // AG) + offs_g[None, :]  # [NP, NG]
+            g_mask = (offs_g < CH // AG)[None, :] & (tl.arange(0, NP)[:, None] * CH + offs_g[None, :] * AG < K)
+            tl.store(s_ptr + rows[:, None, None] * stride_sm + g_idx[None, :, :], scale,
+                     mask=(rows < M)[:, None, None] & g_mask[None, :, :])
+
+
+ROWS_MAX_TILE = 32768  # elements of one program's [R * NP, CHP] tile (K <= 32768 at chunks of 128)
+
+
 _H_CACHE: dict = {}
 
 
@@ -171,6 +225,35 @@ def _launch(x2, mode, had_block, act_group, y=None, q=None, s=None, amax=None, n
     return ch
 
 
+def _rows_layout(K: int, had_block: int, act_group: int) -> Optional[tuple[int, int, int]]:
+    """(chunk, padded chunks per row, rows per program) for the whole-row kernel, or None where a row
+    does not fit one program's tile. About 64 tile rows per program: two rows at K = 4096 and chunks
+    of 128, so a few hundred tokens already fill the GPU."""
+    ch = _chunk(K, had_block, act_group)
+    if ch is None:
+        return None
+    npad = next_pow2(triton.cdiv(K, ch))
+    rows = max(1, 64 // npad)
+    if rows * npad < 16:  # tl.dot needs 16 rows
+        rows = 16 // npad
+    return (ch, npad, rows) if rows * npad * next_pow2(ch) <= ROWS_MAX_TILE else None
+
+
+def _launch_rows(x2, layout, had_block, act_group, y=None, q=None, s=None, fake=False):
+    M, K = x2.shape
+    ch, npad, rows = layout
+    chp = next_pow2(ch)
+    rotate = had_block > 0
+    h = _rotation_tile(had_block, ch, chp, x2.dtype, x2.device) if rotate else x2
+    dummy = x2
+    _act_rows_kernel[(triton.cdiv(M, rows),)](
+        x2, h, y if y is not None else dummy, q if q is not None else dummy, s if s is not None else dummy,
+        M, K, x2.stride(0), y.stride(0) if y is not None else 0, q.stride(0) if q is not None else 0,
+        s.stride(0) if s is not None else 0, 1.0 / math.sqrt(had_block) if rotate else 1.0,
+        CH=ch, CHP=chp, NP=npad, R=rows, AG=act_group, ROTATE=rotate, FAKE=fake,
+        num_warps=4 if rows * npad * chp <= 8192 else 8, num_stages=1, **dot_flags(x2.dtype))
+
+
 def rotate(x2: torch.Tensor, had_block: int) -> torch.Tensor:
     """x2 [M, K] -> x2 @ H_blockdiag(had_block), in x2.dtype (one launch)."""
     y = torch.empty_like(x2)
@@ -190,7 +273,10 @@ def quantize(x2: torch.Tensor, act_group: int, had_block: int) -> tuple[torch.Te
     s = torch.empty((M, K // act_group if act_group > 0 else 1), device=x2.device, dtype=torch.float32)
     if M == 0:
         return q, s
-    if act_group > 0:
+    layout = _rows_layout(K, had_block, act_group)
+    if layout is not None:
+        _launch_rows(x2, layout, had_block, act_group, q=q, s=s)
+    elif act_group > 0:
         _launch(x2, MODE_QUANT_GROUP, had_block, act_group, q=q, s=s)
     else:
         n_chunks = triton.cdiv(K, _chunk(K, had_block, 0))
@@ -208,7 +294,10 @@ def fake_quantize(x2: torch.Tensor, act_group: int, had_block: int) -> torch.Ten
     y = torch.empty_like(x2)
     if M == 0:
         return y
-    if act_group > 0:
+    layout = _rows_layout(K, had_block, act_group)
+    if layout is not None:
+        _launch_rows(x2, layout, had_block, act_group, y=y, fake=True)
+    elif act_group > 0:
         _launch(x2, MODE_QUANT_GROUP, had_block, act_group, y=y, fake=True)
     else:
         n_chunks = triton.cdiv(K, _chunk(K, had_block, 0))
