@@ -1,8 +1,8 @@
 """Activation pre-kernel on Triton: block-diagonal Hadamard rotation of x, optionally fused with
 dynamic symmetric INT4 quantization (the A4 of W4A4).
 
-One program handles BLOCK_M rows times one K-chunk of CH columns (CH a multiple of the Hadamard
-block and of the activation group). The rotation is one tensor-core dot with the block-diagonal
+``rotate`` (W4A16's rotation) runs one program per BLOCK_M rows times one K-chunk of CH columns (CH a
+multiple of the Hadamard block and of the activation group). The rotation is one tensor-core dot with the block-diagonal
 matrix of *unnormalized* +-1 Hadamard blocks (exact in bf16/fp16), then a multiply by
 1/sqrt(had_block) in fp32; non-power-of-two orders (12 * 2^a, 20 * 2^a) are zero-padded to a power
 of two. Like the reference (``hadamard.hadamard_transform`` returns x.dtype), the rotated value is
@@ -10,6 +10,15 @@ rounded to x.dtype before it is quantized.
 
 Quantization matches ``specq.formats.activation.quantize_int4``: ``scale = amax / 7`` in fp32,
 ``q = clamp(round_half_even(x / scale), -8, 7)`` with a zero scale treated as 1.
+
+Quantization (``quantize``: codes for the W4A4 GEMM, in its K order; ``fake_quantize``: codes times scales
+in x's dtype, for the weight-only kernels at decode sizes) takes one launch of the whole-row kernel
+wherever a row fits one program (K <= 32768 at chunks of 128): R rows per program, each cut into its
+chunks, the [R * chunks, chunk] tile rotated by one dot, and the per-token or per-group amax reduced in
+registers. That reads x once and launches once; on the H100 the two-pass form below took 9 us for 256
+tokens at K = 4096, a latency floor of two dependent launches, not bandwidth.
+
+Longer rows take the chunked kernel, one program per [BLOCK_M, CH] chunk:
 
 - per group (act_group_size > 0): one launch, the group amax is a reduction inside the chunk;
 - per token: the amax spans the whole row, which no single chunk sees, so it takes two launches of
