@@ -191,7 +191,10 @@ def _candidates(m: int, wg: int, ag: int) -> list[Config]:
         # decoded in registers and the activation tile is the pipelined shared-memory operand
         raw = [(128, 128, 128, 8, 4, 0, None), (256, 128, 128, 8, 3, 0, None), (128, 128, 128, 4, 4, 0, None),
                (64, 128, 128, 4, 4, 0, None), (128, 128, 128, 4, 4, 1, 128), (128, 128, 128, 8, 3, 1, 256),
-               (256, 128, 128, 8, 3, 1, 128), (64, 128, 128, 4, 4, 1, 128), (128, 128, 128, 8, 3, 1, 128)]
+               (256, 128, 128, 8, 3, 1, 128), (64, 128, 128, 4, 4, 1, 128), (128, 128, 128, 8, 3, 1, 128),
+               # 128 x 64 with 8 warps: 116 registers, so two programs share an SM and one's rescale
+               # overlaps the other's MMA (the 128 x 128 tile takes 202: one program, 8 warps per SM)
+               (128, 128, 128, 8, 3, 1, 64), (128, 128, 128, 8, 4, 1, 64)]
         gm = 8
     out, seen = [], set()
     for bn, sk, kstep, nw, st, swap, bm_cfg in raw:
