@@ -39,7 +39,7 @@ run_step() {
       --shapes 4096x4096,4096x28672,14336x4096 --out "$OUT/gemv_lab.md" --json "$OUT/gemv_lab.json" ;;
     e2e_8b) step e2e_8b 190 python benchmarks/e2e.py --model llama3-8b-shape --new-tokens 128 \
       --rows ar_bf16@inductor,ar_mxfp4@inductor --steps --steps-compile none \
-      --step-shapes bf16:5,mxfp4:1,mxfp4:5,w4a16:1,w4a16:5,round:mxfp4:bf16:4 --out "$OUT" --tag llama3_8b_shape_check
+      --step-shapes bf16:5,mxfp4:1,mxfp4:5,w4a16:1,w4a16:5,w4a4:1,round:mxfp4:bf16:4 --out "$OUT" --tag llama3_8b_shape_check
       grep -E "^\| (ar_|bf16|mxfp4|w4a16|round)" "$OUT"/e2e_llama3_8b_shape_check.md ;;
     w4a4_large) step w4a4_large 200 python benchmarks/kernels.py --kinds bf16,w4a4-gemm,w4a4/tok+h,w4a4/g32+h,w4a4-act --ms 256,1024 \
       --out "$OUT/kernels_w4a4_large.md" --json "$OUT/kernels_w4a4_large.json"
