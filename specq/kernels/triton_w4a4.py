@@ -11,7 +11,7 @@ Hopper has no INT4 tensor cores, so both operands are held as int8 values in [-8
   Three more instructions per four weights turn the codes into signed bytes (``_signed_bytes``).
 
 The K loop runs in chunks of SUB_K (<= 128) that lie inside one weight group and one activation
-group, so each chunk's dot is exact in int32 (|dot| <= 128 * 64 < 2^22, which the fast int -> float
+group, so each chunk's dot is exact in int32 (|dot| <= 128 * 16 * 64 < 2^22, which the fast int -> float
 conversion below needs); it is then scaled into the fp32 accumulator by
 ``s_w[n, g]`` (and ``s_x[m, g']`` for per-group activations; per-token scales multiply once at the end).
 
@@ -42,16 +42,10 @@ import torch
 import triton
 import triton.language as tl
 
-from specq.kernels.triton_common import Config, ConfigCache, m_bucket, next_pow2
+from specq.kernels.triton_common import INTERPRET, Config, ConfigCache, m_bucket, next_pow2
 from specq.kernels.triton_wq import _interleave8, _tile_ids
 
-
-@triton.jit
-def _signed_bytes(u):
-    """Words of four unsigned codes q + 8 (one per byte, < 16) -> the same words holding q as int8. Each byte
-    becomes 0x80 + q (>= 0x78, so the subtract borrows nothing from the next byte), and the XOR of its top
-    bit turns that into q's two's complement: three instructions per four weights."""
-    return ((u | -2139062144) - 134744072) ^ -2139062144  # | 0x80808080, - 0x08080808, ^ 0x80808080
+_INTERPRET = tl.constexpr(INTERPRET)
 
 
 @triton.jit
@@ -61,11 +55,19 @@ def _bytes4(v):
 
 @triton.jit
 def _decode_words(pw):
-    """int32 words [R, J] of eight INT4 codes -> int8 [R, J, 2, 2, 2] in word order (see ``to_word_order``):
-    the even nibbles (a mask) then the odd ones (a shift and a mask). Byte i of a decoded word is element i of
-    its group of four, so LLVM packs the operand registers from the words as they are (no PRMT)."""
-    lo = _signed_bytes(pw & 0x0F0F0F0F)
-    hi = _signed_bytes((pw >> 4) & 0x0F0F0F0F)
+    """int32 words [R, J] of eight INT4 codes (q + 8) -> int8 [R, J, 2, 2, 2] holding 16 * q, in word order
+    (see ``to_word_order``). A code in the high half of a byte, its top bit flipped, is the int8 16 * q, so the
+    odd nibbles take one LOP3 ((w & 0xF0F0F0F0) ^ 0x80808080) and the even ones a shift more: three
+    instructions per eight weights. Byte i of a decoded word is element i of its group of four, so LLVM packs
+    the operand registers from the words as they are (no PRMT). The kernel divides its result by 16 at the end."""
+    if _INTERPRET:
+        lo = ((pw << 4) & -252645136) ^ -2139062144  # & 0xF0F0F0F0, ^ 0x80808080
+        hi = (pw & -252645136) ^ -2139062144
+    else:  # one LOP3 each: written as separate AND and XOR, they stay two instructions in the SASS
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; shl.b32 t, $2, 4; lop3.b32 $0, t, 0xF0F0F0F0, 0x80808080, 0x6A; "
+            "lop3.b32 $1, $2, 0xF0F0F0F0, 0x80808080, 0x6A; }",  # 0x6A: (a & b) ^ c
+            "=r,=r,r", [pw], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
     l0, l1, l2, l3 = _bytes4(lo)
     h0, h1, h2, h3 = _bytes4(hi)
     return _interleave8(l0, l1, l2, l3, h0, h1, h2, h3)
@@ -133,16 +135,21 @@ def _w4a4_matmul_kernel(
                     acc += d * (sx[:, None] * sw[None, :])
                 else:
                     acc += d * sw[None, :]
+    # the decoded weights were 16 * q: the 1/16 (exact) joins the per-token scale
     if SWAP:
         if AG == 0:
-            acc *= tl.load(sx_ptr + offs_m * stride_sxm, mask=m_mask, other=0.0)[None, :]
+            acc *= tl.load(sx_ptr + offs_m * stride_sxm, mask=m_mask, other=0.0)[None, :] * 0.0625
+        else:
+            acc *= 0.0625
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
         tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
                  mask=m_mask[None, :] & n_mask[:, None])
     else:
         if AG == 0:
-            acc *= tl.load(sx_ptr + offs_m * stride_sxm, mask=m_mask, other=0.0)[:, None]
+            acc *= tl.load(sx_ptr + offs_m * stride_sxm, mask=m_mask, other=0.0)[:, None] * 0.0625
+        else:
+            acc *= 0.0625
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
