@@ -2,6 +2,7 @@
 
     python benchmarks/sass_report.py [--fmt int4,mxfp4] [--bn 4 --jt 64 --warps 2 --rows 1] [--top 16]
     python benchmarks/sass_report.py --mma [--tiles 2 --warps 4 --rows 1 --offset 0]   # tensor-core GEMV
+    python benchmarks/sass_report.py --w4a4 [--bm 128 --bn 128 --warps 8 --stages 3 --swap 1]   # W4A4 GEMM
 
 No GPU is needed: Triton's own ptxas and nvdisasm (shipped in the triton wheel) build and disassemble
 the kernel for an H100 (sm_90), with the argument specialisation the GPU launcher applies (pointers
@@ -23,7 +24,7 @@ import tempfile
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def compile_sm90(fn, signature: dict, constexprs: dict, divisible: list[str], num_warps: int):
+def compile_sm90(fn, signature: dict, constexprs: dict, divisible: list[str], num_warps: int, num_stages: int = 1):
     """triton.compile for sm_90 with tt.divisibility=16 on the named arguments."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -34,7 +35,7 @@ def compile_sm90(fn, signature: dict, constexprs: dict, divisible: list[str], nu
     sig = dict(signature)
     sig.update({k: "constexpr" for k in constexprs})
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 1})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def sass_of(kernel) -> str:
@@ -46,6 +47,20 @@ def sass_of(kernel) -> str:
         return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(f.name)
+
+
+def registers(kernel) -> int:
+    """Registers per thread of a compiled kernel (cuobjdump's resource usage)."""
+    import triton
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    try:
+        out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    finally:
+        os.unlink(f.name)
+    return int(re.search(r"REG:(\d+)", out).group(1))
 
 
 _INSTR = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
@@ -101,6 +116,20 @@ def mma_gemv_kernel(fmt: str, tiles: int, kw: int, nb: int = 1, prefetch: int = 
     return k, 2 * tiles * 32  # 16 * TILES rows x 128 K per warp step = 2 * TILES rows x 32 K per thread
 
 
+def w4a4_kernel(block_m: int, block_n: int, warps: int, stages: int, swap: int):
+    """The W4A4 GEMM (triton_w4a4) for sm_90 at one tile config (per-token scales, groups of 128), and its
+    weights per thread per 128-deep K chunk."""
+    from specq.kernels import triton_w4a4 as w
+    sig = {"q_ptr": "*i8", "sx_ptr": "*fp32", "w_ptr": "*i32", "sw_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
+           "M": "i32", "N": "i32", "K": "i32", "stride_qm": "i32", "stride_sxm": "i32", "stride_wn": "i32",
+           "stride_swn": "i32", "stride_ym": "i32"}
+    const = {"WG": 128, "AG": 0, "SUB_K": 128, "N_SUB": 1, "HAS_BIAS": False, "BLOCK_M": block_m,
+             "BLOCK_N": block_n, "GROUP_M": 8, "EVEN_K": True, "SWAP": swap}
+    divisible = [a for a in sig if a not in ("M", "sx_ptr")]
+    k = compile_sm90(w._w4a4_matmul_kernel, sig, const, divisible, warps, stages)
+    return k, block_n * 128 / (32 * warps)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fmt", default="int4,mxfp4")
@@ -112,7 +141,21 @@ def main(argv=None) -> int:
     ap.add_argument("--mma", action="store_true", help="the tensor-core GEMV instead (--tiles, --warps, --rows)")
     ap.add_argument("--tiles", type=int, default=2)
     ap.add_argument("--offset", type=int, default=0, help="INT4 offset codes (tensor-core GEMV)")
+    ap.add_argument("--w4a4", action="store_true", help="the W4A4 GEMM instead (--bm, --bn, --warps, --stages, --swap)")
+    ap.add_argument("--bm", type=int, default=128)
+    ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--swap", type=int, default=1)
     args = ap.parse_args(argv)
+    if args.w4a4:
+        k, per_thread = w4a4_kernel(args.bm, args.bn, args.warps, args.stages, args.swap)
+        ops = loop_histogram(sass_of(k))
+        total = sum(ops.values())
+        print(f"== w4a4 BLOCK_M={args.bm} BLOCK_N={args.bn} warps={args.warps} stages={args.stages} "
+              f"SWAP={args.swap}: {registers(k)} registers, {total} loop instructions per 128-deep chunk, "
+              f"{per_thread:.0f} weights per thread")
+        for op, n in ops.most_common(args.top):
+            print(f"  {op:28s} {n:5d}")
+        return 0
     for fmt in args.fmt.split(","):
         if args.mma:
             k, per_thread = mma_gemv_kernel(fmt, args.tiles, args.warps, 1 if args.rows <= 8 else 2,

@@ -1,36 +1,37 @@
 """W4A4 matmul on Triton: INT4 activations times INT4 weights on the INT8 tensor cores.
 
-Hopper has no INT4 tensor cores, so both operands are held as int8 values in [-8, 7]:
+Hopper has no INT4 tensor cores, so both operands are held as int8 values:
 
 - activations come quantized from the pre-kernel (``triton_act.quantize``: rotation + dynamic
   per-token or per-group INT4, int8 [M, K] plus fp32 scales), with K in *word order*;
-- weights are the packed INT4 copy shared with W4A16 (int32 [N, K/8], ``q + 8`` LSB-first). A word's
-  even nibbles are one mask away from four bytes, its odd ones a shift and a mask, so the kernel decodes
-  a word into bytes (k0, k2, k4, k6) and (k1, k3, k5, k7), and the activations come in that order
-  (``to_word_order``): the dot sums over K, so any order both operands share gives the same result.
-  Three more instructions per four weights turn the codes into signed bytes (``_signed_bytes``).
+- weights are the packed INT4 copy shared with W4A16 (int32 [N, K/8], ``q + 8`` LSB-first). A code in
+  the high half of a byte with its top bit flipped is the int8 ``16 q``, so a word's odd nibbles are one
+  LOP3 away from four such bytes and its even ones a shift and a LOP3: three instructions per eight
+  weights (``_decode_words``), and the result is divided by 16 at the end. The decoded bytes come out as
+  (k0, k2, k4, k6) and (k1, k3, k5, k7), so the activation codes come in that order (``to_word_order``,
+  written so by the pre-kernel): the dot sums over K, and any order both operands share gives the same
+  result.
 
 The K loop runs in chunks of SUB_K (<= 128) that lie inside one weight group and one activation
 group, so each chunk's dot is exact in int32 (|dot| <= 128 * 16 * 64 < 2^22, which the fast int -> float
 conversion below needs); it is then scaled into the fp32 accumulator by
 ``s_w[n, g]`` (and ``s_x[m, g']`` for per-group activations; per-token scales multiply once at the end).
 
-Where the time goes at large M (sm_90 SASS of the K loop, 128 x 128 SWAP tile, 8 warps; H100
-2026-11-23: the GEMM alone at 0.83-0.91x bf16 for M = 256..1024): the loop is bound by CUDA-core
-instructions, not by the INT8 tensor cores (4 IGMMA per 128-deep chunk, ~490 cycles of tensor work per
-SM). Per thread and chunk:
+Where the time goes at large M (sm_90 SASS of the K loop, ``python benchmarks/sass_report.py --w4a4``):
+the loop is bound by CUDA-core instructions and latency, not by the INT8 tensor cores (4 IGMMA per
+128-deep chunk). Per thread and chunk, 128 x 128 SWAP tile, 8 warps:
 
 - the weight decode took ~165 instructions (a shift and a sign-extend per weight, PRMT to pack bytes);
-  the word-order decode takes ~57 (7 per word), and the loop went from 446 to 334 instructions;
+  it now takes ~24, and the loop went from 446 to 303 instructions;
 - the rescale takes 192: the int32 accumulator's magic initial value (the int -> float trick's add,
   folded into the MMA's init), the float subtract and the FFMA into the fp32 accumulator, per output
-  element and weight group. That is ~384 issue cycles per chunk, most of the tensor time: per-group
-  weight scales keep W4A4 near the tensor-core rate at best, not far past it;
+  element and weight group. Per-group weight scales keep W4A4 near the INT8 tensor-core rate at best;
 - the decoded weight tile goes through shared memory (STS + LDSM, 8 instructions) to reach the
   wgmma's register operand layout.
 
-With 4 warps the 128 x 128 tile spills (the int32 and fp32 accumulators together exceed the
-registers); the 8-warp SWAP config avoids that.
+The 128 x 128 tile takes 202 registers (the int32 and fp32 accumulators), so one program of 8 warps
+holds an SM and nothing overlaps its rescale with its MMA; the 128 x 64 tile (BLOCK_M = 64) takes 118,
+so two programs share an SM. With 4 warps the 128 x 128 tile spills.
 """
 
 from __future__ import annotations
