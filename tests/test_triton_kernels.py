@@ -326,7 +326,7 @@ def run_wq_config(fmt: int, m: int, index: int, device: str = "cpu") -> dict:
 
 # W4A4 GEMM (triton_w4a4): every large-M config (both operand orders, SWAP 0/1), per-token and
 # per-group activation scales, against float64 from the kernel's own INT4 codes and scales.
-W4A4_CONFIG_CASES = [(ag, i, fp8) for fp8 in (True, False) for ag in (0, 32) for i in range(11)]
+W4A4_CONFIG_CASES = [(ag, i, fp8) for fp8 in (True, False) for ag in (0, 32) for i in range(14)]
 
 
 def run_w4a4_config(ag: int, index: int, fp8: bool, device: str = "cpu") -> dict:
@@ -356,7 +356,7 @@ def run_w4a4_config(ag: int, index: int, fp8: bool, device: str = "cpu") -> dict
         q, sx, p, s, b, out, cs, m, n, k, q.stride(0), sx.stride(0), p.stride(0), s.stride(0), out.stride(0),
         cs.stride(0), EVEN_K=k % (cfg["SUB_K"] * cfg["N_SUB"]) == 0, WG=128, AG=ag, HAS_BIAS=True, FP8=fp8,
         SG=sg or 128, **cfg.kwargs())
-    return {"vs_float64": (_rel(out, ref), 1.5e-2), "configs": (float(len(cfgs) != 11), 0.0)}
+    return {"vs_float64": (_rel(out, ref), 1.5e-2), "configs": (float(len(cfgs) != 14), 0.0)}
 
 
 # W4A4 GEMM exactness at the code extremes (q = -8 / 7 on both sides, K chunks of 128): every product sum must

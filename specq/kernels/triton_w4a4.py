@@ -281,15 +281,18 @@ def _candidates(m: int, wg: int, ag: int) -> list[Config]:
         raw = [(128, 128, 128, 8, 4, 0, None), (256, 128, 128, 8, 3, 0, None), (128, 128, 128, 4, 4, 0, None),
                (64, 128, 128, 4, 4, 0, None), (128, 128, 128, 4, 4, 1, 128), (128, 128, 128, 8, 3, 1, 256),
                (256, 128, 128, 8, 3, 1, 128), (64, 128, 128, 4, 4, 1, 128), (128, 128, 128, 8, 3, 1, 128),
-               # 128 x 64 with 8 warps: 116 registers, so two programs share an SM and one's rescale
-               # overlaps the other's MMA (the 128 x 128 tile takes 202: one program, 8 warps per SM)
-               (128, 128, 128, 8, 3, 1, 64), (128, 128, 128, 8, 4, 1, 64)]
+               # two programs per SM, so that one's rescale overlaps the other's MMA (the 128 x 128 tile
+               # takes 200-222 registers: one program of 8 warps per SM): 128 x 64 with 8 warps at <= 128
+               # registers (INT8 116, FP8 132 unless capped), or with 4 warps (FP8 254)
+               (128, 128, 128, 8, 3, 1, 64), (128, 128, 128, 8, 4, 1, 64), (128, 128, 128, 8, 3, 1, 64, 128),
+               (128, 128, 128, 4, 3, 1, 64), (64, 128, 128, 4, 3, 1, 128)]
         gm = 8
     out, seen = [], set()
-    for bn, sk, kstep, nw, st, swap, bm_cfg in raw:
+    for bn, sk, kstep, nw, st, swap, bm_cfg, *maxnreg in raw:
         sub = _sub_k(wg, ag, sk)
+        extra = {"maxnreg": maxnreg[0]} if maxnreg else {}
         cfg = Config.make(num_warps=nw, num_stages=st, BLOCK_M=bm_cfg or bm, BLOCK_N=bn, SUB_K=sub,
-                          N_SUB=max(1, kstep // sub), GROUP_M=gm, SWAP=swap)
+                          N_SUB=max(1, kstep // sub), GROUP_M=gm, SWAP=swap, **extra)
         if cfg not in seen:
             seen.add(cfg)
             out.append(cfg)
