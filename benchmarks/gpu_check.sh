@@ -45,7 +45,9 @@ run_step() {
       grep -E "^\| (ar_|bf16|mxfp4|w4a16|round)" "$OUT"/e2e_llama3_8b_shape_check.md ;;
     w4a4_large) step w4a4_large 200 python benchmarks/kernels.py --kinds bf16,w4a4-gemm,w4a4/tok+h,w4a4/g32+h,w4a4-act --ms 256,1024 \
       --out "$OUT/kernels_w4a4_large.md" --json "$OUT/kernels_w4a4_large.json"
-      grep -E "^\| (bf16|w4a4)" "$OUT/kernels_w4a4_large.md" ;;
+      grep -E "^\| (bf16|w4a4)" "$OUT/kernels_w4a4_large.md"
+      python -c "import json, sys; [print(k, v) for k, v in json.load(open(sys.argv[1]))['meta']['tuned']['w4a4_matmul'].items()]" \
+        "$OUT/kernels_w4a4_large.json" ;;
     w4a4_int8) SPECQ_W4A4_TENSOR_CORES=int8 step w4a4_int8 120 python benchmarks/kernels.py \
       --kinds bf16,w4a4-gemm,w4a4/tok+h --ms 256,1024 --out "$OUT/kernels_w4a4_int8.md" --json "$OUT/kernels_w4a4_int8.json"
       grep -E "^\| (bf16|w4a4)" "$OUT/kernels_w4a4_int8.md" ;;

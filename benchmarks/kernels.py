@@ -138,6 +138,15 @@ KINDS = ["bf16", "dense", "tinygemm", "mxfp4", "w4a16", "w4a16+h", "w4a4/tok+h",
          "w4a4-act"]
 
 
+def tuned_configs() -> dict:
+    """The autotuner's pick per key of the specq Triton kernels timed so far (for reading the tables)."""
+    from specq.kernels import triton_w4a4, triton_wq
+
+    return {cache.name: {str(key): dict(cfg.meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                         for key, cfg in cache.best.items()}
+            for cache in (triton_w4a4._CACHE, triton_wq._CACHE)}
+
+
 def run(shapes, ms, kinds, copy_bw, bf16_rate, log=print):
     dev = torch.device("cuda")
     rows = []
@@ -269,6 +278,7 @@ def main(argv=None):
     for shape in shapes:  # tables are rewritten after each shape, so a cut-off run keeps what it measured
         rows += run([shape], ms, args.kinds.split(","), copy_bw, bf16_rate)
         meta["seconds"] = time.time() - t0
+        meta["tuned"] = tuned_configs()
         md = to_markdown(rows, meta)
         for path, text in ((args.out, md), (args.json, json.dumps(dict(meta=meta, rows=rows), indent=1))):
             if path:
