@@ -1,37 +1,37 @@
-"""W4A4 matmul on Triton: INT4 activations times INT4 weights on the INT8 tensor cores.
+"""W4A4 matmul on Triton: INT4 activations times INT4 weights on Hopper's FP8 (default) or INT8 tensor cores.
 
-Hopper has no INT4 tensor cores, so both operands are held as int8 values:
+Hopper has no INT4 tensor cores, so both operands are held as 8-bit numbers, exactly:
 
-- activations come quantized from the pre-kernel (``triton_act.quantize``: rotation + dynamic
-  per-token or per-group INT4, int8 [M, K] plus fp32 scales), with K in *word order*;
-- weights are the packed INT4 copy shared with W4A16 (int32 [N, K/8], ``q + 8`` LSB-first). A code in
-  the high half of a byte with its top bit flipped is the int8 ``16 q``, so a word's odd nibbles are one
-  LOP3 away from four such bytes and its even ones a shift and a LOP3: three instructions per eight
-  weights (``_decode_words``), and the result is divided by 16 at the end. The decoded bytes come out as
-  (k0, k2, k4, k6) and (k1, k3, k5, k7), so the activation codes come in that order (``to_word_order``,
-  written so by the pre-kernel): the dot sums over K, and any order both operands share gives the same
-  result.
+- activations come quantized from the pre-kernel (``triton_act.quantize_fp8`` / ``quantize``: rotation +
+  dynamic per-token or per-group INT4, [M, K] codes plus fp32 scales), with K in *word order*;
+- weights are the packed INT4 copy shared with W4A16 (int32 [N, K/8], codes ``c = q + 8`` LSB-first). Each
+  word's even nibbles are one mask away from four bytes, its odd ones a shift and a mask: three instructions
+  per eight weights. The bytes come out as (k0, k2, k4, k6) and (k1, k3, k5, k7), so the activation codes come
+  in that order (``to_word_order``, written so by the pre-kernel): the dot sums over K, and any order both
+  operands share gives the same result.
 
-The K loop runs in chunks of SUB_K (<= 128) that lie inside one weight group and one activation
-group, so each chunk's dot is exact in int32 (|dot| <= 128 * 16 * 64 < 2^22, which the fast int -> float
-conversion below needs); it is then scaled into the fp32 accumulator by
-``s_w[n, g]`` (and ``s_x[m, g']`` for per-group activations; per-token scales multiply once at the end).
+FP8 (``SPECQ_W4A4_TENSOR_CORES=fp8``, the default): a byte ``0000cccc`` *is* the e4m3 number ``c * 2^-9``
+(codes 0..7 are e4m3's subnormals, 8..15 its first binade), and the activation codes -8..7 are e4m3 integers,
+so each 128-deep chunk's dot is exact in the fp32 accumulator (|sum| <= 128 * 15 * 8 < 2^14, integer-valued
+after the 2^9, which the test at the code extremes checks on the GPU). The dot's fp32 result is scaled
+into the running sum by one FFMA per output. The offset ``c = q + 8`` is taken back once at the end:
+``- 8 * sum_j t[m, j] s_w[n, j]`` over K blocks j, t the activation codes' sums per block (written by the
+pre-kernel; times s_x for per-group activations), as one small 3xTF32 dot per 32 blocks.
 
-Where the time goes at large M (sm_90 SASS of the K loop, ``python benchmarks/sass_report.py --w4a4``):
-the loop is bound by CUDA-core instructions and latency, not by the INT8 tensor cores (4 IGMMA per
-128-deep chunk). Per thread and chunk, 128 x 128 SWAP tile, 8 warps:
+INT8 (``SPECQ_W4A4_TENSOR_CORES=int8``): a code in the high half of a byte with its top bit flipped is the
+int8 ``16 q`` (one LOP3 per half-word), so no offset; but the int32 dot result needs an int -> float
+conversion before the scale: a magic-number add (folded into the MMA's initial value), a float subtract and
+the FFMA, three instructions per output per chunk.
 
-- the weight decode took ~165 instructions (a shift and a sign-extend per weight, PRMT to pack bytes);
-  it now takes ~24, and the loop went from 446 to 303 instructions;
-- the rescale takes 192: the int32 accumulator's magic initial value (the int -> float trick's add,
-  folded into the MMA's init), the float subtract and the FFMA into the fp32 accumulator, per output
-  element and weight group. Per-group weight scales keep W4A4 near the INT8 tensor-core rate at best;
-- the decoded weight tile goes through shared memory (STS + LDSM, 8 instructions) to reach the
-  wgmma's register operand layout.
+The K loop runs in chunks of SUB_K (<= 128) that lie inside one weight group and one activation group.
 
-The 128 x 128 tile takes 202 registers (the int32 and fp32 accumulators), so one program of 8 warps
-holds an SM and nothing overlaps its rescale with its MMA; the 128 x 64 tile (BLOCK_M = 64) takes 118,
-so two programs share an SM. With 4 warps the 128 x 128 tile spills.
+Where the time goes at large M (sm_90 SASS of the K loop, ``python benchmarks/sass_report.py --w4a4
+[--fp8]``), per thread and 128-deep chunk, 128 x 128 SWAP tile, 8 warps: INT8 303 instructions (of them
+192 for the rescale and ~24 for the decode; 446 before the word-order decode), FP8 175 (64 FFMA). The
+decoded weight tile goes through shared memory (STS + LDSM) to reach the wgmma's register operand layout,
+and each chunk's wgmma is waited for before its rescale, so within one program the tensor cores and the
+CUDA cores take turns: tiles small enough for two programs per SM (128 x 64 at <= 128 registers, or 4
+warps) let one program's rescale run under the other's MMA. The autotuner picks among both kinds.
 """
 
 from __future__ import annotations
@@ -163,7 +163,8 @@ def _w4a4_matmul_kernel(
                 a = tl.load(q_ptr + rm[:, None] * stride_qm + offs_k[None, :])
                 pw = tl.load(w_ptr + rn[:, None] * stride_wn + offs_w[None, :])
             else:
-                a = tl.load(q_ptr + rm[:, None] * stride_qm + offs_k[None, :], mask=(offs_k < K)[None, :], other=0)
+                a = tl.load(q_ptr + rm[:, None] * stride_qm + offs_k[None, :], mask=(offs_k < K)[None, :],
+                            other=0.0 if FP8 else 0)
                 pw = tl.load(w_ptr + rn[:, None] * stride_wn + offs_w[None, :],
                              mask=(offs_w < K // 8)[None, :], other=0)
             if FP8:
