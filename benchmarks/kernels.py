@@ -14,9 +14,8 @@ it times (median, CUDA-graph replays, so launch overhead is what a captured deco
 - ``w4a16+h``    the same with had_block=128 (includes the rotation pre-kernel)
 - ``w4a4/tok+h`` torch.ops.specq.linear_w4a4, group 128, per-token INT4 activations, had_block=128
 - ``w4a4/g32+h`` the same with activation groups of 32
-- ``w4a4-gemm``  the W4A4 GEMM alone (FP8 tensor cores; ``SPECQ_W4A4_TENSOR_CORES=int8`` for the INT8
-                 ones), on activations quantized beforehand (per token), to separate it from the
-                 rotation + quantization pre-kernels
+- ``w4a4-gemm``  the W4A4 INT8-tensor-core kernel alone, on activations quantized beforehand
+                 (per token), to separate it from the rotation + quantization pre-kernels
 - ``w4a4-act``   those pre-kernels alone (Hadamard 128 + per-token INT4 codes; bytes: x read, codes
                  written; the TFLOP/s column counts the matmul it feeds)
 
@@ -121,16 +120,12 @@ def call(kind: str, x: torch.Tensor, wts: tuple):
     if kind == "w4a4-act":
         from specq.kernels import triton_act
 
-        from specq.kernels import triton_w4a4
-
-        if triton_w4a4.use_fp8():
-            return triton_act.quantize_fp8(x, 0, 128, triton_w4a4.dot_k(128, 0))
         return triton_act.quantize(x, 0, 128)
     if kind == "w4a4-gemm":
         from specq.kernels import triton_w4a4
 
-        q, sx, sums, sg = x  # pre-quantized activations (see run())
-        return triton_w4a4.w4a4_matmul(q, sx, wts[0], wts[1], None, 128, 0, torch.bfloat16, sums, sg)
+        q, sx = x  # pre-quantized activations (see run())
+        return triton_w4a4.w4a4_matmul(q, sx, wts[0], wts[1], None, 128, 0, torch.bfloat16)
     raise ValueError(kind)
 
 
@@ -163,8 +158,7 @@ def run(shapes, ms, kinds, copy_bw, bf16_rate, log=print):
                     from specq.kernels import triton_w4a4
 
                     q, sx = activation.quantize_int4(x, 0)
-                    q, sums, sg = triton_w4a4.kernel_codes(q, 128, 0, triton_w4a4.use_fp8())
-                    x = (q, sx.reshape(m, 1).contiguous(), sums, sg)
+                    x = (triton_w4a4.to_word_order(q).contiguous(), sx.reshape(m, 1).contiguous())
                 try:
                     def fn():
                         for ws in wsets:

@@ -118,17 +118,16 @@ def mma_gemv_kernel(fmt: str, tiles: int, kw: int, nb: int = 1, prefetch: int = 
     return k, 2 * tiles * 32  # 16 * TILES rows x 128 K per warp step = 2 * TILES rows x 32 K per thread
 
 
-def w4a4_kernel(block_m: int, block_n: int, warps: int, stages: int, swap: int, fp8: bool = False):
+def w4a4_kernel(block_m: int, block_n: int, warps: int, stages: int, swap: int):
     """The W4A4 GEMM (triton_w4a4) for sm_90 at one tile config (per-token scales, groups of 128), and its
-    weights per thread per 128-deep K chunk. fp8: the e4m3-code path (FP8 tensor cores) instead of int8."""
+    weights per thread per 128-deep K chunk."""
     from specq.kernels import triton_w4a4 as w
-    sig = {"q_ptr": "*fp8e4nv" if fp8 else "*i8", "sx_ptr": "*fp32", "w_ptr": "*i32", "sw_ptr": "*bf16",
-           "b_ptr": "*bf16", "y_ptr": "*bf16", "cs_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
-           "stride_qm": "i32", "stride_sxm": "i32", "stride_wn": "i32", "stride_swn": "i32", "stride_ym": "i32",
-           "stride_csm": "i32"}
+    sig = {"q_ptr": "*i8", "sx_ptr": "*fp32", "w_ptr": "*i32", "sw_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
+           "M": "i32", "N": "i32", "K": "i32", "stride_qm": "i32", "stride_sxm": "i32", "stride_wn": "i32",
+           "stride_swn": "i32", "stride_ym": "i32"}
     const = {"WG": 128, "AG": 0, "SUB_K": 128, "N_SUB": 1, "HAS_BIAS": False, "BLOCK_M": block_m,
-             "BLOCK_N": block_n, "GROUP_M": 8, "EVEN_K": True, "SWAP": swap, "FP8": fp8, "SG": 128}
-    divisible = [a for a in sig if a not in ("M", "sx_ptr", "cs_ptr")]
+             "BLOCK_N": block_n, "GROUP_M": 8, "EVEN_K": True, "SWAP": swap}
+    divisible = [a for a in sig if a not in ("M", "sx_ptr")]
     k = compile_sm90(w._w4a4_matmul_kernel, sig, const, divisible, warps, stages)
     return k, block_n * 128 / (32 * warps)
 
@@ -148,13 +147,12 @@ def main(argv=None) -> int:
     ap.add_argument("--bm", type=int, default=128)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--swap", type=int, default=1)
-    ap.add_argument("--fp8", action="store_true", help="W4A4: the e4m3-code path on the FP8 tensor cores")
     args = ap.parse_args(argv)
     if args.w4a4:
-        k, per_thread = w4a4_kernel(args.bm, args.bn, args.warps, args.stages, args.swap, args.fp8)
-        ops = loop_histogram(sass_of(k), "QGMMA" if args.fp8 else "IGMMA")
+        k, per_thread = w4a4_kernel(args.bm, args.bn, args.warps, args.stages, args.swap)
+        ops = loop_histogram(sass_of(k), "IGMMA")
         total = sum(ops.values())
-        print(f"== w4a4{' fp8' if args.fp8 else ''} BLOCK_M={args.bm} BLOCK_N={args.bn} warps={args.warps} stages={args.stages} "
+        print(f"== w4a4 BLOCK_M={args.bm} BLOCK_N={args.bn} warps={args.warps} stages={args.stages} "
               f"SWAP={args.swap}: {registers(k)} registers, {total} loop instructions per 128-deep chunk, "
               f"{per_thread:.0f} weights per thread")
         for op, n in ops.most_common(args.top):

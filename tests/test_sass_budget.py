@@ -78,30 +78,25 @@ def test_mma_gemv_k_loop_decodes_into_registers(fmt, tiles, rows, offset, budget
     assert per_weight <= budget, f"{fmt}: {per_weight:.2f} instructions per weight > {budget}: {ops}"
 
 
-# W4A4 GEMM (triton_w4a4), SWAP tiles: (FP8 tensor cores, BLOCK_M, BLOCK_N, warps, stages, loop instructions per
-# thread per 128-deep chunk at most, registers at most). 2026-12-07: INT8 303 and 201 instructions (446 before the
-# word-order decode); FP8 175 and 137 (the rescale is one FFMA per output). The 128 x 64 tile must stay at <= 128
-# (INT8) / 136 (FP8) registers so that two programs of 8 warps share an SM.
-W4A4_BUDGETS = [(False, 128, 128, 8, 3, 312, 255), (False, 64, 128, 8, 3, 208, 128),
-                (True, 128, 128, 8, 3, 184, 255), (True, 64, 128, 8, 3, 144, 136)]
+# W4A4 GEMM (triton_w4a4), SWAP tiles: (BLOCK_M, BLOCK_N, warps, stages, loop instructions per thread per
+# 128-deep chunk at most, registers at most). 2026-12-07: 303 and 315 instructions (446 before the word-order
+# decode); the 64 x 128 tile of 4 warps (the autotuner's pick on the H100) must stay at <= 255 registers
+# without spills, and at 204 so that two programs share an SM.
+W4A4_BUDGETS = [(128, 128, 8, 3, 312, 255), (128, 64, 4, 4, 324, 208)]
 
 
-@pytest.mark.parametrize("fp8,bm,bn,warps,stages,budget,max_regs", W4A4_BUDGETS,
-                         ids=[f"{'fp8' if f else 'int8'}-{bm}x{bn}-w{w}" for f, bm, bn, w, *_ in W4A4_BUDGETS])
-def test_w4a4_k_loop_decodes_three_instructions_per_word(fp8, bm, bn, warps, stages, budget, max_regs):
+@pytest.mark.parametrize("bm,bn,warps,stages,budget,max_regs", W4A4_BUDGETS,
+                         ids=[f"{bm}x{bn}-w{w}" for bm, bn, w, *_ in W4A4_BUDGETS])
+def test_w4a4_k_loop_decodes_three_instructions_per_word(bm, bn, warps, stages, budget, max_regs):
     sr = _sass_report()
-    kernel, weights_per_thread = sr.w4a4_kernel(bm, bn, warps, stages, swap=1, fp8=fp8)
-    mma = "QGMMA.64" if fp8 else "IGMMA.64"
-    ops = sr.loop_histogram(sr.sass_of(kernel), mma)
+    kernel, weights_per_thread = sr.w4a4_kernel(bm, bn, warps, stages, swap=1)
+    ops = sr.loop_histogram(sr.sass_of(kernel))
     total = sum(ops.values())
     assert total <= budget, f"{total} loop instructions > {budget}: {ops}"
-    assert ops[mma] == 4, ops  # one wgmma per 32 of K, per warpgroup
+    assert ops["IGMMA.64"] == 4, ops  # one int8 wgmma per 32 of K, per warpgroup
     # the decode: one shift and two LOP3 per word of 8 weights, no sign extension or byte packing
     words = weights_per_thread / 8
     assert ops["LOP3.LUT"] <= 2 * words + 2, ops
     assert ops["SGXT"] == 0 and ops["PRMT"] <= 2, ops
-    # the rescale: FP8 one FFMA per output element (no int -> float conversion), INT8 an FADD and an FFMA
-    outputs = bm * bn / (32 * warps)
-    assert ops["FFMA"] == outputs and ops["FADD"] == (0 if fp8 else outputs), ops
     assert not any(op.startswith(("LDL", "STL")) for op in ops), f"spills: {ops}"
     assert sr.registers(kernel) <= max_regs

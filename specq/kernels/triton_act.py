@@ -13,10 +13,12 @@ Quantization matches ``specq.formats.activation.quantize_int4``: ``scale = amax 
 
 Quantization (``quantize``: codes for the W4A4 GEMM, in its K order; ``fake_quantize``: codes times scales
 in x's dtype, for the weight-only kernels at decode sizes) takes one launch of the whole-row kernel
-wherever a row fits one program (K <= 32768 at chunks of 128): R rows per program, each cut into its
+wherever a row has at most 64 chunks (K <= 8192 at chunks of 128): R rows per program, each cut into its
 chunks, the [R * chunks, chunk] tile rotated by one dot, and the per-token or per-group amax reduced in
-registers. That reads x once and launches once; on the H100 the two-pass form below took 9 us for 256
-tokens at K = 4096, a latency floor of two dependent launches, not bandwidth.
+registers. That reads x once and launches once. On the H100 (2026-12-07) it took 6.1 / 10.8 us for 256 /
+1024 tokens at K = 4096, where the two-pass form below took 9.2 / 15.6 us (a latency floor of two
+dependent launches, not bandwidth); at K = 14336 (one row of 128 chunks per program) it was slower than
+the two-pass form (68 against 52 us for 1024 tokens), hence the limit.
 
 Longer rows take the chunked kernel, one program per [BLOCK_M, CH] chunk:
 
@@ -57,35 +59,13 @@ def _word_order(qv, BLOCK_M: tl.constexpr, CHP: tl.constexpr):
 
 
 @triton.jit
-def _store_codes(q_ptr, cs_ptr, qv, rows, chunks, row_mask, K, stride_qm, stride_csm,
-                 CH: tl.constexpr, CHP: tl.constexpr, T: tl.constexpr, SG: tl.constexpr):
-    """Store [T, CHP] int8 codes, tile row t holding chunk chunks[t] of row rows[t], in the W4A4 GEMM's K order:
-    as int8, or (SG > 0) as e4m3 with their sums over blocks of SG columns (the FP8 GEMM's offset correction)."""
-    offs_c = tl.arange(0, CHP)
-    offs_k = chunks[:, None] * CH + offs_c[None, :]
-    mask = row_mask[:, None] & (offs_c < CH)[None, :] & (offs_k < K)
-    qw = _word_order(qv, T, CHP)
-    if SG > 0:
-        tl.store(q_ptr + rows[:, None] * stride_qm + offs_k, qw.to(tl.float16).to(tl.float8e4nv), mask=mask)
-        stored = tl.where(mask, qv.to(tl.int32), 0)  # beyond K a rotated partial block is not zero
-        sums = tl.sum(tl.reshape(stored, (T, CHP // SG, SG)), axis=2).to(tl.float32)
-        offs_b = tl.arange(0, CHP // SG)
-        b_idx = chunks[:, None] * (CH // SG) + offs_b[None, :]
-        b_mask = row_mask[:, None] & (offs_b < CH // SG)[None, :] & (b_idx * SG < K)
-        tl.store(cs_ptr + rows[:, None] * stride_csm + b_idx, sums, mask=b_mask)
-    else:
-        tl.store(q_ptr + rows[:, None] * stride_qm + offs_k, qw, mask=mask)
-
-
-@triton.jit
 def _act_prep_kernel(
-    x_ptr, h_ptr, y_ptr, q_ptr, s_ptr, amax_ptr, cs_ptr,
-    M, K, stride_xm, stride_ym, stride_qm, stride_sm, stride_am, stride_csm, n_chunks, inv_norm,
+    x_ptr, h_ptr, y_ptr, q_ptr, s_ptr, amax_ptr,
+    M, K, stride_xm, stride_ym, stride_qm, stride_sm, stride_am, n_chunks, inv_norm,
     CH: tl.constexpr, CHP: tl.constexpr, NCP: tl.constexpr, AG: tl.constexpr,
     ROTATE: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr,
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     FAKE: tl.constexpr = False,  # quantize modes: write q * scale in x's dtype to y instead of q, s
-    SG: tl.constexpr = 0,        # > 0: e4m3 codes, and their sums over blocks of SG columns to cs_ptr
 ):
     pid_m = tl.program_id(0)
     c = tl.program_id(1)
@@ -116,8 +96,8 @@ def _act_prep_kernel(
                 fq = tl.reshape(qv.to(tl.float32) * scale[:, :, None], (BLOCK_M, CHP)).to(x_dtype)
                 tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_k[None, :], fq, mask=mk_mask)
             else:
-                _store_codes(q_ptr, cs_ptr, tl.reshape(qv, (BLOCK_M, CHP)), offs_m, offs_m * 0 + c, m_mask, K,
-                             stride_qm, stride_csm, CH, CHP, BLOCK_M, SG)
+                tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :],
+                         _word_order(tl.reshape(qv, (BLOCK_M, CHP)), BLOCK_M, CHP), mask=mk_mask)
                 offs_g = tl.arange(0, NG)
                 g_mask = (offs_g < CH // AG) & (c * CH + offs_g * AG < K)
                 tl.store(s_ptr + offs_m[:, None] * stride_sm + (c * (CH // AG) + offs_g)[None, :], scale,
@@ -135,18 +115,17 @@ def _act_prep_kernel(
                 fq = (qv.to(tl.float32) * scale[:, None]).to(x_dtype)
                 tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_k[None, :], fq, mask=mk_mask)
             else:
-                _store_codes(q_ptr, cs_ptr, qv, offs_m, offs_m * 0 + c, m_mask, K, stride_qm, stride_csm, CH, CHP,
-                             BLOCK_M, SG)
+                tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], _word_order(qv, BLOCK_M, CHP),
+                         mask=mk_mask)
                 tl.store(s_ptr + offs_m * stride_sm, scale, mask=m_mask & (c == 0))
 
 
 @triton.jit
 def _act_rows_kernel(
-    x_ptr, h_ptr, y_ptr, q_ptr, s_ptr, cs_ptr,
-    M, K, stride_xm, stride_ym, stride_qm, stride_sm, stride_csm, inv_norm,
+    x_ptr, h_ptr, y_ptr, q_ptr, s_ptr,
+    M, K, stride_xm, stride_ym, stride_qm, stride_sm, inv_norm,
     CH: tl.constexpr, CHP: tl.constexpr, NP: tl.constexpr, R: tl.constexpr, AG: tl.constexpr,
     ROTATE: tl.constexpr, FAKE: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-    SG: tl.constexpr = 0,  # > 0: e4m3 codes and their sums over blocks of SG columns (see _store_codes)
 ):
     """Rotation + INT4 quantization of R whole rows per program, in one launch: each row is cut into its
     NP (padded) chunks of CH columns, and the [R * NP, CHP] tile is rotated by one dot, so a per-token
@@ -180,11 +159,8 @@ def _act_rows_kernel(
     if FAKE:
         tl.store(y_ptr + rows[:, None, None] * stride_ym + offs_k[None, :, :], fq.to(x_dtype), mask=mask)
     else:
-        # as a [R * NP, CHP] tile: tile row r * NP + p holds chunk p of row r
-        t_rows = tl.reshape(rows[:, None] + tl.arange(0, NP)[None, :] * 0, (R * NP,))
-        t_chunks = tl.reshape(rows[:, None] * 0 + tl.arange(0, NP)[None, :], (R * NP,))
-        _store_codes(q_ptr, cs_ptr, tl.reshape(qv, (R * NP, CHP)), t_rows, t_chunks, t_rows < M, K, stride_qm,
-                     stride_csm, CH, CHP, R * NP, SG)
+        qw = tl.reshape(_word_order(tl.reshape(qv, (R * NP, CHP)), R * NP, CHP), (R, NP, CHP))
+        tl.store(q_ptr + rows[:, None, None] * stride_qm + offs_k[None, :, :], qw, mask=mask)
         if AG == 0:
             tl.store(s_ptr + rows * stride_sm, scale, mask=rows < M)
         else:
@@ -195,7 +171,8 @@ def _act_rows_kernel(
                      mask=(rows < M)[:, None, None] & g_mask[None, :, :])
 
 
-ROWS_MAX_TILE = 32768  # elements of one program's [R * NP, CHP] tile (K <= 32768 at chunks of 128)
+ROWS_MAX_TILE = 32768  # elements of one program's [R * NP, CHP] tile
+ROWS_MAX_CHUNKS = 64  # chunks per row (K <= 8192 at chunks of 128): longer rows were faster in two passes
 
 
 _H_CACHE: dict = {}
@@ -240,8 +217,7 @@ def supported(k: int, had_block: int, act_group: int, codes: bool = False) -> bo
     return ch is not None and (not codes or (k % 8 == 0 and ch % 8 == 0))
 
 
-def _launch(x2, mode, had_block, act_group, y=None, q=None, s=None, amax=None, n_chunks=1, fake=False, cs=None,
-            sg=0):
+def _launch(x2, mode, had_block, act_group, y=None, q=None, s=None, amax=None, n_chunks=1, fake=False):
     M, K = x2.shape
     ch = _chunk(K, had_block, act_group)
     chp = next_pow2(ch)
@@ -252,12 +228,12 @@ def _launch(x2, mode, had_block, act_group, y=None, q=None, s=None, amax=None, n
     dummy = x2
     _act_prep_kernel[grid](
         x2, h, y if y is not None else dummy, q if q is not None else dummy,
-        s if s is not None else dummy, amax if amax is not None else dummy, cs if cs is not None else dummy,
+        s if s is not None else dummy, amax if amax is not None else dummy,
         M, K, x2.stride(0), y.stride(0) if y is not None else 0, q.stride(0) if q is not None else 0,
         s.stride(0) if s is not None else 0, amax.stride(0) if amax is not None else 0,
-        cs.stride(0) if cs is not None else 0, n_chunks, 1.0 / math.sqrt(had_block) if rotate else 1.0,
+        n_chunks, 1.0 / math.sqrt(had_block) if rotate else 1.0,
         CH=ch, CHP=chp, NCP=next_pow2(n_chunks), AG=max(act_group, 1), ROTATE=rotate, MODE=mode,
-        BLOCK_M=block_m, FAKE=fake, SG=sg, num_warps=8 if chp > 128 else 4, num_stages=1, **dot_flags(x2.dtype))
+        BLOCK_M=block_m, FAKE=fake, num_warps=8 if chp > 128 else 4, num_stages=1, **dot_flags(x2.dtype))
     return ch
 
 
@@ -272,10 +248,11 @@ def _rows_layout(K: int, had_block: int, act_group: int) -> Optional[tuple[int, 
     rows = max(1, 64 // npad)
     if rows * npad < 16:  # tl.dot needs 16 rows
         rows = 16 // npad
-    return (ch, npad, rows) if rows * npad * next_pow2(ch) <= ROWS_MAX_TILE else None
+    fits = rows * npad * next_pow2(ch) <= ROWS_MAX_TILE and npad <= ROWS_MAX_CHUNKS
+    return (ch, npad, rows) if fits else None
 
 
-def _launch_rows(x2, layout, had_block, act_group, y=None, q=None, s=None, fake=False, cs=None, sg=0):
+def _launch_rows(x2, layout, had_block, act_group, y=None, q=None, s=None, fake=False):
     M, K = x2.shape
     ch, npad, rows = layout
     chp = next_pow2(ch)
@@ -284,11 +261,9 @@ def _launch_rows(x2, layout, had_block, act_group, y=None, q=None, s=None, fake=
     dummy = x2
     _act_rows_kernel[(triton.cdiv(M, rows),)](
         x2, h, y if y is not None else dummy, q if q is not None else dummy, s if s is not None else dummy,
-        cs if cs is not None else dummy,
         M, K, x2.stride(0), y.stride(0) if y is not None else 0, q.stride(0) if q is not None else 0,
-        s.stride(0) if s is not None else 0, cs.stride(0) if cs is not None else 0,
-        1.0 / math.sqrt(had_block) if rotate else 1.0,
-        CH=ch, CHP=chp, NP=npad, R=rows, AG=act_group, ROTATE=rotate, FAKE=fake, SG=sg,
+        s.stride(0) if s is not None else 0, 1.0 / math.sqrt(had_block) if rotate else 1.0,
+        CH=ch, CHP=chp, NP=npad, R=rows, AG=act_group, ROTATE=rotate, FAKE=fake,
         num_warps=4 if rows * npad * chp <= 8192 else 8, num_stages=1, **dot_flags(x2.dtype))
 
 
@@ -303,40 +278,25 @@ def rotate(x2: torch.Tensor, had_block: int) -> torch.Tensor:
 def quantize(x2: torch.Tensor, act_group: int, had_block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x2 [M, K] -> (q int8 [M, K], scales float32 [M, K/act_group] or [M, 1]) of the rotated x2, q in the
     W4A4 GEMM's K order (``triton_w4a4.to_word_order`` of the codes; the scales keep K's order)."""
-    q, s, _ = _quantize(x2, act_group, had_block, 0)
-    return q, s
-
-
-def quantize_fp8(x2: torch.Tensor, act_group: int, had_block: int,
-                 dot_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """``quantize`` for the FP8 W4A4 GEMM: (q float8_e4m3fn [M, K], scales, sums float32 [M, cdiv(K, sg)], sg),
-    sums[m, j] the sum of row m's codes over columns j * sg .. (j + 1) * sg, where sg is the largest block that
-    divides both the GEMM's K per dot (``dot_k``) and this kernel's chunk."""
-    return _quantize(x2, act_group, had_block, math.gcd(dot_k, _chunk(x2.shape[1], had_block, act_group) or 8))
-
-
-def _quantize(x2: torch.Tensor, act_group: int, had_block: int, sg: int):
     M, K = x2.shape
     if not supported(K, had_block, act_group, codes=True):
         raise ValueError(f"W4A4 activation codes come in blocks of 8 along K: K = {K} with Hadamard block "
                          f"{had_block} and activation group {act_group} does not tile them; use the reference op")
-    q = torch.empty((M, K), device=x2.device, dtype=torch.float8_e4m3fn if sg else torch.int8)
+    q = torch.empty((M, K), device=x2.device, dtype=torch.int8)
     s = torch.empty((M, K // act_group if act_group > 0 else 1), device=x2.device, dtype=torch.float32)
-    cs = torch.empty((M, triton.cdiv(K, sg)), device=x2.device, dtype=torch.float32) if sg else None
-    out = (q, s, cs, sg) if sg else (q, s, None)
     if M == 0:
-        return out
+        return q, s
     layout = _rows_layout(K, had_block, act_group)
     if layout is not None:
-        _launch_rows(x2, layout, had_block, act_group, q=q, s=s, cs=cs, sg=sg)
+        _launch_rows(x2, layout, had_block, act_group, q=q, s=s)
     elif act_group > 0:
-        _launch(x2, MODE_QUANT_GROUP, had_block, act_group, q=q, s=s, cs=cs, sg=sg)
+        _launch(x2, MODE_QUANT_GROUP, had_block, act_group, q=q, s=s)
     else:
         n_chunks = triton.cdiv(K, _chunk(K, had_block, 0))
         amax = torch.empty((M, n_chunks), device=x2.device, dtype=torch.float32)
         _launch(x2, MODE_AMAX, had_block, 0, amax=amax, n_chunks=n_chunks)
-        _launch(x2, MODE_QUANT_TOKEN, had_block, 0, q=q, s=s, amax=amax, n_chunks=n_chunks, cs=cs, sg=sg)
-    return out
+        _launch(x2, MODE_QUANT_TOKEN, had_block, 0, q=q, s=s, amax=amax, n_chunks=n_chunks)
+    return q, s
 
 
 def fake_quantize(x2: torch.Tensor, act_group: int, had_block: int) -> torch.Tensor:

@@ -10,8 +10,8 @@ Each validates its arguments with the ops' own checks, flattens x to [M, K], and
 
 - mxfp4: one weight-streaming / tiled kernel (``triton_wq``);
 - w4a16: the Hadamard pre-kernel when had_block > 0 (``triton_act.rotate``), then ``triton_wq``;
-- w4a4: one pre-kernel that rotates and quantizes x to INT4 codes (two for per-token scales past
-  32768 columns), then the FP8- (or INT8-) tensor-core kernel (``triton_w4a4``); at the sizes a weight-streaming kernel serves
+- w4a4: one pre-kernel that rotates and quantizes x to INT4 (two for per-token scales), then the
+  INT8-tensor-core kernel (``triton_w4a4``); at the sizes a weight-streaming kernel serves
   (``triton_wq.streams_weights``: M <= 16 in bf16, M <= 4 in fp16) the pre-kernel writes the
   fake-quantized x instead and the W4A16 streaming kernel runs on it;
 - dense (bf16/fp16 weights): at 1..4 rows of x the weight-streaming GEMV of ``triton_dense_gemv``
@@ -105,20 +105,15 @@ def linear_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor
             xq = triton_act.fake_quantize(x2, act_group_size, had_block)
             y = triton_wq.wq_matmul(xq, packed, scales, bias, triton_wq.FORMAT_INT4, group_size)
             return y.reshape(*x.shape[:-1], n)
-        fp8 = triton_w4a4.use_fp8()
         if triton_act.supported(k, had_block, act_group_size, codes=True):
-            if fp8:
-                dot_k = triton_w4a4.dot_k(group_size, act_group_size)
-                q, sx, sums, sg = triton_act.quantize_fp8(x2, act_group_size, had_block, dot_k)
-            else:
-                (q, sx), sums, sg = triton_act.quantize(x2, act_group_size, had_block), None, 0
+            q, sx = triton_act.quantize(x2, act_group_size, had_block)
         else:
             _fallback(f"activation quantization with had_block {had_block}, group {act_group_size}")
             xr = hadamard.hadamard_transform(x2, had_block) if had_block > 0 else x2
             q, sx = activation.quantize_int4(xr, act_group_size)
-            q, sums, sg = triton_w4a4.kernel_codes(q, group_size, act_group_size, fp8)
+            q = triton_w4a4.to_word_order(q).contiguous()
             sx = sx.reshape(q.shape[0], -1).contiguous()
-        y = triton_w4a4.w4a4_matmul(q, sx, packed, scales, bias, group_size, act_group_size, x.dtype, sums, sg)
+        y = triton_w4a4.w4a4_matmul(q, sx, packed, scales, bias, group_size, act_group_size, x.dtype)
     return y.reshape(*x.shape[:-1], n)
 
 
