@@ -3,7 +3,8 @@
 The kernels run in two worlds:
 
 - on a CUDA GPU, where each kernel picks its tile configuration by timing a small, bounded set of
-  candidates once per (kernel, shape bucket) and caching the winner for the process;
+  candidates once per (kernel, shape bucket) and caching the winner for the process and on disk
+  (``DiskCache``: a later process on the same GPU model does not time again);
 - under ``TRITON_INTERPRET=1`` (CPU CI), where there is nothing to time and the interpreter computes
   bf16/fp16 ``tl.dot`` wrongly, so the kernels take a ``DOT_FP32`` flag that upcasts dot operands.
 
@@ -13,12 +14,18 @@ process either interprets every kernel or none (tests run the interpreter in a s
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
+import re
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
+
+log = logging.getLogger(__name__)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -79,11 +86,84 @@ class Config:
         return dict(self.meta)[name]
 
 
+class DiskCache:
+    """The autotuner's winners on disk, so a new process on the same GPU skips the timing: one JSON file
+    per GPU model and Triton version under ``SPECQ_AUTOTUNE_CACHE`` (default ``~/.cache/specq/autotune``;
+    empty or 0 turns it off), {cache name: {str(key): config}}. A stored config is used only while it is
+    still among the kernel's candidates, so a changed candidate list re-tunes. Writes merge with what other
+    processes stored and go to a temp file renamed into place; a file that cannot be read is ignored and
+    one that cannot be written only logs."""
+
+    def __init__(self, path: Optional[str] = None):
+        self._path = path
+        self._data: Optional[dict] = None
+
+    def path(self) -> Optional[str]:
+        if self._path is None:
+            root = os.environ.get("SPECQ_AUTOTUNE_CACHE", os.path.join(
+                os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "specq", "autotune"))
+            if root in ("", "0") or not torch.cuda.is_available():
+                self._path = ""
+            else:
+                import triton
+                gpu = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name()).strip("_")
+                self._path = os.path.join(root, f"{gpu}-triton{triton.__version__}.json")
+        return self._path or None
+
+    def _read(self) -> dict:
+        path = self.path()
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError, TypeError):
+            return {}
+
+    def lookup(self, name: str, key, candidates: Sequence["Config"]) -> Optional["Config"]:
+        if self.path() is None:
+            return None
+        if self._data is None:
+            self._data = self._read()
+        entry = self._data.get(name, {}).get(str(key))
+        if not isinstance(entry, dict):
+            return None
+        try:
+            cfg = Config(tuple(sorted(entry["meta"].items())), int(entry["num_warps"]), int(entry["num_stages"]))
+        except (KeyError, AttributeError, TypeError, ValueError):
+            return None
+        return cfg if cfg in candidates else None
+
+    def store(self, name: str, key, cfg: "Config") -> None:
+        path = self.path()
+        if path is None:
+            return
+        data = self._read()  # merge with what other processes wrote since
+        data.setdefault(name, {})[str(key)] = dict(meta=dict(cfg.meta), num_warps=cfg.num_warps,
+                                                   num_stages=cfg.num_stages)
+        self._data = data
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("specq: could not write the autotune cache %s (%s); set SPECQ_AUTOTUNE_CACHE to a "
+                        "writable directory, or to 0 to turn it off", path, e)
+            self._path = ""
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+DISK = DiskCache()
+
+
 @dataclass
 class ConfigCache:
-    """Per-process cache of the fastest config for each key.
+    """Per-process cache of the fastest config for each key, backed by ``DISK``.
 
-    ``pick(key, candidates, launch)`` returns the cached winner, or times each candidate with
+    ``pick(key, candidates, launch)`` returns the cached winner (this process's, else one stored on disk
+    by an earlier process on the same GPU model), or times each candidate with
     ``launch(config)`` (which must run the kernel once, writing only its own outputs) and caches the
     fastest. Candidates that fail to compile (Triton rejects some tile shapes with a pass failure, not
     only with out-of-resources) are skipped. While a CUDA graph is being captured nothing can be
@@ -103,6 +183,10 @@ class ConfigCache:
                 return hit
             if INTERPRET:  # nothing to time and nothing that fails to compile
                 return candidates[0]
+            stored = DISK.lookup(self.name, key, candidates) if AUTOTUNE else None
+            if stored is not None:
+                self.best[key] = stored
+                return stored
             capturing = torch.cuda.is_current_stream_capturing()
             if not AUTOTUNE or len(candidates) == 1 or capturing:
                 # no timing: the first candidate that compiles (Triton's compiler rejects some tile
@@ -124,6 +208,7 @@ class ConfigCache:
             if timings[i] == float("inf"):
                 raise RuntimeError(f"{self.name}: no launch configuration compiled for {key}") from last_error
             self.best[key] = candidates[i]
+            DISK.store(self.name, key, candidates[i])
             return candidates[i]
 
     @staticmethod
