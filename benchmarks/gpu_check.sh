@@ -12,6 +12,7 @@
 # e2e_8b      (190 s) benchmarks/e2e.py, Llama-3-8B shape (random weights): autoregressive bf16 and MXFP4, and
 #                     the step costs of the 5-token verifies
 # w4a4_large  (200 s) the W4A4 GEMM at M = 256, 1024 against bf16 (issue 6's 1.5x goal)
+# w4a4_quick  (100 s) the W4A4 GEMM alone at M = 256, 1024 on two shapes, and the autotuner's picks
 # gpu_w4a4    (240 s) the GPU tests of the W4A4 GEMM and the activation pre-kernel only
 # Results land in $OUT (fetched by the device tool); copy the ones worth keeping to benchmarks/results/.
 set -uo pipefail
@@ -47,8 +48,13 @@ run_step() {
       grep -E "^\| (bf16|w4a4)" "$OUT/kernels_w4a4_large.md"
       python -c "import json, sys; [print(k, v) for k, v in json.load(open(sys.argv[1]))['meta']['tuned']['w4a4_matmul'].items()]" \
         "$OUT/kernels_w4a4_large.json" ;;
+    w4a4_quick) step w4a4_quick 100 python benchmarks/kernels.py --kinds bf16,w4a4-gemm --shapes 4096x4096,14336x4096 \
+      --ms 256,1024 --out "$OUT/kernels_w4a4_quick.md" --json "$OUT/kernels_w4a4_quick.json"
+      grep -E "^\| (bf16|w4a4)" "$OUT/kernels_w4a4_quick.md"
+      python -c "import json, sys; [print(k, v) for k, v in json.load(open(sys.argv[1]))['meta']['tuned']['w4a4_matmul'].items()]" \
+        "$OUT/kernels_w4a4_quick.json" ;;
     gpu_w4a4) step gpu_w4a4 240 python -m pytest -q -x tests/test_triton_kernels.py -k "gpu and (w4a4 or act)" ;;
-    *) echo "unknown step '$1' (gpu_tests gpu_w4a4 kernels kernels_m12 gemv_lab e2e_8b w4a4_large)"; return 2 ;;
+    *) echo "unknown step '$1' (gpu_tests gpu_w4a4 kernels kernels_m12 gemv_lab e2e_8b w4a4_large w4a4_quick)"; return 2 ;;
   esac
 }
 [ $# -eq 0 ] && set -- gpu_tests e2e_8b kernels_m12

@@ -326,7 +326,7 @@ def run_wq_config(fmt: int, m: int, index: int, device: str = "cpu") -> dict:
 
 # W4A4 GEMM (triton_w4a4): every large-M config (both operand orders, SWAP 0/1), per-token and
 # per-group activation scales, against float64 from the kernel's own INT4 codes and scales.
-W4A4_CONFIG_CASES = [(ag, i) for ag in (0, 32) for i in range(9)]
+W4A4_CONFIG_CASES = [(ag, i) for ag in (0, 32) for i in range(11)]
 
 
 def run_w4a4_config(ag: int, index: int, device: str = "cpu") -> dict:
@@ -354,7 +354,7 @@ def run_w4a4_config(ag: int, index: int, device: str = "cpu") -> dict:
     triton_w4a4._w4a4_matmul_kernel[grid](
         q, sx, p, s, b, out, m, n, k, q.stride(0), sx.stride(0), p.stride(0), s.stride(0), out.stride(0),
         EVEN_K=k % (cfg["SUB_K"] * cfg["N_SUB"]) == 0, WG=128, AG=ag, HAS_BIAS=True, **cfg.kwargs())
-    return {"vs_float64": (_rel(out, ref), 1.5e-2), "configs": (float(len(cfgs) != 9), 0.0)}
+    return {"vs_float64": (_rel(out, ref), 1.5e-2), "configs": (float(len(cfgs) != 11), 0.0)}
 
 
 # Decode attention (triton_attention): (B, Hq, Hkv, q, D, L, valid lengths per row of the batch or

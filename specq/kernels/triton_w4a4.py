@@ -205,16 +205,20 @@ def _candidates(m: int, wg: int, ag: int) -> list[Config]:
         # decoded in registers and the activation tile is the pipelined shared-memory operand
         raw = [(128, 128, 128, 8, 4, 0, None), (256, 128, 128, 8, 3, 0, None), (128, 128, 128, 4, 4, 0, None),
                (64, 128, 128, 4, 4, 0, None), (128, 128, 128, 4, 4, 1, 128), (128, 128, 128, 8, 3, 1, 256),
-               (256, 128, 128, 8, 3, 1, 128), (64, 128, 128, 4, 4, 1, 128), (128, 128, 128, 8, 3, 1, 128)]
+               (256, 128, 128, 8, 3, 1, 128), (64, 128, 128, 4, 4, 1, 128), (128, 128, 128, 8, 3, 1, 128),
+               # more programs per SM, so more of them hide the serial chain of a chunk (see the docstring):
+               # 64 x 128 capped at 168 registers (three per SM, a few spills), 64 x 64 (124 registers, four)
+               (64, 128, 128, 4, 3, 1, 128, 168), (64, 128, 128, 4, 3, 1, 64)]
         # the winner at M = 256 and 1024 on the 8B shapes (H100, 2026-12-07): 64 x 128 (BLOCK_N x BLOCK_M),
         # SWAP, 4 warps: 204 registers, two programs per SM. 128 x 64 tiles of 8 warps (two programs per SM
         # too, at 116-128 registers) never won and were dropped.
         gm = 8
     out, seen = [], set()
-    for bn, sk, kstep, nw, st, swap, bm_cfg in raw:
+    for bn, sk, kstep, nw, st, swap, bm_cfg, *maxnreg in raw:
         sub = _sub_k(wg, ag, sk)
+        extra = {"maxnreg": maxnreg[0]} if maxnreg else {}  # a launch option, not a kernel argument
         cfg = Config.make(num_warps=nw, num_stages=st, BLOCK_M=bm_cfg or bm, BLOCK_N=bn, SUB_K=sub,
-                          N_SUB=max(1, kstep // sub), GROUP_M=gm, SWAP=swap)
+                          N_SUB=max(1, kstep // sub), GROUP_M=gm, SWAP=swap, **extra)
         if cfg not in seen:
             seen.add(cfg)
             out.append(cfg)
