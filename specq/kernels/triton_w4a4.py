@@ -17,9 +17,8 @@ group, so each chunk's dot is exact in int32 (|dot| <= 128 * 16 * 64 < 2^22, whi
 conversion below needs); it is then scaled into the fp32 accumulator by
 ``s_w[n, g]`` (and ``s_x[m, g']`` for per-group activations; per-token scales multiply once at the end).
 
-Where the time goes at large M (sm_90 SASS of the K loop, ``python benchmarks/sass_report.py --w4a4``):
-the loop is bound by CUDA-core instructions and latency, not by the INT8 tensor cores (4 IGMMA per
-128-deep chunk). Per thread and chunk, 128 x 128 SWAP tile, 8 warps:
+Where the time goes at large M (sm_90 SASS of the K loop, ``python benchmarks/sass_report.py --w4a4``),
+per thread and 128-deep chunk, 128 x 128 SWAP tile, 8 warps (4 IGMMA):
 
 - the weight decode took ~165 instructions (a shift and a sign-extend per weight, PRMT to pack bytes);
   it now takes ~24, and the loop went from 446 to 303 instructions;
@@ -31,11 +30,13 @@ the loop is bound by CUDA-core instructions and latency, not by the INT8 tensor 
 
 The 128 x 128 tile takes 202 registers (the int32 and fp32 accumulators), so one program of 8 warps
 holds an SM and nothing overlaps its rescale with its MMA (each chunk's wgmma is waited for before the
-rescale reads it). The autotuner picks 64 x 128 tiles of 4 warps (204 registers, two programs per SM).
+rescale reads it). The autotuner picked 64 x 128 tiles of 4 warps (204 registers, two programs per SM)
+on the H100; tiles with three or four programs per SM are among the candidates since (not yet timed).
 
-Measured on the H100 (``benchmarks/results/kernels_w4a4_large_h100.md``, 2026-12-07): at M = 1024 the GEMM
+Measured on the H100 (``benchmarks/results/kernels_w4a4_fp8_vs_int8_h100.md``, 2026-12-07): at M = 1024 the GEMM
 alone is 1.01-1.08x bf16 F.linear on the 8B shapes, up from 0.83-0.92x; the loop is not bound by its
-instruction count. An FP8 variant (c = q + 8 as the e4m3 subnormal c * 2^-9, the offset taken back from
+instruction count but by each chunk's serial chain (LDS, decode, STS, barrier, LDSM, wgmma, wait,
+rescale), of which only other programs on the SM run in parallel. An FP8 variant (c = q + 8 as the e4m3 subnormal c * 2^-9, the offset taken back from
 the activation codes' sums: 189 instead of 315 loop instructions, one FFMA per output) was 14-20% *slower*
 than this INT8 kernel and was not kept (commit c974fa4 has it).
 """
