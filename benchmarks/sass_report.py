@@ -123,10 +123,10 @@ def w4a4_kernel(block_m: int, block_n: int, warps: int, stages: int, swap: int):
     weights per thread per 128-deep K chunk."""
     from specq.kernels import triton_w4a4 as w
     sig = {"q_ptr": "*i8", "sx_ptr": "*fp32", "w_ptr": "*i32", "sw_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
-           "M": "i32", "N": "i32", "K": "i32", "stride_qm": "i32", "stride_sxm": "i32", "stride_wn": "i32",
-           "stride_swn": "i32", "stride_ym": "i32"}
+           "M": "i32", "N": "i32", "K": "i32", "K_PER": "i32", "stride_qm": "i32", "stride_sxm": "i32",
+           "stride_wn": "i32", "stride_swn": "i32", "stride_ym": "i32"}
     const = {"WG": 128, "AG": 0, "SUB_K": 128, "N_SUB": 1, "HAS_BIAS": False, "BLOCK_M": block_m,
-             "BLOCK_N": block_n, "GROUP_M": 8, "EVEN_K": True, "SWAP": swap}
+             "BLOCK_N": block_n, "GROUP_M": 8, "EVEN_K": True, "SWAP": swap, "SPLIT_K": 1}
     divisible = [a for a in sig if a not in ("M", "sx_ptr")]
     k = compile_sm90(w._w4a4_matmul_kernel, sig, const, divisible, warps, stages)
     return k, block_n * 128 / (32 * warps)

@@ -329,14 +329,12 @@ def run_wq_config(fmt: int, m: int, index: int, device: str = "cpu") -> dict:
 W4A4_CONFIG_CASES = [(ag, i) for ag in (0, 32) for i in range(11)]
 
 
-def run_w4a4_config(ag: int, index: int, device: str = "cpu") -> dict:
-    import triton
-
+def run_w4a4_config(ag: int, index: int, device: str = "cpu", m: int = 70, k: int = 256, n: int = 40,
+                    n_configs: int = 11) -> dict:
     from specq.formats import activation, int4
     from specq.kernels import triton_w4a4
 
-    m, k, n = 70, 256, 40
-    gen = torch.Generator().manual_seed(31 * ag + index)
+    gen = torch.Generator().manual_seed(31 * ag + index + m)
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
     w = torch.randn(n, k, generator=gen) * 0.05
     b = (torch.randn(n, generator=gen) * 0.1).to(torch.bfloat16)
@@ -345,16 +343,27 @@ def run_w4a4_config(ag: int, index: int, device: str = "cpu") -> dict:
     sx = sx.reshape(m, -1).contiguous().float()
     xd = (q.double().reshape(m, -1, ag or k) * sx.double().reshape(m, -1, 1)).reshape(m, k)
     ref = xd @ int4.dequantize(p, s, torch.float64).T + b.double()
-    cfgs = triton_w4a4._candidates(m, 128, ag)
+    cfgs = triton_w4a4._candidates(m, 128, ag, n, k)
     cfg = cfgs[index]
     q = triton_w4a4.to_word_order(q).contiguous()
     q, sx, p, s, b = (t.to(device) for t in (q, sx, p, s, b))
     out = torch.empty(m, n, dtype=torch.bfloat16, device=device)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    triton_w4a4._w4a4_matmul_kernel[grid](
-        q, sx, p, s, b, out, m, n, k, q.stride(0), sx.stride(0), p.stride(0), s.stride(0), out.stride(0),
-        EVEN_K=k % (cfg["SUB_K"] * cfg["N_SUB"]) == 0, WG=128, AG=ag, HAS_BIAS=True, **cfg.kwargs())
-    return {"vs_float64": (_rel(out, ref), 1.5e-2), "configs": (float(len(cfgs) != 11), 0.0)}
+    triton_w4a4.launch_w4a4(cfg, q, sx, p, s, b, out, True, 128, ag)
+    return {"vs_float64": (_rel(out, ref), 1.5e-2), "configs": (float(len(cfgs) != n_configs), 0.0)}
+
+
+# W4A4 GEMM up to 64 rows: every candidate, split along K and not, K a multiple of the K step and not:
+# (activation group, config index, M, K). 20 x 40 tiles are too few to fill a GPU, so each shape comes split.
+W4A4_SMALL_CASES = [(ag, i, m, k) for ag in (0, 32) for m, k in ((20, 1024), (33, 1152)) for i in range(7)]
+
+
+def run_w4a4_small(ag: int, index: int, m: int, k: int, device: str = "cpu") -> dict:
+    from specq.kernels import triton_w4a4
+
+    cfgs = triton_w4a4._candidates(m, 128, ag, 40, k)
+    checks = run_w4a4_config(ag, index, device, m=m, k=k, n=40, n_configs=7)
+    checks["some_split"] = (float(sum(c["SPLIT_K"] > 1 for c in cfgs) != 3), 0.0)
+    return checks
 
 
 # Decode attention (triton_attention): (B, Hq, Hkv, q, D, L, valid lengths per row of the batch or
@@ -449,7 +458,8 @@ def _families():
             ("mma_gemv", MMA_GEMV_CASES, run_mma_gemv),
             ("mma_gemv_scales", MMA_GEMV_SCALE_CASES, run_mma_gemv_scale_range),
             ("dense", DENSE_CONFIG_CASES, run_dense_config), ("act_paths", ACT_PATH_CASES, run_act_paths),
-            ("w4a4", W4A4_CONFIG_CASES, run_w4a4_config), ("attention", ATTENTION_CASES, run_attention),
+            ("w4a4", W4A4_CONFIG_CASES, run_w4a4_config), ("w4a4_small", W4A4_SMALL_CASES, run_w4a4_small),
+            ("attention", ATTENTION_CASES, run_attention),
             ("attention_separate", ATTENTION_CASES[:3], run_attention_separate),
             ("wq", WQ_CONFIG_CASES, run_wq_config)]
 

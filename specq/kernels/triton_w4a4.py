@@ -12,6 +12,11 @@ Hopper has no INT4 tensor cores, so both operands are held as int8 values:
   written so by the pre-kernel): the dot sums over K, and any order both operands share gives the same
   result.
 
+Up to 64 rows the M x N tiles alone are too few to fill the GPU (4096 x 4096 at 32 rows: 64-256
+programs), so each small-M tile shape also comes split along K (fp32 partials, then triton_wq's
+deterministic reduce, which adds the bias); the autotuner keeps the split only where it times faster
+(added 2026-12-07, not yet timed on a GPU: the GEMM alone took 15 us there, bf16 14).
+
 The K loop runs in chunks of SUB_K (<= 128) that lie inside one weight group and one activation
 group, so each chunk's dot is exact in int32 (|dot| <= 128 * 16 * 64 < 2^22, which the fast int -> float
 conversion below needs); it is then scaled into the fp32 accumulator by
@@ -51,7 +56,7 @@ import triton
 import triton.language as tl
 
 from specq.kernels.triton_common import INTERPRET, Config, ConfigCache, m_bucket, next_pow2
-from specq.kernels.triton_wq import _interleave8, _tile_ids
+from specq.kernels.triton_wq import _interleave8, _split_for, _splitk_reduce_kernel, _tile_ids
 
 _INTERPRET = tl.constexpr(INTERPRET)
 
@@ -92,7 +97,7 @@ def _small_i32_to_f32(d):
 @triton.jit
 def _w4a4_matmul_kernel(
     q_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr,
-    M, N, K,
+    M, N, K, K_PER,
     stride_qm, stride_sxm, stride_wn, stride_swn, stride_ym,
     WG: tl.constexpr,      # weight group size along K
     AG: tl.constexpr,      # activation group size along K; 0 = one scale per token
@@ -102,6 +107,7 @@ def _w4a4_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % (SUB_K * N_SUB) == 0: no masks along K
     SWAP: tl.constexpr,    # compute y.T tiles: the decoded weights are the dot's A operand (see below)
+    SPLIT_K: tl.constexpr = 1,  # > 1: program (.., s) sums K-range [s K_PER, (s + 1) K_PER) into fp32 y[s]
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -115,7 +121,12 @@ def _w4a4_matmul_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     KSTEP: tl.constexpr = SUB_K * N_SUB
-    for k0 in range(0, K, KSTEP):
+    k_lo = 0
+    k_hi = K
+    if SPLIT_K > 1:
+        k_lo = tl.program_id(1) * K_PER
+        k_hi = tl.minimum(K, k_lo + K_PER)
+    for k0 in range(k_lo, k_hi, KSTEP):
         for j in tl.static_range(N_SUB):
             kk = k0 + j * SUB_K
             offs_k = kk + tl.arange(0, SUB_K)
@@ -149,19 +160,27 @@ def _w4a4_matmul_kernel(
             acc *= tl.load(sx_ptr + offs_m * stride_sxm, mask=m_mask, other=0.0)[None, :] * 0.0625
         else:
             acc *= 0.0625
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
-                 mask=m_mask[None, :] & n_mask[:, None])
+        if SPLIT_K > 1:  # fp32 partial sums [SPLIT_K, M, N]; triton_wq's reduce adds them and the bias
+            tl.store(y_ptr + tl.program_id(1) * M * N + offs_m[None, :] * N + offs_n[:, None], acc,
+                     mask=m_mask[None, :] & n_mask[:, None])
+        else:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
+                     mask=m_mask[None, :] & n_mask[:, None])
     else:
         if AG == 0:
             acc *= tl.load(sx_ptr + offs_m * stride_sxm, mask=m_mask, other=0.0)[:, None] * 0.0625
         else:
             acc *= 0.0625
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & n_mask[None, :])
+        if SPLIT_K > 1:
+            tl.store(y_ptr + tl.program_id(1) * M * N + offs_m[:, None] * N + offs_n[None, :], acc,
+                     mask=m_mask[:, None] & n_mask[None, :])
+        else:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                     mask=m_mask[:, None] & n_mask[None, :])
 
 
 _CACHE = ConfigCache("w4a4_matmul")
@@ -192,7 +211,10 @@ def supported(wg: int, ag: int) -> bool:
     return _sub_k(wg, ag, 128) is not None
 
 
-def _candidates(m: int, wg: int, ag: int) -> list[Config]:
+def _candidates(m: int, wg: int, ag: int, n: int = 1 << 30, k: int = 0) -> list[Config]:
+    """A small, bounded set per regime; the first entry is the default when nothing is timed. Up to 64 rows
+    each tile shape also comes split along K (``triton_wq._split_for``) where its tiles alone are too few
+    to fill the GPU."""
     if m <= 64:
         bm = max(16, next_pow2(m))
         # (BLOCK_N, SUB_K wanted, K per iteration, warps, stages, SWAP, BLOCK_M or None for bm)
@@ -217,12 +239,15 @@ def _candidates(m: int, wg: int, ag: int) -> list[Config]:
     out, seen = [], set()
     for bn, sk, kstep, nw, st, swap, bm_cfg, *maxnreg in raw:
         sub = _sub_k(wg, ag, sk)
+        n_sub = max(1, kstep // sub)
         extra = {"maxnreg": maxnreg[0]} if maxnreg else {}  # a launch option, not a kernel argument
-        cfg = Config.make(num_warps=nw, num_stages=st, BLOCK_M=bm_cfg or bm, BLOCK_N=bn, SUB_K=sub,
-                          N_SUB=max(1, kstep // sub), GROUP_M=gm, SWAP=swap, **extra)
-        if cfg not in seen:
-            seen.add(cfg)
-            out.append(cfg)
+        split = _split_for(m, n, k, bm_cfg or bm, bn, sub * n_sub) if m <= 64 else 1
+        for sp in sorted({split, 1}, reverse=True):
+            cfg = Config.make(num_warps=nw, num_stages=st, BLOCK_M=bm_cfg or bm, BLOCK_N=bn, SUB_K=sub,
+                              N_SUB=n_sub, GROUP_M=gm, SWAP=swap, SPLIT_K=sp, **extra)
+            if cfg not in seen:
+                seen.add(cfg)
+                out.append(cfg)
     return out
 
 
@@ -236,15 +261,32 @@ def w4a4_matmul(q: torch.Tensor, sx: torch.Tensor, packed: torch.Tensor, scales:
         return y
     packed = packed.contiguous()
     scales = scales.contiguous()
-    fixed = dict(WG=group, AG=act_group, HAS_BIAS=bias is not None)
+
+    b_arg = bias if bias is not None else sx
 
     def launch(cfg: Config, out=y):
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        _w4a4_matmul_kernel[grid](q, sx, packed, scales, bias if bias is not None else sx, out, M, N, K,
-                                  q.stride(0), sx.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
-                                  EVEN_K=K % (cfg["SUB_K"] * cfg["N_SUB"]) == 0, **fixed, **cfg.kwargs())
+        launch_w4a4(cfg, q, sx, packed, scales, b_arg, out, bias is not None, group, act_group)
 
     key = (group, act_group, m_bucket(M), N, K, out_dtype, bias is not None, q.device.index)
-    cfg = _CACHE.pick(key, _candidates(M, group, act_group), launch)
+    cfg = _CACHE.pick(key, _candidates(M, group, act_group, N, K), launch)
     launch(cfg)
     return y
+
+
+def launch_w4a4(cfg: Config, q, sx, packed, scales, b_arg, out, has_bias: bool, group: int, act_group: int) -> None:
+    """One run of the kernel at config ``cfg`` into ``out`` [M, N] (b_arg: the bias, or any tensor), with
+    split-K's fp32 partials and their reduce where cfg["SPLIT_K"] > 1."""
+    M, K = q.shape
+    N = packed.shape[0]
+    kstep = cfg["SUB_K"] * cfg["N_SUB"]
+    split = cfg["SPLIT_K"]
+    k_per = triton.cdiv(triton.cdiv(K, split), kstep) * kstep  # whole chunks per split
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
+    dst = out if split == 1 else torch.empty((split, M, N), device=q.device, dtype=torch.float32)
+    _w4a4_matmul_kernel[grid](q, sx, packed, scales, b_arg, dst, M, N, K, k_per,
+                              q.stride(0), sx.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
+                              EVEN_K=K % kstep == 0, WG=group, AG=act_group, HAS_BIAS=has_bias, **cfg.kwargs())
+    if split > 1:
+        block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](dst, b_arg, out, M, N, out.stride(0), SPLIT_K=split,
+                                                            HAS_BIAS=has_bias, BLOCK=block, num_warps=4)
