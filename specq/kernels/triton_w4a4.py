@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from specq.kernels.triton_common import INTERPRET, Config, ConfigCache, m_bucket, next_pow2
-from specq.kernels.triton_wq import _interleave8, _split_for, _splitk_reduce_kernel, _tile_ids
+from specq.kernels.triton_wq import _interleave8, _split_for, _splitk_reduce_kernel, _store_tile, _tile_ids
 
 _INTERPRET = tl.constexpr(INTERPRET)
 
@@ -155,32 +155,12 @@ def _w4a4_matmul_kernel(
                 else:
                     acc += d * sw[None, :]
     # the decoded weights were 16 * q: the 1/16 (exact) joins the per-token scale
-    if SWAP:
-        if AG == 0:
-            acc *= tl.load(sx_ptr + offs_m * stride_sxm, mask=m_mask, other=0.0)[None, :] * 0.0625
-        else:
-            acc *= 0.0625
-        if SPLIT_K > 1:  # fp32 partial sums [SPLIT_K, M, N]; triton_wq's reduce adds them and the bias
-            tl.store(y_ptr + tl.program_id(1) * M * N + offs_m[None, :] * N + offs_n[:, None], acc,
-                     mask=m_mask[None, :] & n_mask[:, None])
-        else:
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-            tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
-                     mask=m_mask[None, :] & n_mask[:, None])
+    if AG == 0:
+        sx_tok = tl.load(sx_ptr + offs_m * stride_sxm, mask=m_mask, other=0.0) * 0.0625
+        acc *= sx_tok[None, :] if SWAP else sx_tok[:, None]
     else:
-        if AG == 0:
-            acc *= tl.load(sx_ptr + offs_m * stride_sxm, mask=m_mask, other=0.0)[:, None] * 0.0625
-        else:
-            acc *= 0.0625
-        if SPLIT_K > 1:
-            tl.store(y_ptr + tl.program_id(1) * M * N + offs_m[:, None] * N + offs_n[None, :], acc,
-                     mask=m_mask[:, None] & n_mask[None, :])
-        else:
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                     mask=m_mask[:, None] & n_mask[None, :])
+        acc *= 0.0625
+    _store_tile(acc, y_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_ym, HAS_BIAS, SPLIT_K, SWAP)
 
 
 _CACHE = ConfigCache("w4a4_matmul")

@@ -223,6 +223,14 @@ def _wq_matmul_kernel(
                     acc += _dot(wt.to(x_dtype), tl.trans(x), DOT_FP32, IEEE)
                 else:
                     acc += _dot(x, tl.trans(wt.to(x_dtype)), DOT_FP32, IEEE)
+    _store_tile(acc, y_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_ym, HAS_BIAS, SPLIT_K, SWAP)
+
+
+@triton.jit
+def _store_tile(acc, y_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_ym,
+                HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr):
+    """A GEMM's fp32 tile (y.T's when SWAP) to y with the bias, or as split-K's fp32 partial sums
+    [SPLIT_K, M, N] (_splitk_reduce_kernel adds them and the bias)."""
     if SWAP:  # acc is [BLOCK_N, BLOCK_M]: the same stores with the index roles exchanged
         mn_mask = n_mask[:, None] & m_mask[None, :]
         if SPLIT_K > 1:
@@ -232,7 +240,7 @@ def _wq_matmul_kernel(
                 acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
             tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
                      mask=mn_mask)
-    elif SPLIT_K > 1:  # fp32 partial sums [SPLIT_K, M, N]; _splitk_reduce adds them (and the bias)
+    elif SPLIT_K > 1:
         tl.store(y_ptr + tl.program_id(1) * M * N + offs_m[:, None] * N + offs_n[None, :], acc,
                  mask=m_mask[:, None] & n_mask[None, :])
     else:
