@@ -15,10 +15,11 @@ Quantization (``quantize``: codes for the W4A4 GEMM, in its K order; ``fake_quan
 in x's dtype, for the weight-only kernels at decode sizes) takes one launch of the whole-row kernel
 wherever a row has at most 64 chunks (K <= 8192 at chunks of 128): R rows per program, each cut into its
 chunks, the [R * chunks, chunk] tile rotated by one dot, and the per-token or per-group amax reduced in
-registers. That reads x once and launches once. On the H100 (2026-12-07) it took 6.1 / 10.8 us for 256 /
-1024 tokens at K = 4096, where the two-pass form below took 9.2 / 15.6 us (a latency floor of two
-dependent launches, not bandwidth); at K = 14336 (one row of 128 chunks per program) it was slower than
-the two-pass form (68 against 52 us for 1024 tokens), hence the limit.
+registers. That reads x once and launches once. On an H100 (2026-12-07, in a variant that also wrote
+per-block code sums) it took 6.1 / 10.8 us for 256 / 1024 tokens at K = 4096, where the two-pass form
+below took 9.2 / 15.6 us (2026-11-23; a latency floor of two dependent launches, not bandwidth); at
+K = 14336 (one row of 128 chunks per program) it took 68 us for 1024 tokens against the two-pass form's
+52, hence the limit.
 
 Longer rows take the chunked kernel, one program per [BLOCK_M, CH] chunk:
 

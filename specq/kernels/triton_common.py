@@ -115,9 +115,10 @@ class DiskCache:
         try:
             with open(path) as f:
                 data = json.load(f)
-            return data if isinstance(data, dict) else {}
         except (OSError, ValueError, TypeError):
             return {}
+        # only {name: {key: entry}} sections: a damaged one is dropped (and rewritten by the next store)
+        return {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
 
     def lookup(self, name: str, key, candidates: Sequence["Config"]) -> Optional["Config"]:
         if self.path() is None:

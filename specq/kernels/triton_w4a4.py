@@ -41,9 +41,10 @@ on the H100; tiles with three or four programs per SM are among the candidates s
 Measured on the H100 (``benchmarks/results/kernels_w4a4_fp8_vs_int8_h100.md``, 2026-12-07): at M = 1024 the GEMM
 alone is 1.01-1.08x bf16 F.linear on the 8B shapes, up from 0.83-0.92x; the loop is not bound by its
 instruction count but by each chunk's serial chain (LDS, decode, STS, barrier, LDSM, wgmma, wait,
-rescale), of which only other programs on the SM run in parallel. An FP8 variant (c = q + 8 as the e4m3 subnormal c * 2^-9, the offset taken back from
-the activation codes' sums: 189 instead of 315 loop instructions, one FFMA per output) was 14-20% *slower*
-than this INT8 kernel and was not kept (commit c974fa4 has it).
+rescale), of which only other programs on the SM run in parallel. An FP8 variant (c = q + 8 as the e4m3
+subnormal c * 2^-9, the offset taken back from the activation codes' sums: 189 instead of 315 loop
+instructions, one FFMA per output) was 14-20% *slower* than this INT8 kernel and was not kept (commit
+c974fa4 has it).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ import triton
 import triton.language as tl
 
 from specq.kernels.triton_common import INTERPRET, Config, ConfigCache, m_bucket, next_pow2
-from specq.kernels.triton_wq import _interleave8, _split_for, _splitk_reduce_kernel, _store_tile, _tile_ids
+from specq.kernels.triton_wq import _interleave8, _split_for, _store_tile, _tile_ids, launch_split_k
 
 _INTERPRET = tl.constexpr(INTERPRET)
 
@@ -241,7 +242,6 @@ def w4a4_matmul(q: torch.Tensor, sx: torch.Tensor, packed: torch.Tensor, scales:
         return y
     packed = packed.contiguous()
     scales = scales.contiguous()
-
     b_arg = bias if bias is not None else sx
 
     def launch(cfg: Config, out=y):
@@ -258,15 +258,9 @@ def launch_w4a4(cfg: Config, q, sx, packed, scales, b_arg, out, has_bias: bool, 
     split-K's fp32 partials and their reduce where cfg["SPLIT_K"] > 1."""
     M, K = q.shape
     N = packed.shape[0]
-    kstep = cfg["SUB_K"] * cfg["N_SUB"]
-    split = cfg["SPLIT_K"]
-    k_per = triton.cdiv(triton.cdiv(K, split), kstep) * kstep  # whole chunks per split
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
-    dst = out if split == 1 else torch.empty((split, M, N), device=q.device, dtype=torch.float32)
-    _w4a4_matmul_kernel[grid](q, sx, packed, scales, b_arg, dst, M, N, K, k_per,
-                              q.stride(0), sx.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
-                              EVEN_K=K % kstep == 0, WG=group, AG=act_group, HAS_BIAS=has_bias, **cfg.kwargs())
-    if split > 1:
-        block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](dst, b_arg, out, M, N, out.stride(0), SPLIT_K=split,
-                                                            HAS_BIAS=has_bias, BLOCK=block, num_warps=4)
+
+    def run(grid, dst, k_per, even_k):
+        _w4a4_matmul_kernel[grid](q, sx, packed, scales, b_arg, dst, M, N, K, k_per,
+                                  q.stride(0), sx.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
+                                  EVEN_K=even_k, WG=group, AG=act_group, HAS_BIAS=has_bias, **cfg.kwargs())
+    launch_split_k(cfg, M, N, K, out, b_arg, has_bias, run)

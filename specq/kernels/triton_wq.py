@@ -27,7 +27,7 @@ All products accumulate in fp32; the output is cast to x's dtype.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -265,6 +265,23 @@ def _splitk_reduce_kernel(ws_ptr, b_ptr, y_ptr, M, N, stride_ym,
     tl.store(y_ptr + (offs // N) * stride_ym + n, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def launch_split_k(cfg: Config, M: int, N: int, K: int, out: torch.Tensor, b_arg: torch.Tensor, has_bias: bool,
+                   run: Callable) -> None:
+    """Launch a GEMM kernel with the SPLIT_K protocol of ``_store_tile``: ``run(grid, dst, k_per, even_k)`` starts
+    it over (M x N tiles, splits), K_PER = k_per whole K steps per split, into ``out`` or, split, into fp32
+    partials that ``_splitk_reduce_kernel`` then sums into ``out`` with the bias (b_arg)."""
+    kstep = cfg["SUB_K"] * cfg["N_SUB"]
+    split = cfg["SPLIT_K"]
+    k_per = triton.cdiv(triton.cdiv(K, split), kstep) * kstep  # whole chunks per split
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
+    dst = out if split == 1 else torch.empty((split, M, N), device=out.device, dtype=torch.float32)
+    run(grid, dst, k_per, K % kstep == 0)
+    if split > 1:
+        block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](dst, b_arg, out, M, N, out.stride(0), SPLIT_K=split,
+                                                            HAS_BIAS=has_bias, BLOCK=block, num_warps=4)
+
+
 _CACHE = ConfigCache("wq_matmul")
 
 
@@ -404,19 +421,11 @@ def _dot_matmul(x2, words, scales, bias, fmt: int, group: int, y: torch.Tensor,
                  **dot_flags(x2.dtype))
 
     def launch(cfg: Config, out=y):
-        kstep = cfg["SUB_K"] * cfg["N_SUB"]
-        split = cfg["SPLIT_K"]
-        k_per = triton.cdiv(triton.cdiv(K, split), kstep) * kstep  # whole chunks per split
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
-        dst = out if split == 1 else torch.empty((split, M, N), device=x2.device, dtype=torch.float32)
-        _wq_matmul_kernel[grid](x2, words, scales, b_arg, dst, M, N, K, k_per,
-                                x2.stride(0), words.stride(0), scales.stride(0), out.stride(0), magic * 0x10001,
-                                EVEN_K=K % kstep == 0, **fixed, **cfg.kwargs())
-        if split > 1:
-            block = 1024
-            _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](dst, b_arg, out, M, N, out.stride(0),
-                                                                SPLIT_K=split, HAS_BIAS=bias is not None,
-                                                                BLOCK=block, num_warps=4)
+        def run(grid, dst, k_per, even_k):
+            _wq_matmul_kernel[grid](x2, words, scales, b_arg, dst, M, N, K, k_per,
+                                    x2.stride(0), words.stride(0), scales.stride(0), out.stride(0), magic * 0x10001,
+                                    EVEN_K=even_k, **fixed, **cfg.kwargs())
+        launch_split_k(cfg, M, N, K, out, b_arg, bias is not None, run)
 
     if config is None:
         key = (fmt, group, m_bucket(M), N, K, x2.dtype, bias is not None, x2.device.index)
