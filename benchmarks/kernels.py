@@ -16,6 +16,8 @@ it times (median, CUDA-graph replays, so launch overhead is what a captured deco
 - ``w4a4/g32+h`` the same with activation groups of 32
 - ``w4a4-gemm``  the W4A4 INT8-tensor-core kernel alone, on activations quantized beforehand
                  (per token), to separate it from the rotation + quantization pre-kernels
+- ``w4a4-wgmma`` the same for the pipelined Gluon kernel (``gluon_w4a4``, Hopper, M > 128), which the op
+                 runs there instead of the Triton one
 - ``w4a4-act``   those pre-kernels alone (Hadamard 128 + per-token INT4 codes; bytes: x read, codes
                  written; the TFLOP/s column counts the matmul it feeds)
 
@@ -126,20 +128,25 @@ def call(kind: str, x: torch.Tensor, wts: tuple):
 
         q, sx = x  # pre-quantized activations (see run())
         return triton_w4a4.w4a4_matmul(q, sx, wts[0], wts[1], None, 128, 0, torch.bfloat16)
+    if kind == "w4a4-wgmma":
+        from specq.kernels import gluon_w4a4
+
+        q, sx = x
+        return gluon_w4a4.w4a4_matmul(q, sx, wts[0], wts[1], None, 128, torch.bfloat16)
     raise ValueError(kind)
 
 
 KINDS = ["bf16", "dense", "tinygemm", "mxfp4", "w4a16", "w4a16+h", "w4a4/tok+h", "w4a4/g32+h", "w4a4-gemm",
-         "w4a4-act"]
+         "w4a4-wgmma", "w4a4-act"]
 
 
 def tuned_configs() -> dict:
     """The autotuner's pick per key of the specq Triton kernels timed so far (for reading the tables)."""
-    from specq.kernels import triton_w4a4, triton_wq
+    from specq.kernels import gluon_w4a4, triton_w4a4, triton_wq
 
     return {cache.name: {str(key): dict(cfg.meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                          for key, cfg in cache.best.items()}
-            for cache in (triton_w4a4._CACHE, triton_wq._CACHE)}
+            for cache in (triton_w4a4._CACHE, gluon_w4a4._CACHE, triton_wq._CACHE)}
 
 
 def run(shapes, ms, kinds, copy_bw, bf16_rate, log=print):
@@ -153,7 +160,7 @@ def run(shapes, ms, kinds, copy_bw, bf16_rate, log=print):
             wsets = [one] + [make_weights(wkind, n, k, dev)[0] for _ in range(copies - 1)]
             for m in ms:
                 x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-                if kind == "w4a4-gemm":
+                if kind in ("w4a4-gemm", "w4a4-wgmma"):
                     from specq.formats import activation
                     from specq.kernels import triton_w4a4
 
@@ -170,7 +177,7 @@ def run(shapes, ms, kinds, copy_bw, bf16_rate, log=print):
                 if kind == "w4a4-act":  # x read, codes written (the scales are negligible)
                     moved = m * k * 3
                 else:
-                    moved = nbytes + m * k * (1 if kind == "w4a4-gemm" else 2) + m * n * 2
+                    moved = nbytes + m * k * (1 if kind in ("w4a4-gemm", "w4a4-wgmma") else 2) + m * n * 2
                 row = dict(kind=kind, K=k, N=n, M=m, us=t * 1e6, GBps=moved / t / 1e9,
                            pct_bw=100 * moved / t / copy_bw, TFLOPs=2 * m * n * k / t / 1e12,
                            pct_mm=100 * 2 * m * n * k / t / bf16_rate, weight_bytes=nbytes)

@@ -34,6 +34,8 @@ def compile_sm90(fn, signature: dict, constexprs: dict, divisible: list[str], nu
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible}
     sig = dict(signature)
     sig.update({k: "constexpr" for k in constexprs})
+    if getattr(fn, "is_gluon", lambda: False)():
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
 
@@ -66,14 +68,17 @@ def registers(kernel) -> int:
 _INSTR = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
 
-def loop_histogram(sass: str, containing: str = "") -> collections.Counter:
+def loop_histogram(sass: str, containing: str = "", predicated: bool = False) -> collections.Counter:
     """Opcode counts of the longest loop (between a backward branch's label and the branch: the K loop) whose
-    body has an instruction containing ``containing``."""
+    body has an instruction containing ``containing``. ``predicated``: only loops closed by a conditional
+    branch (an mbarrier wait's retry stub at the end of a kernel jumps back unconditionally)."""
     lines = sass.splitlines()
     labels = {m.group(1): i for i, l in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", l))}
     loop = None
     for i, l in enumerate(lines):
         m = re.search(r"BRA\s+`\((\.L_x_\d+)\)", l)
+        if m and predicated and not re.search(r"@!?U?P\w+\s+BRA", l):
+            continue
         if m and labels.get(m.group(1), i) < i and (loop is None or i - labels[m.group(1)] > loop[1] - loop[0]) \
                 and any(containing in body for body in lines[labels[m.group(1)]:i]):
             loop = (labels[m.group(1)], i)
@@ -130,6 +135,24 @@ def w4a4_kernel(block_m: int, block_n: int, warps: int, stages: int, swap: int):
     divisible = [a for a in sig if a not in ("M", "sx_ptr")]
     k = compile_sm90(w._w4a4_matmul_kernel, sig, const, divisible, warps, stages)
     return k, block_n * 128 / (32 * warps)
+
+
+def gluon_w4a4_kernel(cfg):
+    """The pipelined Gluon W4A4 GEMM (gluon_w4a4) for sm_90 at one candidate config (per-token scales, weight
+    groups of 128, bias)."""
+    from triton.experimental.gluon import language as gl
+
+    from specq.kernels import gluon_w4a4 as g
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    ql = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8)
+    wl = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32)
+    sig = {"q_desc": f"tensordesc<i8[{bm}, {g.CHUNK_K}],{ql!r}>",
+           "w_desc": f"tensordesc<i32[{bn}, {g.CHUNK_K // 8}],{wl!r}>",
+           "sx_ptr": "*fp32", "sw_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32",
+           "K": "i32", "stride_sxm": "i32", "stride_swn": "i32", "stride_ym": "i32"}
+    const = {"WG": 128, "AG": 0, "HAS_BIAS": True, "STAGES": cfg["STAGES"], "num_warps": cfg.num_warps}
+    divisible = ["sx_ptr", "sw_ptr", "b_ptr", "y_ptr", "N", "K", "stride_swn", "stride_ym"]
+    return compile_sm90(g._w4a4_wgmma_kernel, sig, const, divisible, cfg.num_warps)
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,8 @@ Each validates its arguments with the ops' own checks, flattens x to [M, K], and
 - mxfp4: one weight-streaming / tiled kernel (``triton_wq``);
 - w4a16: the Hadamard pre-kernel when had_block > 0 (``triton_act.rotate``), then ``triton_wq``;
 - w4a4: one pre-kernel that rotates and quantizes x to INT4 (two for per-token scales), then the
-  INT8-tensor-core kernel (``triton_w4a4``); at the sizes a weight-streaming kernel serves
+  INT8-tensor-core kernel (``triton_w4a4``; on Hopper above 128 rows the pipelined Gluon kernel of
+  ``gluon_w4a4``); at the sizes a weight-streaming kernel serves
   (``triton_wq.streams_weights``: M <= 16 in bf16, M <= 4 in fp16) the pre-kernel writes the
   fake-quantized x instead and the W4A16 streaming kernel runs on it;
 - dense (bf16/fp16 weights): at 1..4 rows of x the weight-streaming GEMV of ``triton_dense_gemv``
@@ -34,7 +35,8 @@ from torch import Tensor
 
 from specq.formats import activation, hadamard, int4
 from specq.kernels import ops as _ops
-from specq.kernels import attention_op, triton_act, triton_attention, triton_dense_gemv, triton_w4a4, triton_wq
+from specq.kernels import (attention_op, gluon_w4a4, triton_act, triton_attention, triton_dense_gemv, triton_w4a4,
+                           triton_wq)
 
 log = logging.getLogger(__name__)
 _warned: set = set()
@@ -113,7 +115,10 @@ def linear_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor
             q, sx = activation.quantize_int4(xr, act_group_size)
             q = triton_w4a4.to_word_order(q).contiguous()
             sx = sx.reshape(q.shape[0], -1).contiguous()
-        y = triton_w4a4.w4a4_matmul(q, sx, packed, scales, bias, group_size, act_group_size, x.dtype)
+        if gluon_w4a4.supported(q.shape[0], n, k, group_size, act_group_size, q.device):
+            y = gluon_w4a4.w4a4_matmul(q, sx, packed, scales, bias, group_size, x.dtype)
+        else:
+            y = triton_w4a4.w4a4_matmul(q, sx, packed, scales, bias, group_size, act_group_size, x.dtype)
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -1,0 +1,261 @@
+"""W4A4 GEMM for Hopper in Gluon: the INT8 wgmma kept in flight while the next chunk's weights decode.
+
+The Triton kernel (``triton_w4a4``) leaves each chunk's serial chain to the compiler: load, decode,
+store, wgmma, *wait*, rescale; Triton 3.6 waits for every int32 wgmma at once, so within one program
+nothing overlaps the tensor cores (measured: ~820 SM cycles per 128 x 128 x 128 chunk-tile where the
+MMA needs 256 and the instructions ~315). Gluon (Triton's tile-level language with explicit layouts,
+shared memory, barriers and async wgmma) lets this kernel order the work itself. Per 128-deep chunk i:
+
+1. wait for chunk i's TMA copies (activation codes [BLOCK_M, BK] and packed weights [BLOCK_N, BK/8]
+   in a ring of STAGES buffers);
+2. decode its weights (three instructions per eight, ``triton_w4a4._decode_words``'s trick) from shared
+   memory into registers and store them, as int8 ``16 q`` in word order, into one of two A buffers;
+3. issue chunk i's wgmma (A: decoded weights, B: activation codes, both from shared memory) with an
+   int32 accumulator and *don't wait for it*;
+4. wait for chunk i-1's wgmma only (``warpgroup_mma_wait(1)``), rescale its int32 result into the fp32
+   accumulator (by the weight group's scales), and refill chunk i-1's ring slot with chunk i-1+STAGES.
+
+So chunk i's tensor work runs under chunk i+1's decode and chunk i-1's rescale. The tile is the
+transposed output (weight rows x tokens, as triton_w4a4's SWAP): wgmma's M side is 64 rows per warpgroup,
+its N side the tokens. Used on sm_90 for M > 128 where the shapes fit (``supported``); everything else
+stays on the Triton kernel. Gluon kernels do not run in Triton's interpreter: CPU CI compiles this one for
+sm_90 (``tests/test_sass_budget.py``) and checks its host-side logic; the GPU tests run it against the
+reference.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+try:  # Gluon ships with Triton >= 3.5; without it the Triton kernel serves every shape
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+from specq.kernels.triton_common import INTERPRET, Config, ConfigCache, m_bucket
+
+CHUNK_K = 128  # K per chunk: one int32 wgmma result, rescaled once; divides the weight (and activation) groups
+
+if HAVE_GLUON:
+    BK = gl.constexpr(CHUNK_K)
+
+    @gluon.jit
+    def _decode_words(pw):
+        """int32 words of eight codes (q + 8) -> (lo, hi) int32 words of four int8 ``16 q`` each: the even
+        codes (k0 k2 k4 k6) and the odd ones (k1 k3 k5 k7), one LOP3 (and one shift) each."""
+        return gl.inline_asm_elementwise(
+            "{ .reg .b32 t; shl.b32 t, $2, 4; lop3.b32 $0, t, 0xF0F0F0F0, 0x80808080, 0x6A; "
+            "lop3.b32 $1, $2, 0xF0F0F0F0, 0x80808080, 0x6A; }",  # 0x6A: (a & b) ^ c
+            "=r,=r,r", [pw], dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
+
+    @gluon.jit
+    def _stage_weights(i, w_smem, a_smem, ready, STAGES: gl.constexpr, WORDS: gl.constexpr,
+                       BLOCK_N: gl.constexpr, A8: gl.constexpr):
+        """Wait for chunk i's copies, decode its packed weights into A buffer i % 2; returns that buffer
+        as the int8 [BLOCK_N, BK] wgmma operand."""
+        s = i % STAGES
+        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+        lo, hi = _decode_words(w_smem.index(s).load(WORDS))
+        # word j's lo and hi are int32 columns 2j and 2j + 1 of the decoded row: bytes in word order
+        a_buf = a_smem.index(i % 2)
+        a_buf.store(gl.reshape(gl.join(lo, hi), [BLOCK_N, BK // 4]))
+        fence_async_shared()  # generic-proxy stores, read next by the wgmma's async proxy
+        gl.thread_barrier()
+        return a_buf._reinterpret(gl.int8, [BLOCK_N, BK], A8)
+
+    @gluon.jit
+    def _load_chunk(j, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, STAGES: gl.constexpr):
+        s = j % STAGES
+        pred = j < n_chunks
+        mbarrier.expect(ready.index(s), q_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=pred)
+        tma.async_copy_global_to_shared(q_desc, [off_m, j * BK], ready.index(s), q_smem.index(s), pred=pred)
+        tma.async_copy_global_to_shared(w_desc, [off_n, j * (BK // 8)], ready.index(s), w_smem.index(s), pred=pred)
+
+    @gluon.jit
+    def _w4a4_wgmma_kernel(
+        q_desc, w_desc, sx_ptr, sw_ptr, b_ptr, y_ptr,
+        M, N, K, stride_sxm, stride_swn, stride_ym,
+        WG: gl.constexpr,     # weight group size along K (a multiple of BK)
+        AG: gl.constexpr,     # activation group size (a multiple of BK), 0 = one scale per token
+        HAS_BIAS: gl.constexpr,
+        STAGES: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]  # tokens: the wgmma's N
+        BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]  # weight rows: the wgmma's M, 64 per warpgroup
+        KW: gl.constexpr = BK // 8
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, BLOCK_M, 32])
+        ROWS: gl.constexpr = gl.SliceLayout(1, MMA)  # per weight row (n)
+        COLS: gl.constexpr = gl.SliceLayout(0, MMA)  # per token (m)
+        WORDS: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (KW // 4), KW // 4], [num_warps, 1], [1, 0])
+        A32: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32)
+        A8: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8)
+
+        num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+        pid = gl.program_id(0)
+        pid_m = pid % num_pid_m  # neighbouring programs share a weight tile (read once from L2)
+        pid_n = pid // num_pid_m
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        rn = off_n + gl.arange(0, BLOCK_N, layout=ROWS)
+        rm = off_m + gl.arange(0, BLOCK_M, layout=COLS)
+        n_ok = rn < N
+        m_ok = rm < M
+
+        q_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, BK], q_desc.layout)
+        w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, KW], w_desc.layout)
+        a_smem = gl.allocate_shared_memory(gl.int32, [2, BLOCK_N, BK // 4], A32)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)
+
+        n_chunks = (K + BK - 1) // BK
+        for j in gl.static_range(STAGES):
+            _load_chunk(j, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, STAGES)
+
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
+        # Two register sets hold the int32 wgmma results, in turn: a wgmma zero-starts (use_acc=False) in the
+        # registers of the result before last. No wgmma is in flight across the loop's back edge: the copy that
+        # would carry its registers around makes ptxas serialize every wgmma (C7514). So an iteration runs
+        # CHUNKS chunks (each one's wgmma under the next one's decode and the last one's rescale) and drains.
+        fa = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, layout=MMA)
+        fb = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, layout=MMA)
+        ctx = (q_desc, w_desc, q_smem, w_smem, a_smem, ready, off_m, off_n, n_chunks)
+        rows = (sw_ptr, rn, n_ok, stride_swn)
+        cols = (sx_ptr, rm, m_ok, stride_sxm)
+        n_main = n_chunks - n_chunks % 4
+        for base in range(0, n_main, 4):
+            tok0, sw0 = _issue(base, fa, ctx, rows, WG, STAGES, WORDS, BLOCK_N, A8)
+            tok1, sw1 = _issue(base + 1, fb, ctx, rows, WG, STAGES, WORDS, BLOCK_N, A8)
+            acc, fa = _finish(base, tok0, sw0, acc, 1, ctx, cols, AG, STAGES)
+            tok2, sw2 = _issue(base + 2, fa, ctx, rows, WG, STAGES, WORDS, BLOCK_N, A8)
+            acc, fb = _finish(base + 1, tok1, sw1, acc, 1, ctx, cols, AG, STAGES)
+            tok3, sw3 = _issue(base + 3, fb, ctx, rows, WG, STAGES, WORDS, BLOCK_N, A8)
+            acc, fa = _finish(base + 2, tok2, sw2, acc, 1, ctx, cols, AG, STAGES)
+            acc, fb = _finish(base + 3, tok3, sw3, acc, 0, ctx, cols, AG, STAGES)
+        for i in range(n_main, n_chunks):  # the last n_chunks % 4, one at a time
+            tok0, sw0 = _issue(i, fa, ctx, rows, WG, STAGES, WORDS, BLOCK_N, A8)
+            acc, fa = _finish(i, tok0, sw0, acc, 0, ctx, cols, AG, STAGES)
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(s))
+
+        # the decoded weights were 16 q: the exact 1/16 joins the per-token scale
+        if AG == 0:
+            acc = acc * (gl.load(sx_ptr + rm * stride_sxm, mask=m_ok, other=0.0) * 0.0625)[None, :]
+        else:
+            acc = acc * 0.0625
+        if HAS_BIAS:
+            acc = acc + gl.load(b_ptr + rn, mask=n_ok, other=0.0).to(gl.float32)[:, None]
+        # store y[m, n] with n fastest: 16-byte stores along each output row
+        OUT: gl.constexpr = gl.BlockedLayout([8, 1], [BLOCK_N // 8, 32 // (BLOCK_N // 8)], [1, num_warps], [0, 1])
+        out = gl.convert_layout(acc.to(y_ptr.dtype.element_ty), OUT)
+        on = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, OUT))
+        om = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, OUT))
+        gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], out, mask=(on < N)[:, None] & (om < M)[None, :])
+
+    @gluon.jit
+    def _issue(i, free, ctx, rows, WG: gl.constexpr, STAGES: gl.constexpr, WORDS: gl.constexpr,
+               BLOCK_N: gl.constexpr, A8: gl.constexpr):
+        """Decode chunk i's weights and issue its wgmma into the registers of ``free`` (a finished result);
+        returns the in-flight result and the chunk's weight scales."""
+        q_desc, w_desc, q_smem, w_smem, a_smem, ready, off_m, off_n, n_chunks = ctx
+        sw_ptr, rn, n_ok, stride_swn = rows
+        a_op = _stage_weights(i, w_smem, a_smem, ready, STAGES, WORDS, BLOCK_N, A8)
+        # zero-start, as a runtime predicate (i < 0 is never true): with a constant False the result gets fresh
+        # registers, which lets ptxas keep a third 64-register set live
+        tok = warpgroup_mma(a_op, q_smem.index(i % STAGES).permute((1, 0)), free, use_acc=i < 0, is_async=True)
+        sw = gl.load(sw_ptr + rn * stride_swn + (i * BK) // WG, mask=n_ok, other=0.0).to(gl.float32)
+        return tok, sw
+
+    @gluon.jit
+    def _finish(i, tok, sw, acc, OUTSTANDING: gl.constexpr, ctx, cols, AG: gl.constexpr, STAGES: gl.constexpr):
+        """Wait for chunk i's wgmma (leaving OUTSTANDING newer ones in flight), refill its ring slot with
+        chunk i + STAGES and add its scaled result to ``acc``; returns acc and the finished int32 result."""
+        q_desc, w_desc, q_smem, w_smem, a_smem, ready, off_m, off_n, n_chunks = ctx
+        sx_ptr, rm, m_ok, stride_sxm = cols
+        d = warpgroup_mma_wait(OUTSTANDING, deps=(tok, ))
+        _load_chunk(i + STAGES, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, STAGES)
+        return _pinned(_rescale(acc, d, sw, sx_ptr, rm, m_ok, stride_sxm, i * BK, AG)), d
+
+    @gluon.jit
+    def _pinned(x):
+        """x, through an empty volatile asm: the code that computes x stays before the next wgmma issue (also
+        volatile asm). Otherwise LLVM sinks the rescale below the next wgmma, whose result then can't take the
+        registers the rescale reads, and ptxas keeps a third 64-register set (and spills)."""
+        return gl.inline_asm_elementwise("", "=f,0", [x], dtype=gl.float32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _rescale(acc, d, sw, sx_ptr, rm, m_ok, stride_sxm, k0, AG: gl.constexpr):
+        # int32 -> fp32 exactly (|d| < 2^22: 128 * 128 * 8 at most) without the slow I2F: 1.5 * 2^23 added as
+        # an integer puts d in the mantissa, and one float subtract takes it back out
+        df = (d + 0x4B400000).to(gl.float32, bitcast=True) - 12582912.0
+        if AG > 0:
+            sx = gl.load(sx_ptr + rm * stride_sxm + k0 // AG, mask=m_ok, other=0.0)
+            return acc + (df * sx[None, :]) * sw[:, None]
+        return acc + df * sw[:, None]
+
+
+_CACHE = ConfigCache("w4a4_wgmma")
+
+
+def supported(m: int, n: int, k: int, group: int, act_group: int, device: torch.device) -> bool:
+    """Whether this kernel takes the shape: Hopper, Gluon present, more than 128 rows (below that the Triton
+    kernel's split-K tiles fill the GPU better), per-token activation scales, K in whole chunks and weight
+    groups that hold whole chunks."""
+    return (HAVE_GLUON and not INTERPRET and device.type == "cuda" and m > 128 and act_group == 0
+            and k % CHUNK_K == 0 and group % CHUNK_K == 0 and torch.cuda.get_device_capability(device)[0] == 9)
+
+
+def _candidates() -> list[Config]:
+    # (tokens per tile = the wgmma's N, weight rows per tile: 64 per warpgroup, ring stages)
+    return [Config.make(num_warps=4, num_stages=1, BLOCK_M=128, BLOCK_N=64, STAGES=4),
+            Config.make(num_warps=4, num_stages=1, BLOCK_M=128, BLOCK_N=64, STAGES=3),
+            Config.make(num_warps=8, num_stages=1, BLOCK_M=128, BLOCK_N=128, STAGES=3)]
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """TMA needs 16-byte aligned bases and row strides (the caller checked K): a contiguous copy otherwise."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def w4a4_matmul(q: torch.Tensor, sx: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+                bias: Optional[torch.Tensor], group: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """q int8 [M, K] in word order (``triton_w4a4.to_word_order``), sx fp32 [M, 1] per-token scales, packed
+    int32 [N, K/8], scales [N, K/group] -> [M, N] in out_dtype. The shape must be ``supported``."""
+    M, K = q.shape
+    N = packed.shape[0]
+    y = torch.empty((M, N), device=q.device, dtype=out_dtype)
+    q, packed, scales = _aligned(q), _aligned(packed), scales.contiguous()
+    b_arg = bias if bias is not None else sx
+
+    def launch(cfg: Config):
+        launch_wgmma(cfg, q, sx, packed, scales, b_arg, y, bias is not None, group)
+
+    key = (group, m_bucket(M), N, K, out_dtype, bias is not None, q.device.index)
+    launch(_CACHE.pick(key, _candidates(), launch))
+    return y
+
+
+def launch_wgmma(cfg: Config, q, sx, packed, scales, b_arg, out, has_bias: bool, group: int) -> None:
+    """One run of the kernel at config ``cfg`` into ``out`` [M, N]."""
+    M, K = q.shape
+    N = packed.shape[0]
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    q_desc = TensorDescriptor(q, [M, K], [K, 1], [bm, CHUNK_K],
+                              gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8))
+    w_desc = TensorDescriptor(packed, [N, K // 8], [packed.stride(0), 1], [bn, CHUNK_K // 8],
+                              gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32))
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    _w4a4_wgmma_kernel[grid](q_desc, w_desc, sx, scales, b_arg, out, M, N, K, sx.stride(0), scales.stride(0),
+                             out.stride(0), WG=group, AG=0, HAS_BIAS=has_bias, STAGES=cfg["STAGES"],
+                             num_warps=cfg.num_warps)

@@ -1,0 +1,142 @@
+"""The pipelined W4A4 GEMM in Gluon (specq.kernels.gluon_w4a4).
+
+Gluon kernels don't run in Triton's interpreter, so CPU CI checks what it can without a GPU: the kernel
+compiles for sm_90 (ptxas from Triton's wheel) with every candidate config, keeps its wgmma in flight
+(no serialization, C7514; one wgmma group left outstanding while the previous chunk is rescaled) and
+stays in registers; and the dispatch rule. The GPU tests run every config against float64 on ragged
+shapes and against the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _sass_report():
+    triton = pytest.importorskip("triton")
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not all(os.path.exists(os.path.join(bin_dir, b)) for b in ("ptxas", "nvdisasm")):
+        pytest.skip("this triton wheel carries no ptxas/nvdisasm")
+    spec = importlib.util.spec_from_file_location("sass_report", os.path.join(ROOT, "benchmarks", "sass_report.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod, os.path.join(bin_dir, "ptxas")
+
+
+def _gluon():
+    from specq.kernels import gluon_w4a4
+
+    if not gluon_w4a4.HAVE_GLUON:
+        pytest.skip("this triton has no Gluon")
+    return gluon_w4a4
+
+
+def _config_ids():
+    return [f"{c['BLOCK_N']}x{c['BLOCK_M']}-s{c['STAGES']}-w{c.num_warps}" for c in _gluon()._candidates()]
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_wgmma_kernel_compiles_for_sm90_with_wgmma_in_flight(index):
+    """Each candidate compiles for sm_90; ptxas keeps the wgmmas asynchronous (no C7514) and the two int32
+    result sets in registers; the main loop runs 4 chunks of 4 IGMMA each and waits with one group
+    outstanding (chunk i's wgmma runs under chunk i-1's rescale)."""
+    g = _gluon()
+    sr, ptxas = _sass_report()
+    cfg = g._candidates()[index]
+    kernel = sr.gluon_w4a4_kernel(cfg)
+    out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", "-o", os.devnull, "-"], input=kernel.asm["ptx"],
+                         capture_output=True, text=True)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log
+    assert "C7514" not in log, log  # "wgmma.mma_async instructions are serialized"
+    spill = [int(b) for b in re.findall(r"(\d+) bytes spill stores", log)]
+    assert spill and max(spill) <= 64, log  # a few words at most (2026-12-07: 36-56 bytes)
+    sass = sr.sass_of(kernel)
+    loop = sr.loop_histogram(sass, "IGMMA", predicated=True)
+    igmma = sum(n for op, n in loop.items() if op.startswith("IGMMA"))
+    assert igmma == 16, loop
+    assert re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x1", sass), "no wgmma left in flight"
+    # two register sets for the int32 results, used in turn
+    sets = {m.group(1) for m in re.finditer(r"IGMMA\.\S+\s+(R\d+),", sass)}
+    assert len(sets) == 2, sets
+
+
+def test_dispatch_rule():
+    """The Gluon kernel takes Hopper, > 128 rows, per-token activation scales, whole 128-chunks of K in
+    whole weight groups; everything else stays on the Triton kernel (and nothing runs it on CPU)."""
+    g = _gluon()
+    cpu = torch.device("cpu")
+    assert not g.supported(1024, 4096, 4096, 128, 0, cpu)
+    if not torch.cuda.is_available():
+        return
+    dev = torch.device("cuda")
+    hopper = torch.cuda.get_device_capability(dev)[0] == 9
+    assert g.supported(1024, 4096, 4096, 128, 0, dev) == hopper
+    assert not g.supported(128, 4096, 4096, 128, 0, dev)
+    assert not g.supported(1024, 4096, 4096, 128, 32, dev)
+    assert not g.supported(1024, 4096, 4160, 128, 0, dev)
+    assert not g.supported(1024, 4096, 4096, 64, 0, dev)
+
+
+def _hopper():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("needs a Hopper GPU")
+
+
+# (M, K, N): ragged M and N; 3 chunks (only the one-chunk tail loop); 16 chunks (the 4-chunk loop); 7 chunks
+GPU_CASES = [(300, 1024, 200), (129, 384, 64), (520, 2048, 520), (1000, 896, 4100)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("m,k,n", GPU_CASES, ids=[f"{m}x{k}x{n}" for m, k, n in GPU_CASES])
+def test_gpu_wgmma_kernel_matches_float64_and_triton(index, m, k, n):
+    _hopper()
+    g = _gluon()
+    from specq.formats import activation, int4
+    from specq.kernels import triton_w4a4
+
+    gen = torch.Generator().manual_seed(m + k + n + index)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    b = (torch.randn(n, generator=gen) * 0.1).to(torch.bfloat16)
+    p, s = int4.quantize(w.bfloat16(), 128)
+    q, sx = activation.quantize_int4(x, 0)
+    sx = sx.reshape(m, 1).float()
+    ref = (q.double() * sx.double()) @ int4.dequantize(p, s, torch.float64).T + b.double()
+    qw, sx, p, s, b = (t.cuda() for t in (triton_w4a4.to_word_order(q).contiguous(), sx, p, s, b))
+    out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+    g.launch_wgmma(g._candidates()[index], qw, sx, p, s, b, out, True, 128)
+    rel = ((out.double().cpu() - ref).norm() / ref.norm()).item()
+    assert rel < 1e-2, rel
+    tri = triton_w4a4.w4a4_matmul(qw, sx, p, s, b, 128, 0, torch.bfloat16)
+    # the same int32 chunk dots, scaled in the same order: equal up to bf16 rounding of the output
+    assert torch.allclose(out.float(), tri.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_op_runs_the_wgmma_kernel_at_large_m():
+    """torch.ops.specq.linear_w4a4 at 256 rows on Hopper goes through the Gluon kernel and equals the
+    reference op (rotation + per-token INT4 activations)."""
+    _hopper()
+    g = _gluon()
+    import specq.kernels.ops  # noqa: F401
+    from specq.formats import int4
+    from specq.kernels import ops
+
+    w = torch.randn(384, 1024, device="cuda") * 0.05
+    p, s = int4.quantize(w.bfloat16(), 128)
+    x = torch.randn(2, 128, 1024, device="cuda", dtype=torch.bfloat16)
+    g._CACHE.best.clear()
+    y = torch.ops.specq.linear_w4a4(x, p, s, None, 128, 0, 128)
+    assert g._CACHE.best, "the Gluon kernel did not run"
+    ref = ops.reference_w4a4(x.double(), p, s, None, 0, 128)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-2
