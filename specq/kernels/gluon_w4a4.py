@@ -40,7 +40,7 @@ try:  # Gluon ships with Triton >= 3.5; without it the Triton kernel serves ever
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-from specq.kernels.triton_common import INTERPRET, Config, ConfigCache, m_bucket
+from specq.kernels.triton_common import INTERPRET, Config, ConfigCache, m_bucket, next_pow2
 
 CHUNK_K = 128  # K per chunk: one int32 wgmma result, rescaled once; divides the weight (and activation) groups
 
@@ -84,7 +84,7 @@ if HAVE_GLUON:
         q_desc, w_desc, sx_ptr, sw_ptr, b_ptr, y_ptr,
         M, N, K, stride_sxm, stride_swn, stride_ym,
         WG: gl.constexpr,     # weight group size along K (a multiple of BK)
-        AG: gl.constexpr,     # activation group size (a multiple of BK), 0 = one scale per token
+        NG: gl.constexpr,     # weight groups held in shared memory: a power of two >= K / WG
         HAS_BIAS: gl.constexpr,
         STAGES: gl.constexpr,
         num_warps: gl.constexpr,
@@ -117,6 +117,22 @@ if HAVE_GLUON:
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
             mbarrier.init(ready.index(s), count=1)
+        # The tile's weight scales, all of K, go to shared memory once: a global load in the K loop would
+        # still be in flight at the next chunk's proxy fence, which waits for it (a full L2 round trip)
+        sw_smem = gl.allocate_shared_memory(sw_ptr.dtype.element_ty, [NG, BLOCK_N],
+                                            gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+        SWL: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [1, num_warps], [0, 1])  # lanes along K: coalesced
+        SW_PART: gl.constexpr = 32 if NG > 32 else NG
+        n_groups = (K + WG - 1) // WG
+        sn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, SWL))
+        for c in gl.static_range(NG // SW_PART):
+            sg = c * SW_PART + gl.arange(0, SW_PART, layout=gl.SliceLayout(1, SWL))
+            part = gl.load(sw_ptr + sn[None, :] * stride_swn + sg[:, None],
+                           mask=(sn < N)[None, :] & (sg < n_groups)[:, None], other=0.0)
+            sw_smem.slice(c * SW_PART, SW_PART).store(part)
+        gl.thread_barrier()
+        # read back a group (row) at a time: the same bytes seen as rows of a one-dimensional layout
+        sw_smem = sw_smem._reinterpret(sw_ptr.dtype.element_ty, [NG, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
 
         n_chunks = (K + BK - 1) // BK
         for j in gl.static_range(STAGES):
@@ -130,29 +146,24 @@ if HAVE_GLUON:
         fa = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, layout=MMA)
         fb = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, layout=MMA)
         ctx = (q_desc, w_desc, q_smem, w_smem, a_smem, ready, off_m, off_n, n_chunks)
-        rows = (sw_ptr, rn, n_ok, stride_swn)
-        cols = (sx_ptr, rm, m_ok, stride_sxm)
         n_main = n_chunks - n_chunks % 4
         for base in range(0, n_main, 4):
-            tok0, sw0 = _issue(base, fa, ctx, rows, WG, STAGES, WORDS, BLOCK_N, A8)
-            tok1, sw1 = _issue(base + 1, fb, ctx, rows, WG, STAGES, WORDS, BLOCK_N, A8)
-            acc, fa = _finish(base, tok0, sw0, acc, 1, ctx, cols, AG, STAGES)
-            tok2, sw2 = _issue(base + 2, fa, ctx, rows, WG, STAGES, WORDS, BLOCK_N, A8)
-            acc, fb = _finish(base + 1, tok1, sw1, acc, 1, ctx, cols, AG, STAGES)
-            tok3, sw3 = _issue(base + 3, fb, ctx, rows, WG, STAGES, WORDS, BLOCK_N, A8)
-            acc, fa = _finish(base + 2, tok2, sw2, acc, 1, ctx, cols, AG, STAGES)
-            acc, fb = _finish(base + 3, tok3, sw3, acc, 0, ctx, cols, AG, STAGES)
+            tok0, sw0 = _issue(base, fa, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, A8)
+            tok1, sw1 = _issue(base + 1, fb, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, A8)
+            acc, fa = _finish(base, tok0, sw0, acc, 1, ctx, STAGES)
+            tok2, sw2 = _issue(base + 2, fa, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, A8)
+            acc, fb = _finish(base + 1, tok1, sw1, acc, 1, ctx, STAGES)
+            tok3, sw3 = _issue(base + 3, fb, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, A8)
+            acc, fa = _finish(base + 2, tok2, sw2, acc, 1, ctx, STAGES)
+            acc, fb = _finish(base + 3, tok3, sw3, acc, 0, ctx, STAGES)
         for i in range(n_main, n_chunks):  # the last n_chunks % 4, one at a time
-            tok0, sw0 = _issue(i, fa, ctx, rows, WG, STAGES, WORDS, BLOCK_N, A8)
-            acc, fa = _finish(i, tok0, sw0, acc, 0, ctx, cols, AG, STAGES)
+            tok0, sw0 = _issue(i, fa, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, A8)
+            acc, fa = _finish(i, tok0, sw0, acc, 0, ctx, STAGES)
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
 
         # the decoded weights were 16 q: the exact 1/16 joins the per-token scale
-        if AG == 0:
-            acc = acc * (gl.load(sx_ptr + rm * stride_sxm, mask=m_ok, other=0.0) * 0.0625)[None, :]
-        else:
-            acc = acc * 0.0625
+        acc = acc * (gl.load(sx_ptr + rm * stride_sxm, mask=m_ok, other=0.0) * 0.0625)[None, :]
         if HAS_BIAS:
             acc = acc + gl.load(b_ptr + rn, mask=n_ok, other=0.0).to(gl.float32)[:, None]
         # store y[m, n] with n fastest: 16-byte stores along each output row
@@ -163,28 +174,26 @@ if HAVE_GLUON:
         gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], out, mask=(on < N)[:, None] & (om < M)[None, :])
 
     @gluon.jit
-    def _issue(i, free, ctx, rows, WG: gl.constexpr, STAGES: gl.constexpr, WORDS: gl.constexpr,
-               BLOCK_N: gl.constexpr, A8: gl.constexpr):
+    def _issue(i, free, ctx, sw_smem, ROWS: gl.constexpr, WG: gl.constexpr, STAGES: gl.constexpr,
+               WORDS: gl.constexpr, BLOCK_N: gl.constexpr, A8: gl.constexpr):
         """Decode chunk i's weights and issue its wgmma into the registers of ``free`` (a finished result);
         returns the in-flight result and the chunk's weight scales."""
         q_desc, w_desc, q_smem, w_smem, a_smem, ready, off_m, off_n, n_chunks = ctx
-        sw_ptr, rn, n_ok, stride_swn = rows
         a_op = _stage_weights(i, w_smem, a_smem, ready, STAGES, WORDS, BLOCK_N, A8)
         # zero-start, as a runtime predicate (i < 0 is never true): with a constant False the result gets fresh
         # registers, which lets ptxas keep a third 64-register set live
         tok = warpgroup_mma(a_op, q_smem.index(i % STAGES).permute((1, 0)), free, use_acc=i < 0, is_async=True)
-        sw = gl.load(sw_ptr + rn * stride_swn + (i * BK) // WG, mask=n_ok, other=0.0).to(gl.float32)
+        sw = sw_smem.index((i * BK) // WG).load(ROWS).to(gl.float32)
         return tok, sw
 
     @gluon.jit
-    def _finish(i, tok, sw, acc, OUTSTANDING: gl.constexpr, ctx, cols, AG: gl.constexpr, STAGES: gl.constexpr):
+    def _finish(i, tok, sw, acc, OUTSTANDING: gl.constexpr, ctx, STAGES: gl.constexpr):
         """Wait for chunk i's wgmma (leaving OUTSTANDING newer ones in flight), refill its ring slot with
         chunk i + STAGES and add its scaled result to ``acc``; returns acc and the finished int32 result."""
         q_desc, w_desc, q_smem, w_smem, a_smem, ready, off_m, off_n, n_chunks = ctx
-        sx_ptr, rm, m_ok, stride_sxm = cols
         d = warpgroup_mma_wait(OUTSTANDING, deps=(tok, ))
         _load_chunk(i + STAGES, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, STAGES)
-        return _pinned(_rescale(acc, d, sw, sx_ptr, rm, m_ok, stride_sxm, i * BK, AG)), d
+        return _pinned(_rescale(acc, d, sw)), d
 
     @gluon.jit
     def _pinned(x):
@@ -194,14 +203,10 @@ if HAVE_GLUON:
         return gl.inline_asm_elementwise("", "=f,0", [x], dtype=gl.float32, is_pure=False, pack=1)
 
     @gluon.jit
-    def _rescale(acc, d, sw, sx_ptr, rm, m_ok, stride_sxm, k0, AG: gl.constexpr):
-        # int32 -> fp32 exactly (|d| < 2^22: 128 * 128 * 8 at most) without the slow I2F: 1.5 * 2^23 added as
-        # an integer puts d in the mantissa, and one float subtract takes it back out
-        df = (d + 0x4B400000).to(gl.float32, bitcast=True) - 12582912.0
-        if AG > 0:
-            sx = gl.load(sx_ptr + rm * stride_sxm + k0 // AG, mask=m_ok, other=0.0)
-            return acc + (df * sx[None, :]) * sw[:, None]
-        return acc + df * sw[:, None]
+    def _rescale(acc, d, sw):
+        """acc + d * sw (per weight row). int32 -> fp32 exactly (|d| < 2^22: 128 * 128 * 8 at most) without
+        the slow I2F: 1.5 * 2^23 added as an integer puts d in the mantissa, a float subtract takes it out."""
+        return acc + ((d + 0x4B400000).to(gl.float32, bitcast=True) - 12582912.0) * sw[:, None]
 
 
 _CACHE = ConfigCache("w4a4_wgmma")
@@ -212,7 +217,16 @@ def supported(m: int, n: int, k: int, group: int, act_group: int, device: torch.
     kernel's split-K tiles fill the GPU better), per-token activation scales, K in whole chunks and weight
     groups that hold whole chunks."""
     return (HAVE_GLUON and not INTERPRET and device.type == "cuda" and m > 128 and act_group == 0
-            and k % CHUNK_K == 0 and group % CHUNK_K == 0 and torch.cuda.get_device_capability(device)[0] == 9)
+            and k % CHUNK_K == 0 and group % CHUNK_K == 0 and _groups_held(k, group) <= MAX_GROUPS
+            and torch.cuda.get_device_capability(device)[0] == 9)
+
+
+def _groups_held(k: int, group: int) -> int:
+    return next_pow2(triton.cdiv(k, group))
+
+
+# a tile's weight scales for all of K sit in shared memory beside the ring: up to K = 32768 at groups of 128
+MAX_GROUPS = 256
 
 
 def _candidates() -> list[Config]:
@@ -257,5 +271,5 @@ def launch_wgmma(cfg: Config, q, sx, packed, scales, b_arg, out, has_bias: bool,
                               gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32))
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _w4a4_wgmma_kernel[grid](q_desc, w_desc, sx, scales, b_arg, out, M, N, K, sx.stride(0), scales.stride(0),
-                             out.stride(0), WG=group, AG=0, HAS_BIAS=has_bias, STAGES=cfg["STAGES"],
+                             out.stride(0), WG=group, NG=_groups_held(K, group), HAS_BIAS=has_bias, STAGES=cfg["STAGES"],
                              num_warps=cfg.num_warps)
