@@ -55,6 +55,7 @@ run_step() {
       python -c "import json, sys; [print(k, v) for k, v in json.load(open(sys.argv[1]))['meta']['tuned']['w4a4_matmul'].items()]" \
         "$OUT/kernels_w4a4_quick.json" ;;
     wgmma) step wgmma_tests 150 python -m pytest -q -x tests/test_gluon_w4a4.py
+      step act_paths 60 python -m pytest -q -x tests/test_triton_kernels.py -k "gpu and act_paths"
       step wgmma 200 python benchmarks/kernels.py --kinds bf16,w4a4-gemm,w4a4-wgmma --ms 256,1024 \
         --out "$OUT/kernels_wgmma.md" --json "$OUT/kernels_wgmma.json"
       grep -E "^\| (bf16|w4a4)" "$OUT/kernels_wgmma.md"

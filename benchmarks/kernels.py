@@ -165,7 +165,8 @@ def run(shapes, ms, kinds, copy_bw, bf16_rate, log=print):
                     from specq.kernels import triton_w4a4
 
                     q, sx = activation.quantize_int4(x, 0)
-                    x = (triton_w4a4.to_word_order(q).contiguous(), sx.reshape(m, 1).contiguous())
+                    order = triton_w4a4.ORDER_WORDS if kind == "w4a4-gemm" else triton_w4a4.ORDER_WGMMA
+                    x = (triton_w4a4.to_k_order(q, order).contiguous(), sx.reshape(m, 1).contiguous())
                 try:
                     def fn():
                         for ws in wsets:

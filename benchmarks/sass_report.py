@@ -150,7 +150,8 @@ def gluon_w4a4_kernel(cfg):
            "w_desc": f"tensordesc<i32[{bn}, {g.CHUNK_K // 8}],{wl!r}>",
            "sx_ptr": "*fp32", "sw_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32",
            "K": "i32", "stride_sxm": "i32", "stride_swn": "i32", "stride_ym": "i32"}
-    const = {"WG": 128, "NG": 32, "HAS_BIAS": True, "STAGES": cfg["STAGES"], "num_warps": cfg.num_warps}
+    const = {"WG": 128, "NG": 32, "HAS_BIAS": True, "STAGES": cfg["STAGES"], "I2F": cfg["I2F"],
+             "num_warps": cfg.num_warps}
     divisible = ["sx_ptr", "sw_ptr", "b_ptr", "y_ptr", "N", "K", "stride_swn", "stride_ym"]
     return compile_sm90(g._w4a4_wgmma_kernel, sig, const, divisible, cfg.num_warps)
 

@@ -28,6 +28,7 @@ instead of rounding, so it sits near 5e-3 rather than 2e-3).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -436,16 +437,27 @@ def run_act_paths(m: int, k: int, ag: int, hb: int, dtype: str, device: str = "c
     x = x.to(device)
     assert triton_act._rows_layout(k, hb, ag) is not None
     rows = triton_act.quantize(x, ag, hb) + (triton_act.fake_quantize(x, ag, hb),)
+    wgmma = triton_act.supported(k, hb, ag, codes=True, order=triton_w4a4.ORDER_WGMMA)
+    if wgmma:  # the Gluon GEMM's K order, both paths
+        rows128 = triton_act.quantize(x, ag, hb, triton_w4a4.ORDER_WGMMA)[0]
     saved, triton_act.ROWS_MAX_TILE = triton_act.ROWS_MAX_TILE, 0
     try:
         assert triton_act._rows_layout(k, hb, ag) is None
         chunks = triton_act.quantize(x, ag, hb) + (triton_act.fake_quantize(x, ag, hb),)
+        if wgmma:
+            chunks128 = triton_act.quantize(x, ag, hb, triton_w4a4.ORDER_WGMMA)[0]
     finally:
         triton_act.ROWS_MAX_TILE = saved
     xr = (triton_act.rotate(x, hb) if hb > 0 else x).cpu()  # the rotation is checked against float64 elsewhere
     q_ref, _ = activation.quantize_int4(xr, ag)
     diff = (triton_w4a4.from_word_order(rows[0].cpu()).int() - q_ref.int()).abs()
-    return {"codes_equal": (float(not torch.equal(rows[0], chunks[0])), 0.0),
+    checks = {"order128": (float(wgmma != (k % 128 == 0 and hb != 12)), 0.0)}
+    if wgmma:
+        codes = triton_w4a4.from_word_order(rows[0].cpu())
+        checks["order128_rows"] = (float(not torch.equal(triton_w4a4.from_wgmma_order(rows128.cpu()), codes)), 0.0)
+        checks["order128_chunks"] = (float(not torch.equal(triton_w4a4.from_wgmma_order(chunks128.cpu()), codes)),
+                                     0.0)
+    return checks | {"codes_equal": (float(not torch.equal(rows[0], chunks[0])), 0.0),
             "scales_equal": (float(not torch.equal(rows[1], chunks[1])), 0.0),
             "fake_equal": (float(not torch.equal(rows[2], chunks[2])), 0.0),
             "codes_vs_reference_mismatch_frac": (float((diff > 0).float().mean()), max(1e-3, 2.0 / diff.numel())),
@@ -675,6 +687,15 @@ def test_w4a4_word_order_matches_the_weight_decode_and_inverts():
     assert triton_w4a4.to_word_order(q).tolist() == [[0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15]]
     x = torch.randint(-8, 8, (3, 5, 24), dtype=torch.int8)
     assert torch.equal(triton_w4a4.from_word_order(triton_w4a4.to_word_order(x)), x)
+    # the Gluon kernel's order: in each block of 128, position 32s + 16h + 4t + b holds code 8(4t + s) + 2b + h
+    q = torch.arange(256).reshape(1, 256)
+    g = triton_w4a4.to_wgmma_order(q)
+    for c in range(2):
+        for s_, h, t, b in itertools.product(range(4), range(2), range(4), range(4)):
+            assert g[0, 128 * c + 32 * s_ + 16 * h + 4 * t + b] == 128 * c + 8 * (4 * t + s_) + 2 * b + h
+    y = torch.randint(-8, 8, (3, 2, 384), dtype=torch.int8)
+    assert torch.equal(triton_w4a4.from_wgmma_order(triton_w4a4.to_wgmma_order(y)), y)
+    assert torch.equal(triton_w4a4.from_k_order(triton_w4a4.to_k_order(y, 8), 8), y)
     # the pre-kernel permutes whole blocks of 8 inside its chunks: K = 36 (Hadamard 12) cannot be ordered
     assert triton_act.supported(36, 12, 0) and not triton_act.supported(36, 12, 0, codes=True)
     with pytest.raises(ValueError, match="blocks of 8"):

@@ -33,8 +33,7 @@ import triton
 try:  # Gluon ships with Triton >= 3.5; without it the Triton kernel serves every shape
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                                   warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     HAVE_GLUON = True
 except ImportError:  # pragma: no cover - depends on the installed Triton
@@ -56,20 +55,34 @@ if HAVE_GLUON:
             "lop3.b32 $1, $2, 0xF0F0F0F0, 0x80808080, 0x6A; }",  # 0x6A: (a & b) ^ c
             "=r,=r,r", [pw], dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
 
+    @gluon.constexpr_function
+    def _words_layout(num_warps):
+        """The packed words [16 * num_warps, BK / 8] as DOT_A wants them (see ``_decode_chunk``): registers hold
+        4 consecutive words and the row 8 below; lanes t = 0..3 take words 4t.., lanes / 4 rows 0..7; warps
+        rows of 16 (the wgmma's m64 per warpgroup)."""
+        warps = [[16 << w, 0] for w in range(num_warps.bit_length() - 1)]
+        return gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [8, 0]],
+                                          lane_bases=[[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]], warp_bases=warps,
+                                          block_bases=[], shape=[16 * num_warps, BK // 8])
+
     @gluon.jit
-    def _stage_weights(i, w_smem, a_smem, ready, STAGES: gl.constexpr, WORDS: gl.constexpr,
-                       BLOCK_N: gl.constexpr, A8: gl.constexpr):
-        """Wait for chunk i's copies, decode its packed weights into A buffer i % 2; returns that buffer
-        as the int8 [BLOCK_N, BK] wgmma operand."""
+    def _decode_chunk(i, w_smem, ready, STAGES: gl.constexpr, WORDS: gl.constexpr, DOT_A: gl.constexpr,
+                      BLOCK_N: gl.constexpr):
+        """Wait for chunk i's copies and decode its packed weights straight into the wgmma's A-operand
+        registers: int8 [BLOCK_N, BK] in DOT_A. Thread (lane t) holds words 4t..4t+3 of its rows (one 16-byte
+        load per row); word 4t + s gives the bytes of K step s at logical K 32s + 4t (its even codes, ``lo``)
+        and 32s + 16 + 4t (its odd codes, ``hi``), which is where DOT_A keeps them: the activation codes come
+        in that order (``triton_w4a4.to_wgmma_order``), and no data moves between threads."""
         s = i % STAGES
         mbarrier.wait(ready.index(s), (i // STAGES) & 1)
         lo, hi = _decode_words(w_smem.index(s).load(WORDS))
-        # word j's lo and hi are int32 columns 2j and 2j + 1 of the decoded row: bytes in word order
-        a_buf = a_smem.index(i % 2)
-        a_buf.store(gl.reshape(gl.join(lo, hi), [BLOCK_N, BK // 4]))
-        fence_async_shared()  # generic-proxy stores, read next by the wgmma's async proxy
-        gl.thread_barrier()
-        return a_buf._reinterpret(gl.int8, [BLOCK_N, BK], A8)
+        # [rows, word 4t + s] -> [rows, s, h, t] (h: lo / hi), then each word's four bytes along K
+        x = gl.permute(gl.join(gl.reshape(lo, [BLOCK_N, 4, 4]), gl.reshape(hi, [BLOCK_N, 4, 4])), [0, 2, 3, 1])
+        x = gl.join(x, x)
+        x = gl.reshape(gl.join(x, x), [BLOCK_N, BK])
+        # int32 word -> its four int8 bytes, in place (the asm takes four copies of the word, keeps one)
+        b = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r,r,r", [x], dtype=gl.int8, is_pure=True, pack=4)
+        return gl.convert_layout(b, DOT_A, assert_trivial=True)
 
     @gluon.jit
     def _load_chunk(j, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, STAGES: gl.constexpr):
@@ -87,6 +100,7 @@ if HAVE_GLUON:
         NG: gl.constexpr,     # weight groups held in shared memory: a power of two >= K / WG
         HAS_BIAS: gl.constexpr,
         STAGES: gl.constexpr,
+        I2F: gl.constexpr,    # int32 -> fp32 by the conversion instruction (else the magic-number trick)
         num_warps: gl.constexpr,
     ):
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]  # tokens: the wgmma's N
@@ -96,9 +110,8 @@ if HAVE_GLUON:
                                                       instr_shape=[16, BLOCK_M, 32])
         ROWS: gl.constexpr = gl.SliceLayout(1, MMA)  # per weight row (n)
         COLS: gl.constexpr = gl.SliceLayout(0, MMA)  # per token (m)
-        WORDS: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (KW // 4), KW // 4], [num_warps, 1], [1, 0])
-        A32: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32)
-        A8: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8)
+        DOT_A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=4)
+        WORDS: gl.constexpr = _words_layout(num_warps)
 
         num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
         pid = gl.program_id(0)
@@ -113,7 +126,6 @@ if HAVE_GLUON:
 
         q_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, BK], q_desc.layout)
         w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, KW], w_desc.layout)
-        a_smem = gl.allocate_shared_memory(gl.int32, [2, BLOCK_N, BK // 4], A32)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
             mbarrier.init(ready.index(s), count=1)
@@ -145,20 +157,20 @@ if HAVE_GLUON:
         # CHUNKS chunks (each one's wgmma under the next one's decode and the last one's rescale) and drains.
         fa = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, layout=MMA)
         fb = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, layout=MMA)
-        ctx = (q_desc, w_desc, q_smem, w_smem, a_smem, ready, off_m, off_n, n_chunks)
+        ctx = (q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, I2F)
         n_main = n_chunks - n_chunks % 4
         for base in range(0, n_main, 4):
-            tok0, sw0 = _issue(base, fa, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, A8)
-            tok1, sw1 = _issue(base + 1, fb, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, A8)
-            acc, fa = _finish(base, tok0, sw0, acc, 1, ctx, STAGES)
-            tok2, sw2 = _issue(base + 2, fa, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, A8)
-            acc, fb = _finish(base + 1, tok1, sw1, acc, 1, ctx, STAGES)
-            tok3, sw3 = _issue(base + 3, fb, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, A8)
-            acc, fa = _finish(base + 2, tok2, sw2, acc, 1, ctx, STAGES)
-            acc, fb = _finish(base + 3, tok3, sw3, acc, 0, ctx, STAGES)
+            tok0, sw0, a0 = _issue(base, fa, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, DOT_A)
+            tok1, sw1, a1 = _issue(base + 1, fb, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, DOT_A)
+            acc, fa = _finish(base, tok0, sw0, a0, acc, 1, ctx, STAGES)
+            tok2, sw2, a2 = _issue(base + 2, fa, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, DOT_A)
+            acc, fb = _finish(base + 1, tok1, sw1, a1, acc, 1, ctx, STAGES)
+            tok3, sw3, a3 = _issue(base + 3, fb, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, DOT_A)
+            acc, fa = _finish(base + 2, tok2, sw2, a2, acc, 1, ctx, STAGES)
+            acc, fb = _finish(base + 3, tok3, sw3, a3, acc, 0, ctx, STAGES)
         for i in range(n_main, n_chunks):  # the last n_chunks % 4, one at a time
-            tok0, sw0 = _issue(i, fa, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, A8)
-            acc, fa = _finish(i, tok0, sw0, acc, 0, ctx, STAGES)
+            tok0, sw0, a0 = _issue(i, fa, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, DOT_A)
+            acc, fa = _finish(i, tok0, sw0, a0, acc, 0, ctx, STAGES)
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
 
@@ -175,25 +187,29 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _issue(i, free, ctx, sw_smem, ROWS: gl.constexpr, WG: gl.constexpr, STAGES: gl.constexpr,
-               WORDS: gl.constexpr, BLOCK_N: gl.constexpr, A8: gl.constexpr):
+               WORDS: gl.constexpr, BLOCK_N: gl.constexpr, DOT_A: gl.constexpr):
         """Decode chunk i's weights and issue its wgmma into the registers of ``free`` (a finished result);
-        returns the in-flight result and the chunk's weight scales."""
-        q_desc, w_desc, q_smem, w_smem, a_smem, ready, off_m, off_n, n_chunks = ctx
-        a_op = _stage_weights(i, w_smem, a_smem, ready, STAGES, WORDS, BLOCK_N, A8)
+        returns the in-flight result, the chunk's weight scales and its A operand (registers the wgmma reads
+        until it completes)."""
+        q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, I2F = ctx
+        a_op = _decode_chunk(i, w_smem, ready, STAGES, WORDS, DOT_A, BLOCK_N)
         # zero-start, as a runtime predicate (i < 0 is never true): with a constant False the result gets fresh
         # registers, which lets ptxas keep a third 64-register set live
         tok = warpgroup_mma(a_op, q_smem.index(i % STAGES).permute((1, 0)), free, use_acc=i < 0, is_async=True)
         sw = sw_smem.index((i * BK) // WG).load(ROWS).to(gl.float32)
-        return tok, sw
+        return tok, sw, a_op
 
     @gluon.jit
-    def _finish(i, tok, sw, acc, OUTSTANDING: gl.constexpr, ctx, STAGES: gl.constexpr):
+    def _finish(i, tok, sw, a_op, acc, OUTSTANDING: gl.constexpr, ctx, STAGES: gl.constexpr):
         """Wait for chunk i's wgmma (leaving OUTSTANDING newer ones in flight), refill its ring slot with
         chunk i + STAGES and add its scaled result to ``acc``; returns acc and the finished int32 result."""
-        q_desc, w_desc, q_smem, w_smem, a_smem, ready, off_m, off_n, n_chunks = ctx
+        q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, I2F = ctx
+        # (a_op's registers stay the wgmma's until this wait: ptxas tracks wgmma register operands itself, and
+        # the wait's deps take no 8-bit tensors)
         d = warpgroup_mma_wait(OUTSTANDING, deps=(tok, ))
+        gl.thread_barrier()  # every warp is done with the slot (its words and, via its wgmma, its codes)
         _load_chunk(i + STAGES, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, STAGES)
-        return _pinned(_rescale(acc, d, sw)), d
+        return _pinned(_rescale(acc, d, sw, I2F)), d
 
     @gluon.jit
     def _pinned(x):
@@ -203,9 +219,12 @@ if HAVE_GLUON:
         return gl.inline_asm_elementwise("", "=f,0", [x], dtype=gl.float32, is_pure=False, pack=1)
 
     @gluon.jit
-    def _rescale(acc, d, sw):
-        """acc + d * sw (per weight row). int32 -> fp32 exactly (|d| < 2^22: 128 * 128 * 8 at most) without
-        the slow I2F: 1.5 * 2^23 added as an integer puts d in the mantissa, a float subtract takes it out."""
+    def _rescale(acc, d, sw, I2F: gl.constexpr):
+        """acc + d * sw (per weight row). int32 -> fp32 exactly (|d| < 2^22: 128 * 128 * 8 at most): one
+        conversion instruction (I2FP), or, where that pipe is slow, 1.5 * 2^23 added as an integer (which puts d
+        in the mantissa) and a float subtract to take it out; the autotuner times both."""
+        if I2F:
+            return acc + d.to(gl.float32) * sw[:, None]
         return acc + ((d + 0x4B400000).to(gl.float32, bitcast=True) - 12582912.0) * sw[:, None]
 
 
@@ -230,10 +249,11 @@ MAX_GROUPS = 256
 
 
 def _candidates() -> list[Config]:
-    # (tokens per tile = the wgmma's N, weight rows per tile: 64 per warpgroup, ring stages)
-    return [Config.make(num_warps=4, num_stages=1, BLOCK_M=128, BLOCK_N=64, STAGES=4),
-            Config.make(num_warps=4, num_stages=1, BLOCK_M=128, BLOCK_N=64, STAGES=3),
-            Config.make(num_warps=8, num_stages=1, BLOCK_M=128, BLOCK_N=128, STAGES=3)]
+    # (tokens per tile = the wgmma's N, weight rows per tile: 64 per warpgroup, ring stages, warps, I2F)
+    raw = [(128, 64, 4, 4, 0), (128, 64, 3, 4, 0), (128, 128, 3, 8, 0), (128, 128, 4, 8, 0), (64, 64, 4, 4, 0),
+           (128, 64, 4, 4, 1)]
+    return [Config.make(num_warps=nw, num_stages=1, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, I2F=i2f)
+            for bm, bn, st, nw, i2f in raw]
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -244,7 +264,7 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 def w4a4_matmul(q: torch.Tensor, sx: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                 bias: Optional[torch.Tensor], group: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """q int8 [M, K] in word order (``triton_w4a4.to_word_order``), sx fp32 [M, 1] per-token scales, packed
+    """q int8 [M, K] in the wgmma K order (``triton_w4a4.to_wgmma_order``), sx fp32 [M, 1] per-token scales, packed
     int32 [N, K/8], scales [N, K/group] -> [M, N] in out_dtype. The shape must be ``supported``."""
     M, K = q.shape
     N = packed.shape[0]
@@ -272,4 +292,4 @@ def launch_wgmma(cfg: Config, q, sx, packed, scales, b_arg, out, has_bias: bool,
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _w4a4_wgmma_kernel[grid](q_desc, w_desc, sx, scales, b_arg, out, M, N, K, sx.stride(0), scales.stride(0),
                              out.stride(0), WG=group, NG=_groups_held(K, group), HAS_BIAS=has_bias, STAGES=cfg["STAGES"],
-                             num_warps=cfg.num_warps)
+                             I2F=cfg["I2F"], num_warps=cfg.num_warps)

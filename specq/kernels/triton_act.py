@@ -53,10 +53,14 @@ def _round_clamp_int4(v):
 
 
 @triton.jit
-def _word_order(qv, BLOCK_M: tl.constexpr, CHP: tl.constexpr):
-    """[BLOCK_M, CHP] codes -> the W4A4 GEMM's K order (triton_w4a4.to_word_order): even elements of each
-    block of 8, then the odd ones. Chunks start at multiples of 8, so blocks never straddle two programs."""
-    return tl.reshape(tl.permute(tl.reshape(qv, (BLOCK_M, CHP // 8, 4, 2)), (0, 1, 3, 2)), (BLOCK_M, CHP))
+def _word_order(qv, BLOCK_M: tl.constexpr, CHP: tl.constexpr, ORDER: tl.constexpr = 8):
+    """[BLOCK_M, CHP] codes -> the W4A4 GEMM's K order: ORDER 8, triton_w4a4.to_word_order (even elements of
+    each block of 8, then the odd ones); ORDER 128, triton_w4a4.to_wgmma_order (the Gluon kernel's). Chunks
+    start at multiples of ORDER, so blocks never straddle two programs."""
+    if ORDER == 8:
+        return tl.reshape(tl.permute(tl.reshape(qv, (BLOCK_M, CHP // 8, 4, 2)), (0, 1, 3, 2)), (BLOCK_M, CHP))
+    x = tl.reshape(qv, (BLOCK_M * (CHP // 128), 4, 4, 4, 2))  # (row and block, t, s, b, h)
+    return tl.reshape(tl.permute(x, (0, 2, 4, 1, 3)), (BLOCK_M, CHP))
 
 
 @triton.jit
@@ -67,6 +71,7 @@ def _act_prep_kernel(
     ROTATE: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr,
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     FAKE: tl.constexpr = False,  # quantize modes: write q * scale in x's dtype to y instead of q, s
+    ORDER: tl.constexpr = 8,  # the codes' K order (_word_order)
 ):
     pid_m = tl.program_id(0)
     c = tl.program_id(1)
@@ -98,7 +103,7 @@ def _act_prep_kernel(
                 tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_k[None, :], fq, mask=mk_mask)
             else:
                 tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :],
-                         _word_order(tl.reshape(qv, (BLOCK_M, CHP)), BLOCK_M, CHP), mask=mk_mask)
+                         _word_order(tl.reshape(qv, (BLOCK_M, CHP)), BLOCK_M, CHP, ORDER), mask=mk_mask)
                 offs_g = tl.arange(0, NG)
                 g_mask = (offs_g < CH // AG) & (c * CH + offs_g * AG < K)
                 tl.store(s_ptr + offs_m[:, None] * stride_sm + (c * (CH // AG) + offs_g)[None, :], scale,
@@ -116,7 +121,7 @@ def _act_prep_kernel(
                 fq = (qv.to(tl.float32) * scale[:, None]).to(x_dtype)
                 tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_k[None, :], fq, mask=mk_mask)
             else:
-                tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], _word_order(qv, BLOCK_M, CHP),
+                tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], _word_order(qv, BLOCK_M, CHP, ORDER),
                          mask=mk_mask)
                 tl.store(s_ptr + offs_m * stride_sm, scale, mask=m_mask & (c == 0))
 
@@ -127,6 +132,7 @@ def _act_rows_kernel(
     M, K, stride_xm, stride_ym, stride_qm, stride_sm, inv_norm,
     CH: tl.constexpr, CHP: tl.constexpr, NP: tl.constexpr, R: tl.constexpr, AG: tl.constexpr,
     ROTATE: tl.constexpr, FAKE: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    ORDER: tl.constexpr = 8,
 ):
     """Rotation + INT4 quantization of R whole rows per program, in one launch: each row is cut into its
     NP (padded) chunks of CH columns, and the [R * NP, CHP] tile is rotated by one dot, so a per-token
@@ -160,7 +166,7 @@ def _act_rows_kernel(
     if FAKE:
         tl.store(y_ptr + rows[:, None, None] * stride_ym + offs_k[None, :, :], fq.to(x_dtype), mask=mask)
     else:
-        qw = tl.reshape(_word_order(tl.reshape(qv, (R * NP, CHP)), R * NP, CHP), (R, NP, CHP))
+        qw = tl.reshape(_word_order(tl.reshape(qv, (R * NP, CHP)), R * NP, CHP, ORDER), (R, NP, CHP))
         tl.store(q_ptr + rows[:, None, None] * stride_qm + offs_k[None, :, :], qw, mask=mask)
         if AG == 0:
             tl.store(s_ptr + rows * stride_sm, scale, mask=rows < M)
@@ -211,14 +217,14 @@ def _chunk(k: int, had_block: int, act_group: int) -> Optional[int]:
     return ch if next_pow2(ch) <= MAX_CHUNK else None
 
 
-def supported(k: int, had_block: int, act_group: int, codes: bool = False) -> bool:
+def supported(k: int, had_block: int, act_group: int, codes: bool = False, order: int = 8) -> bool:
     """Whether the pre-kernel handles this K, rotation and grouping; ``codes``: as INT4 codes for the W4A4
-    GEMM (``quantize``), whose word order needs chunks of whole blocks of 8."""
+    GEMM (``quantize``), whose K order (blocks of ``order``: 8 or 128) needs chunks of whole blocks."""
     ch = _chunk(k, had_block, act_group)
-    return ch is not None and (not codes or (k % 8 == 0 and ch % 8 == 0))
+    return ch is not None and (not codes or (k % order == 0 and ch % order == 0 and (order == 8 or next_pow2(ch) == ch)))
 
 
-def _launch(x2, mode, had_block, act_group, y=None, q=None, s=None, amax=None, n_chunks=1, fake=False):
+def _launch(x2, mode, had_block, act_group, y=None, q=None, s=None, amax=None, n_chunks=1, fake=False, order=8):
     M, K = x2.shape
     ch = _chunk(K, had_block, act_group)
     chp = next_pow2(ch)
@@ -234,7 +240,7 @@ def _launch(x2, mode, had_block, act_group, y=None, q=None, s=None, amax=None, n
         s.stride(0) if s is not None else 0, amax.stride(0) if amax is not None else 0,
         n_chunks, 1.0 / math.sqrt(had_block) if rotate else 1.0,
         CH=ch, CHP=chp, NCP=next_pow2(n_chunks), AG=max(act_group, 1), ROTATE=rotate, MODE=mode,
-        BLOCK_M=block_m, FAKE=fake, num_warps=8 if chp > 128 else 4, num_stages=1, **dot_flags(x2.dtype))
+        BLOCK_M=block_m, FAKE=fake, ORDER=order, num_warps=8 if chp > 128 else 4, num_stages=1, **dot_flags(x2.dtype))
     return ch
 
 
@@ -253,7 +259,7 @@ def _rows_layout(K: int, had_block: int, act_group: int) -> Optional[tuple[int, 
     return (ch, npad, rows) if fits else None
 
 
-def _launch_rows(x2, layout, had_block, act_group, y=None, q=None, s=None, fake=False):
+def _launch_rows(x2, layout, had_block, act_group, y=None, q=None, s=None, fake=False, order=8):
     M, K = x2.shape
     ch, npad, rows = layout
     chp = next_pow2(ch)
@@ -264,7 +270,7 @@ def _launch_rows(x2, layout, had_block, act_group, y=None, q=None, s=None, fake=
         x2, h, y if y is not None else dummy, q if q is not None else dummy, s if s is not None else dummy,
         M, K, x2.stride(0), y.stride(0) if y is not None else 0, q.stride(0) if q is not None else 0,
         s.stride(0) if s is not None else 0, 1.0 / math.sqrt(had_block) if rotate else 1.0,
-        CH=ch, CHP=chp, NP=npad, R=rows, AG=act_group, ROTATE=rotate, FAKE=fake,
+        CH=ch, CHP=chp, NP=npad, R=rows, AG=act_group, ROTATE=rotate, FAKE=fake, ORDER=order,
         num_warps=4 if rows * npad * chp <= 8192 else 8, num_stages=1, **dot_flags(x2.dtype))
 
 
@@ -276,12 +282,13 @@ def rotate(x2: torch.Tensor, had_block: int) -> torch.Tensor:
     return y
 
 
-def quantize(x2: torch.Tensor, act_group: int, had_block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(x2: torch.Tensor, act_group: int, had_block: int, order: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """x2 [M, K] -> (q int8 [M, K], scales float32 [M, K/act_group] or [M, 1]) of the rotated x2, q in the
-    W4A4 GEMM's K order (``triton_w4a4.to_word_order`` of the codes; the scales keep K's order)."""
+    W4A4 GEMM's K order (``triton_w4a4.to_k_order(codes, order)``: 8 for the Triton GEMM, 128 for the Gluon
+    one; the scales keep K's order)."""
     M, K = x2.shape
-    if not supported(K, had_block, act_group, codes=True):
-        raise ValueError(f"W4A4 activation codes come in blocks of 8 along K: K = {K} with Hadamard block "
+    if not supported(K, had_block, act_group, codes=True, order=order):
+        raise ValueError(f"W4A4 activation codes come in blocks of {order} along K: K = {K} with Hadamard block "
                          f"{had_block} and activation group {act_group} does not tile them; use the reference op")
     q = torch.empty((M, K), device=x2.device, dtype=torch.int8)
     s = torch.empty((M, K // act_group if act_group > 0 else 1), device=x2.device, dtype=torch.float32)
@@ -289,14 +296,14 @@ def quantize(x2: torch.Tensor, act_group: int, had_block: int) -> tuple[torch.Te
         return q, s
     layout = _rows_layout(K, had_block, act_group)
     if layout is not None:
-        _launch_rows(x2, layout, had_block, act_group, q=q, s=s)
+        _launch_rows(x2, layout, had_block, act_group, q=q, s=s, order=order)
     elif act_group > 0:
-        _launch(x2, MODE_QUANT_GROUP, had_block, act_group, q=q, s=s)
+        _launch(x2, MODE_QUANT_GROUP, had_block, act_group, q=q, s=s, order=order)
     else:
         n_chunks = triton.cdiv(K, _chunk(K, had_block, 0))
         amax = torch.empty((M, n_chunks), device=x2.device, dtype=torch.float32)
         _launch(x2, MODE_AMAX, had_block, 0, amax=amax, n_chunks=n_chunks)
-        _launch(x2, MODE_QUANT_TOKEN, had_block, 0, q=q, s=s, amax=amax, n_chunks=n_chunks)
+        _launch(x2, MODE_QUANT_TOKEN, had_block, 0, q=q, s=s, amax=amax, n_chunks=n_chunks, order=order)
     return q, s
 
 

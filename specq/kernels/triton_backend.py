@@ -107,15 +107,18 @@ def linear_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor
             xq = triton_act.fake_quantize(x2, act_group_size, had_block)
             y = triton_wq.wq_matmul(xq, packed, scales, bias, triton_wq.FORMAT_INT4, group_size)
             return y.reshape(*x.shape[:-1], n)
-        if triton_act.supported(k, had_block, act_group_size, codes=True):
-            q, sx = triton_act.quantize(x2, act_group_size, had_block)
+        # the Gluon kernel (Hopper, large M) reads the codes in its own K order (triton_w4a4.to_wgmma_order)
+        wgmma = gluon_w4a4.supported(x2.shape[0], n, k, group_size, act_group_size, x2.device)
+        order = triton_w4a4.ORDER_WGMMA if wgmma else triton_w4a4.ORDER_WORDS
+        if triton_act.supported(k, had_block, act_group_size, codes=True, order=order):
+            q, sx = triton_act.quantize(x2, act_group_size, had_block, order)
         else:
             _fallback(f"activation quantization with had_block {had_block}, group {act_group_size}")
             xr = hadamard.hadamard_transform(x2, had_block) if had_block > 0 else x2
             q, sx = activation.quantize_int4(xr, act_group_size)
-            q = triton_w4a4.to_word_order(q).contiguous()
+            q = triton_w4a4.to_k_order(q, order).contiguous()
             sx = sx.reshape(q.shape[0], -1).contiguous()
-        if gluon_w4a4.supported(q.shape[0], n, k, group_size, act_group_size, q.device):
+        if wgmma:
             y = gluon_w4a4.w4a4_matmul(q, sx, packed, scales, bias, group_size, x.dtype)
         else:
             y = triton_w4a4.w4a4_matmul(q, sx, packed, scales, bias, group_size, act_group_size, x.dtype)

@@ -178,6 +178,35 @@ def from_word_order(q: torch.Tensor) -> torch.Tensor:
     return q.reshape(*q.shape[:-1], -1, 2, 4).transpose(-1, -2).reshape(q.shape)
 
 
+# K orders of the activation codes: ``to_word_order`` (blocks of 8, this kernel) and ``to_wgmma_order``
+# (blocks of 128, the Gluon kernel's: gluon_w4a4)
+ORDER_WORDS, ORDER_WGMMA = 8, 128
+
+
+def to_wgmma_order(q: torch.Tensor) -> torch.Tensor:
+    """Activation codes [..., K] (K % 128 == 0) in the Gluon kernel's K order: in each block of 128 = 16 packed
+    words, word 4t + s holds codes 8(4t + s) + 2b + h (b < 4, h: even / odd), and they go to position
+    32s + 16h + 4t + b, where the int8 wgmma's A-operand registers of lane t hold them (gluon_w4a4)."""
+    n = q.dim() - 1
+    t = q.reshape(*q.shape[:-1], -1, 4, 4, 4, 2)  # (block, t, s, b, h)
+    return t.permute(*range(n), n, n + 2, n + 4, n + 1, n + 3).reshape(q.shape)
+
+
+def from_wgmma_order(q: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``to_wgmma_order``."""
+    n = q.dim() - 1
+    t = q.reshape(*q.shape[:-1], -1, 4, 2, 4, 4)  # (block, s, h, t, b)
+    return t.permute(*range(n), n, n + 3, n + 1, n + 4, n + 2).reshape(q.shape)
+
+
+def to_k_order(q: torch.Tensor, order: int) -> torch.Tensor:
+    return to_word_order(q) if order == ORDER_WORDS else to_wgmma_order(q)
+
+
+def from_k_order(q: torch.Tensor, order: int) -> torch.Tensor:
+    return from_word_order(q) if order == ORDER_WORDS else from_wgmma_order(q)
+
+
 def _sub_k(wg: int, ag: int, want: int) -> Optional[int]:
     g = wg if ag == 0 else math.gcd(wg, ag)
     s = want
