@@ -25,6 +25,7 @@ reference.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -230,12 +231,15 @@ if HAVE_GLUON:
 
 _CACHE = ConfigCache("w4a4_wgmma")
 
+# SPECQ_W4A4_GLUON=0 keeps every shape on the Triton kernel (triton_w4a4)
+ENABLED = os.environ.get("SPECQ_W4A4_GLUON", "1") not in ("", "0")
+
 
 def supported(m: int, n: int, k: int, group: int, act_group: int, device: torch.device) -> bool:
     """Whether this kernel takes the shape: Hopper, Gluon present, more than 128 rows (below that the Triton
     kernel's split-K tiles fill the GPU better), per-token activation scales, K in whole chunks and weight
     groups that hold whole chunks."""
-    return (HAVE_GLUON and not INTERPRET and device.type == "cuda" and m > 128 and act_group == 0
+    return (ENABLED and HAVE_GLUON and not INTERPRET and device.type == "cuda" and m > 128 and act_group == 0
             and k % CHUNK_K == 0 and group % CHUNK_K == 0 and _groups_held(k, group) <= MAX_GROUPS
             and torch.cuda.get_device_capability(device)[0] == 9)
 
