@@ -76,10 +76,15 @@ def test_wgmma_kernel_compiles_for_sm90_with_wgmma_in_flight(index):
     assert len(sets) == 2, sets
 
 
-def test_dispatch_rule():
-    """The Gluon kernel takes Hopper, > 128 rows, per-token activation scales, whole 128-chunks of K in
-    whole weight groups; everything else stays on the Triton kernel (and nothing runs it on CPU)."""
+def test_dispatch_rule(monkeypatch):
+    """Opted in (SPECQ_W4A4_GLUON=1), the Gluon kernel takes Hopper, > 128 rows, per-token activation scales,
+    whole 128-chunks of K in whole weight groups; everything else stays on the Triton kernel (and nothing
+    runs it on CPU). Not opted in, nothing does."""
     g = _gluon()
+    assert g.ENABLED == (os.environ.get("SPECQ_W4A4_GLUON", "0") not in ("", "0"))
+    monkeypatch.setattr(g, "ENABLED", False)
+    assert not g.supported(1024, 4096, 4096, 128, 0, torch.device("cuda"))
+    monkeypatch.setattr(g, "ENABLED", True)
     cpu = torch.device("cpu")
     assert not g.supported(1024, 4096, 4096, 128, 0, cpu)
     if not torch.cuda.is_available():
@@ -131,11 +136,12 @@ def test_gpu_wgmma_kernel_matches_float64_and_triton(index, m, k, n):
 
 
 @pytest.mark.gpu
-def test_gpu_op_runs_the_wgmma_kernel_at_large_m():
+def test_gpu_op_runs_the_wgmma_kernel_at_large_m(monkeypatch):
     """torch.ops.specq.linear_w4a4 at 256 rows on Hopper goes through the Gluon kernel and equals the
     reference op (rotation + per-token INT4 activations)."""
     _hopper()
     g = _gluon()
+    monkeypatch.setattr(g, "ENABLED", True)
     import specq.kernels.ops  # noqa: F401
     from specq.formats import int4
     from specq.kernels import ops

@@ -2,25 +2,36 @@
 
 The Triton kernel (``triton_w4a4``) leaves each chunk's serial chain to the compiler: load, decode,
 store, wgmma, *wait*, rescale; Triton 3.6 waits for every int32 wgmma at once, so within one program
-nothing overlaps the tensor cores (measured: ~820 SM cycles per 128 x 128 x 128 chunk-tile where the
-MMA needs 256 and the instructions ~315). Gluon (Triton's tile-level language with explicit layouts,
-shared memory, barriers and async wgmma) lets this kernel order the work itself. Per 128-deep chunk i:
+nothing overlaps the tensor cores (~820 SM cycles per 128 x 128 x 128 chunk-tile where the MMA needs
+256 and the instructions ~315). Gluon (Triton's tile-level language with explicit layouts, shared memory,
+barriers and async wgmma) lets this kernel order the work itself. Per 128-deep chunk i:
 
-1. wait for chunk i's TMA copies (activation codes [BLOCK_M, BK] and packed weights [BLOCK_N, BK/8]
-   in a ring of STAGES buffers);
+1. wait for chunk i's TMA copies (activation codes [BLOCK_M, BK] and packed weights [BLOCK_N, BK/8] in a
+   ring of STAGES slots);
 2. decode its weights (three instructions per eight, ``triton_w4a4._decode_words``'s trick) from shared
-   memory into registers and store them, as int8 ``16 q`` in word order, into one of two A buffers;
-3. issue chunk i's wgmma (A: decoded weights, B: activation codes, both from shared memory) with an
-   int32 accumulator and *don't wait for it*;
+   memory *straight into the wgmma's A-operand registers* (``_decode_chunk``): no store, fence or barrier
+   between the decode and the MMA. That works because the activation codes come in a K order made for it
+   (``triton_w4a4.to_wgmma_order``, written by the pre-kernel with ORDER 128);
+3. issue chunk i's wgmma (A: those registers, B: the activation codes in shared memory) into one of two
+   int32 register sets and *don't wait for it*;
 4. wait for chunk i-1's wgmma only (``warpgroup_mma_wait(1)``), rescale its int32 result into the fp32
-   accumulator (by the weight group's scales), and refill chunk i-1's ring slot with chunk i-1+STAGES.
+   accumulator by the weight group's scales (held in shared memory for the tile's whole K), and refill its
+   ring slot with chunk i-1+STAGES.
 
-So chunk i's tensor work runs under chunk i+1's decode and chunk i-1's rescale. The tile is the
-transposed output (weight rows x tokens, as triton_w4a4's SWAP): wgmma's M side is 64 rows per warpgroup,
-its N side the tokens. Used on sm_90 for M > 128 where the shapes fit (``supported``); everything else
-stays on the Triton kernel. Gluon kernels do not run in Triton's interpreter: CPU CI compiles this one for
-sm_90 (``tests/test_sass_budget.py``) and checks its host-side logic; the GPU tests run it against the
-reference.
+So chunk i's tensor work runs under chunk i+1's decode and chunk i-1's rescale. No wgmma stays in flight
+across the loop's back edge (ptxas would then serialize them all): an iteration runs four chunks and
+drains. The tile is the transposed output (weight rows x tokens, as triton_w4a4's SWAP): wgmma's M side
+is 64 rows per warpgroup, its N side the tokens.
+
+Status (2026-12-07): the first version, whose decoded weights went through shared memory as the wgmma's
+A operand, passed the GPU tests and ran at 0.98-1.17x bf16 on the 8B shapes at M = 256 / 1024, no better
+than triton_w4a4 (``benchmarks/results/kernels_wgmma_smem_a_h100.md``): per chunk-tile its shared memory
+carried ~56 KB (TMA writes, the decoded tile's store and the wgmma's reads of both operands), above what
+the SM's 128 B/clk serve in the MMA's 256 cycles. This version drops the A tile's store and reads (16 of
+those KB); it compiles for sm_90 with its wgmmas asynchronous and no spills (CPU CI checks both), but has
+not run on a GPU yet, so the op uses it only with SPECQ_W4A4_GLUON=1 (``ENABLED``). Gluon kernels don't
+run in Triton's interpreter; the GPU tests (``tests/test_gluon_w4a4.py``) check it against float64 and the
+Triton kernel, and ``benchmarks/wgmma_quick.py`` times it.
 """
 
 from __future__ import annotations
@@ -231,8 +242,11 @@ if HAVE_GLUON:
 
 _CACHE = ConfigCache("w4a4_wgmma")
 
-# SPECQ_W4A4_GLUON=0 keeps every shape on the Triton kernel (triton_w4a4)
-ENABLED = os.environ.get("SPECQ_W4A4_GLUON", "1") not in ("", "0")
+# Opt-in (SPECQ_W4A4_GLUON=1) until this version has run on a GPU: its first version (A operand through
+# shared memory, commit 1727bad) passed the GPU tests and timed 0.98-1.17x bf16, no better than triton_w4a4
+# (benchmarks/results/kernels_wgmma_smem_a_h100.md); this one (A decoded into registers) is checked on CPU
+# only (it compiles for sm_90 with its wgmmas asynchronous and no spills), as no device time was left.
+ENABLED = os.environ.get("SPECQ_W4A4_GLUON", "0") not in ("", "0")
 
 
 def supported(m: int, n: int, k: int, group: int, act_group: int, device: torch.device) -> bool:
