@@ -11,11 +11,14 @@
 - `tiny_tokenizer`: a byte-level tokenizer whose 256 ids fit the tiny models' vocabulary (no chat
   template, no special tokens), for saving a tiny model as a loadable directory.
 - `encode_chat`: `encode_chat(tokenizer, "question")` -> input_ids [1, T] with the chat template.
+- `sass_report`: benchmarks/sass_report.py (sm_90 compilation and SASS counts with the ptxas /
+  nvdisasm of Triton's wheel, ``.PTXAS`` the ptxas path); skips where the wheel carries none.
 - Tests marked `gpu` are skipped where CUDA is unavailable.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -25,6 +28,20 @@ import torch
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
+
+
+@pytest.fixture(scope="session")
+def sass_report():
+    triton = pytest.importorskip("triton")
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not all(os.path.exists(os.path.join(bin_dir, b)) for b in ("ptxas", "nvdisasm")):
+        pytest.skip("this triton wheel carries no ptxas/nvdisasm")
+    path = os.path.join(os.path.dirname(TESTS_DIR), "benchmarks", "sass_report.py")
+    spec = importlib.util.spec_from_file_location("sass_report", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.PTXAS = os.path.join(bin_dir, "ptxas")
+    return mod
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,26 +9,12 @@ shapes and against the Triton kernel.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
 
 import pytest
 import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _sass_report():
-    triton = pytest.importorskip("triton")
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    if not all(os.path.exists(os.path.join(bin_dir, b)) for b in ("ptxas", "nvdisasm")):
-        pytest.skip("this triton wheel carries no ptxas/nvdisasm")
-    spec = importlib.util.spec_from_file_location("sass_report", os.path.join(ROOT, "benchmarks", "sass_report.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod, os.path.join(bin_dir, "ptxas")
 
 
 def _gluon():
@@ -51,12 +37,12 @@ def test_candidate_count():
 
 
 @pytest.mark.parametrize("index", range(N_CANDIDATES))
-def test_wgmma_kernel_compiles_for_sm90_with_wgmma_in_flight(index):
+def test_wgmma_kernel_compiles_for_sm90_with_wgmma_in_flight(sass_report, index):
     """Each candidate compiles for sm_90; ptxas keeps the wgmmas asynchronous (no C7514) and the two int32
     result sets in registers; the main loop runs 4 chunks of 4 IGMMA each and waits with one group
     outstanding (chunk i's wgmma runs under chunk i-1's rescale)."""
     g = _gluon()
-    sr, ptxas = _sass_report()
+    sr, ptxas = sass_report, sass_report.PTXAS
     cfg = g._candidates()[index]
     kernel = sr.gluon_w4a4_kernel(cfg)
     out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", "-o", os.devnull, "-"], input=kernel.asm["ptx"],

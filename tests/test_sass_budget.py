@@ -10,23 +10,7 @@ INT4 3.54, MXFP4 4.68 per weight at one row; 8.12 and 9.06 at four rows).
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _sass_report():
-    triton = pytest.importorskip("triton")
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    if not all(os.path.exists(os.path.join(bin_dir, b)) for b in ("ptxas", "nvdisasm")):
-        pytest.skip("this triton wheel carries no ptxas/nvdisasm")
-    spec = importlib.util.spec_from_file_location("sass_report", os.path.join(ROOT, "benchmarks", "sass_report.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # (format, rows of x, instructions per weight in the K loop at most)
@@ -34,8 +18,8 @@ BUDGETS = [("int4", 1, 3.65), ("mxfp4", 1, 4.8), ("int4", 4, 8.35), ("mxfp4", 4,
 
 
 @pytest.mark.parametrize("fmt,rows,budget", BUDGETS, ids=[f"{f}-rows{r}" for f, r, _ in BUDGETS])
-def test_gemv_k_loop_stays_within_its_instruction_budget(fmt, rows, budget):
-    sr = _sass_report()
+def test_gemv_k_loop_stays_within_its_instruction_budget(sass_report, fmt, rows, budget):
+    sr = sass_report
     kernel, weights_per_thread = sr.gemv_kernel(fmt, bn=4, jt=64, warps=2, rows=rows)
     ops = sr.loop_histogram(sr.sass_of(kernel))
     per_weight = sum(ops.values()) / weights_per_thread
@@ -61,11 +45,11 @@ MMA_BUDGETS = [("int4", 2, 1, 0, 2.5), ("int4", 2, 1, 1, 2.2), ("mxfp4", 2, 1, 0
 
 @pytest.mark.parametrize("fmt,tiles,rows,offset,budget", MMA_BUDGETS,
                          ids=[f"{f}-tiles{t}-rows{r}-offset{o}" for f, t, r, o, _ in MMA_BUDGETS])
-def test_mma_gemv_k_loop_decodes_into_registers(fmt, tiles, rows, offset, budget):
+def test_mma_gemv_k_loop_decodes_into_registers(sass_report, fmt, tiles, rows, offset, budget):
     """The weights go from the 16-byte loads through the decode into the MMA's registers: no shared
     memory in the K loop (Triton's tl.dot path stores and reloads every decoded tile), one HMMA per
     16 x 8 x 16 block, and the instruction count per weight within its budget (2026-12-07 + ~3%)."""
-    sr = _sass_report()
+    sr = sass_report
     nb = 1 if rows <= 8 else 2
     kernel, weights_per_thread = sr.mma_gemv_kernel(fmt, tiles, kw=4, nb=nb, offset=offset)
     ops = sr.loop_histogram(sr.sass_of(kernel))
@@ -87,8 +71,8 @@ W4A4_BUDGETS = [(128, 128, 8, 3, 312, 255), (128, 64, 4, 4, 324, 208), (64, 64, 
 
 @pytest.mark.parametrize("bm,bn,warps,stages,budget,max_regs", W4A4_BUDGETS,
                          ids=[f"{bm}x{bn}-w{w}" for bm, bn, w, *_ in W4A4_BUDGETS])
-def test_w4a4_k_loop_decodes_three_instructions_per_word(bm, bn, warps, stages, budget, max_regs):
-    sr = _sass_report()
+def test_w4a4_k_loop_decodes_three_instructions_per_word(sass_report, bm, bn, warps, stages, budget, max_regs):
+    sr = sass_report
     kernel, weights_per_thread = sr.w4a4_kernel(bm, bn, warps, stages, swap=1)
     ops = sr.loop_histogram(sr.sass_of(kernel))
     total = sum(ops.values())
