@@ -9,6 +9,7 @@ shapes and against the Triton kernel.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import subprocess
@@ -142,3 +143,27 @@ def test_gpu_op_runs_the_wgmma_kernel_at_large_m(monkeypatch):
     # pre-kernel's is (in float64 a few codes land on the other side of a rounding boundary)
     ref = ops.reference_w4a4(x, p, s, None, 0, 128).double()
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_wgmma_k_order_matches_the_register_decode():
+    """The Gluon kernel's operand layout, emulated in float64 (the GPU is the only place it runs): lane t's A
+    registers for K step s hold the four bytes of the even codes (``lo``) of packed word 4t + s at logical
+    K 32s + 4t.. and its odd codes (``hi``) at 32s + 16 + 4t..; with the activation codes in
+    ``to_wgmma_order`` the dot over that logical K is the matmul of the codes."""
+    from specq.formats import int4
+    from specq.kernels import triton_w4a4
+
+    gen = torch.Generator().manual_seed(5)
+    n, k, m = 8, 256, 3
+    p, s = int4.quantize((torch.randn(n, k, generator=gen) * 0.05).bfloat16(), 128)
+    q = torch.randint(-8, 8, (m, k), generator=gen, dtype=torch.int8)
+    w = p.to(torch.int64) & 0xFFFFFFFF  # the words as unsigned
+    lo = (((w << 4) & 0xF0F0F0F0) ^ 0x80808080).reshape(n, k // 128, 4, 4)  # [n, block, t, s]
+    hi = ((w & 0xF0F0F0F0) ^ 0x80808080).reshape(n, k // 128, 4, 4)
+    a = torch.zeros(n, k, dtype=torch.float64)
+    for blk, t, s_, h, b in itertools.product(range(k // 128), range(4), range(4), range(2), range(4)):
+        byte = ((hi if h else lo)[:, blk, t, s_] >> (8 * b)) & 0xFF
+        a[:, 128 * blk + 32 * s_ + 16 * h + 4 * t + b] = (byte - 256 * (byte >= 128)).double()  # int8 16 q
+    codes = triton_w4a4.to_wgmma_order(q).double()
+    got = codes @ a.T / 16  # the kernel's int32 dot (its weights are 16 q)
+    assert torch.equal(got, q.double() @ int4.unpack(p).double().T)
