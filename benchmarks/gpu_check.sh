@@ -14,7 +14,9 @@
 # w4a4_large  (200 s) the W4A4 GEMM at M = 256, 1024 against bf16 (issue 6's 1.5x goal)
 # w4a4_quick  (140 s) the W4A4 GEMM alone at M = 32, 64, 256, 1024 on two shapes, and the autotuner's picks
 # gpu_w4a4    (240 s) the GPU tests of the W4A4 GEMM and the activation pre-kernel only
-# wgmma       (350 s) the Gluon W4A4 kernel's tests, then it, the Triton W4A4 GEMM and bf16 at M = 256, 1024
+# wgmma       (410 s) the Gluon W4A4 kernel's tests and the pre-kernel's (both K orders), then it, the Triton
+#                     W4A4 GEMM and bf16 at M = 256, 1024
+# wgmma_quick (90 s)  the Gluon W4A4 kernel on two ragged shapes and timed at one size (a short call)
 # Results land in $OUT (fetched by the device tool); copy the ones worth keeping to benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -61,8 +63,9 @@ run_step() {
       grep -E "^\| (bf16|w4a4)" "$OUT/kernels_wgmma.md"
       python -c "import json, sys; [print(n, k, v) for n, d in json.load(open(sys.argv[1]))['meta']['tuned'].items() for k, v in d.items()]" \
         "$OUT/kernels_wgmma.json" ;;
+    wgmma_quick) step wgmma_quick 90 python benchmarks/wgmma_quick.py; tail -n 14 "$OUT/wgmma_quick.log" ;;
     gpu_w4a4) step gpu_w4a4 240 python -m pytest -q -x tests/test_triton_kernels.py -k "gpu and (w4a4 or act)" ;;
-    *) echo "unknown step '$1' (gpu_tests gpu_w4a4 wgmma kernels kernels_m12 gemv_lab e2e_8b w4a4_large w4a4_quick)"; return 2 ;;
+    *) echo "unknown step '$1' (gpu_tests gpu_w4a4 wgmma wgmma_quick kernels kernels_m12 gemv_lab e2e_8b w4a4_large w4a4_quick)"; return 2 ;;
   esac
 }
 [ $# -eq 0 ] && set -- gpu_tests e2e_8b kernels_m12
