@@ -19,6 +19,7 @@ import torch
 
 
 def _gluon():
+    pytest.importorskip("triton")
     from specq.kernels import gluon_w4a4
 
     if not gluon_w4a4.HAVE_GLUON:
@@ -150,6 +151,7 @@ def test_wgmma_k_order_matches_the_register_decode():
     registers for K step s hold the four bytes of the even codes (``lo``) of packed word 4t + s at logical
     K 32s + 4t.. and its odd codes (``hi``) at 32s + 16 + 4t..; with the activation codes in
     ``to_wgmma_order`` the dot over that logical K is the matmul of the codes."""
+    pytest.importorskip("triton")
     from specq.formats import int4
     from specq.kernels import triton_w4a4
 
