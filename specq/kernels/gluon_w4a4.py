@@ -52,6 +52,7 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
 from specq.kernels.triton_common import INTERPRET, Config, ConfigCache, m_bucket, next_pow2
+from specq.kernels.triton_w4a4 import DECODE_ASM
 
 CHUNK_K = 128  # K per chunk: one int32 wgmma result, rescaled once; divides the weight (and activation) groups
 
@@ -62,10 +63,8 @@ if HAVE_GLUON:
     def _decode_words(pw):
         """int32 words of eight codes (q + 8) -> (lo, hi) int32 words of four int8 ``16 q`` each: the even
         codes (k0 k2 k4 k6) and the odd ones (k1 k3 k5 k7), one LOP3 (and one shift) each."""
-        return gl.inline_asm_elementwise(
-            "{ .reg .b32 t; shl.b32 t, $2, 4; lop3.b32 $0, t, 0xF0F0F0F0, 0x80808080, 0x6A; "
-            "lop3.b32 $1, $2, 0xF0F0F0F0, 0x80808080, 0x6A; }",  # 0x6A: (a & b) ^ c
-            "=r,=r,r", [pw], dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
+        return gl.inline_asm_elementwise(DECODE_ASM, "=r,=r,r", [pw], dtype=(gl.int32, gl.int32), is_pure=True,
+                                         pack=1)
 
     @gluon.constexpr_function
     def _words_layout(num_warps):

@@ -62,6 +62,12 @@ from specq.kernels.triton_wq import _interleave8, _split_for, _store_tile, _tile
 _INTERPRET = tl.constexpr(INTERPRET)
 
 
+# one packed word $2 -> $0: its even codes as int8 16 q (a shift and a LOP3), $1: its odd ones (a LOP3);
+# 0x6A is the LOP3 table of (a & b) ^ c
+DECODE_ASM = tl.constexpr("{ .reg .b32 t; shl.b32 t, $2, 4; lop3.b32 $0, t, 0xF0F0F0F0, 0x80808080, 0x6A; "
+                          "lop3.b32 $1, $2, 0xF0F0F0F0, 0x80808080, 0x6A; }")
+
+
 @triton.jit
 def _bytes4(v):
     return v.to(tl.int8), (v >> 8).to(tl.int8), (v >> 16).to(tl.int8), (v >> 24).to(tl.int8)
@@ -78,10 +84,8 @@ def _decode_words(pw):
         lo = ((pw << 4) & -252645136) ^ -2139062144  # & 0xF0F0F0F0, ^ 0x80808080
         hi = (pw & -252645136) ^ -2139062144
     else:  # one LOP3 each: written as separate AND and XOR, they stay two instructions in the SASS
-        lo, hi = tl.inline_asm_elementwise(
-            "{ .reg .b32 t; shl.b32 t, $2, 4; lop3.b32 $0, t, 0xF0F0F0F0, 0x80808080, 0x6A; "
-            "lop3.b32 $1, $2, 0xF0F0F0F0, 0x80808080, 0x6A; }",  # 0x6A: (a & b) ^ c
-            "=r,=r,r", [pw], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        lo, hi = tl.inline_asm_elementwise(DECODE_ASM, "=r,=r,r", [pw], dtype=(tl.int32, tl.int32), is_pure=True,
+                                           pack=1)
     l0, l1, l2, l3 = _bytes4(lo)
     h0, h1, h2, h3 = _bytes4(hi)
     return _interleave8(l0, l1, l2, l3, h0, h1, h2, h3)
