@@ -140,14 +140,10 @@ def w4a4_kernel(block_m: int, block_n: int, warps: int, stages: int, swap: int):
 def gluon_w4a4_kernel(cfg):
     """The pipelined Gluon W4A4 GEMM (gluon_w4a4) for sm_90 at one candidate config (per-token scales, weight
     groups of 128, bias)."""
-    from triton.experimental.gluon import language as gl
-
     from specq.kernels import gluon_w4a4 as g
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    ql = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8)
-    wl = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32)
-    sig = {"q_desc": f"tensordesc<i8[{bm}, {g.CHUNK_K}],{ql!r}>",
-           "w_desc": f"tensordesc<i32[{bn}, {g.CHUNK_K // 8}],{wl!r}>",
+    sig = {"q_desc": f"tensordesc<i8[{bm}, {g.CHUNK_K}],{g.CODES_SMEM!r}>",
+           "w_desc": f"tensordesc<i32[{bn}, {g.CHUNK_K // 8}],{g.WORDS_SMEM!r}>",
            "sx_ptr": "*fp32", "sw_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32",
            "K": "i32", "stride_sxm": "i32", "stride_swn": "i32", "stride_ym": "i32"}
     const = {"WG": 128, "NG": 32, "HAS_BIAS": True, "STAGES": cfg["STAGES"], "I2F": cfg["I2F"],

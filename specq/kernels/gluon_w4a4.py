@@ -58,6 +58,10 @@ CHUNK_K = 128  # K per chunk: one int32 wgmma result, rescaled once; divides the
 
 if HAVE_GLUON:
     BK = gl.constexpr(CHUNK_K)
+    # the TMA tiles' shared-memory layouts: activation codes [BLOCK_M, BK] in 128-byte swizzled rows (the
+    # wgmma's B operand), packed words [BLOCK_N, BK / 8] plain (read by 16-byte loads, see _words_layout)
+    CODES_SMEM = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8)
+    WORDS_SMEM = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32)
 
     @gluon.jit
     def _decode_words(pw):
@@ -155,7 +159,8 @@ if HAVE_GLUON:
             sw_smem.slice(c * SW_PART, SW_PART).store(part)
         gl.thread_barrier()
         # read back a group (row) at a time: the same bytes seen as rows of a one-dimensional layout
-        sw_smem = sw_smem._reinterpret(sw_ptr.dtype.element_ty, [NG, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+        sw_smem = sw_smem._reinterpret(sw_ptr.dtype.element_ty, [NG, BLOCK_N],
+                                       gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
 
         n_chunks = (K + BK - 1) // BK
         for j in gl.static_range(STAGES):
@@ -164,24 +169,24 @@ if HAVE_GLUON:
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
         # Two register sets hold the int32 wgmma results, in turn: a wgmma zero-starts (use_acc=False) in the
         # registers of the result before last. No wgmma is in flight across the loop's back edge: the copy that
-        # would carry its registers around makes ptxas serialize every wgmma (C7514). So an iteration runs
-        # CHUNKS chunks (each one's wgmma under the next one's decode and the last one's rescale) and drains.
+        # would carry its registers around makes ptxas serialize every wgmma (C7514). So an iteration runs four
+        # chunks (each one's wgmma under the next one's decode and the last one's rescale) and drains.
         fa = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, layout=MMA)
         fb = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, layout=MMA)
         ctx = (q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, I2F)
         n_main = n_chunks - n_chunks % 4
         for base in range(0, n_main, 4):
-            tok0, sw0, a0 = _issue(base, fa, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, DOT_A)
-            tok1, sw1, a1 = _issue(base + 1, fb, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, DOT_A)
-            acc, fa = _finish(base, tok0, sw0, a0, acc, 1, ctx, STAGES)
-            tok2, sw2, a2 = _issue(base + 2, fa, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, DOT_A)
-            acc, fb = _finish(base + 1, tok1, sw1, a1, acc, 1, ctx, STAGES)
-            tok3, sw3, a3 = _issue(base + 3, fb, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, DOT_A)
-            acc, fa = _finish(base + 2, tok2, sw2, a2, acc, 1, ctx, STAGES)
-            acc, fb = _finish(base + 3, tok3, sw3, a3, acc, 0, ctx, STAGES)
+            tok0, sw0 = _issue(base, fa, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, DOT_A)
+            tok1, sw1 = _issue(base + 1, fb, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, DOT_A)
+            acc, fa = _finish(base, tok0, sw0, acc, 1, ctx, STAGES)
+            tok2, sw2 = _issue(base + 2, fa, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, DOT_A)
+            acc, fb = _finish(base + 1, tok1, sw1, acc, 1, ctx, STAGES)
+            tok3, sw3 = _issue(base + 3, fb, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, DOT_A)
+            acc, fa = _finish(base + 2, tok2, sw2, acc, 1, ctx, STAGES)
+            acc, fb = _finish(base + 3, tok3, sw3, acc, 0, ctx, STAGES)
         for i in range(n_main, n_chunks):  # the last n_chunks % 4, one at a time
-            tok0, sw0, a0 = _issue(i, fa, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, DOT_A)
-            acc, fa = _finish(i, tok0, sw0, a0, acc, 0, ctx, STAGES)
+            tok0, sw0 = _issue(i, fa, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, DOT_A)
+            acc, fa = _finish(i, tok0, sw0, acc, 0, ctx, STAGES)
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
 
@@ -200,23 +205,21 @@ if HAVE_GLUON:
     def _issue(i, free, ctx, sw_smem, ROWS: gl.constexpr, WG: gl.constexpr, STAGES: gl.constexpr,
                WORDS: gl.constexpr, BLOCK_N: gl.constexpr, DOT_A: gl.constexpr):
         """Decode chunk i's weights and issue its wgmma into the registers of ``free`` (a finished result);
-        returns the in-flight result, the chunk's weight scales and its A operand (registers the wgmma reads
-        until it completes)."""
+        returns the in-flight result and the chunk's weight scales. The decoded A registers stay the wgmma's
+        until its wait: ptxas tracks wgmma register operands itself (the wait's deps take no 8-bit tensors)."""
         q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, I2F = ctx
         a_op = _decode_chunk(i, w_smem, ready, STAGES, WORDS, DOT_A, BLOCK_N)
         # zero-start, as a runtime predicate (i < 0 is never true): with a constant False the result gets fresh
         # registers, which lets ptxas keep a third 64-register set live
         tok = warpgroup_mma(a_op, q_smem.index(i % STAGES).permute((1, 0)), free, use_acc=i < 0, is_async=True)
         sw = sw_smem.index((i * BK) // WG).load(ROWS).to(gl.float32)
-        return tok, sw, a_op
+        return tok, sw
 
     @gluon.jit
-    def _finish(i, tok, sw, a_op, acc, OUTSTANDING: gl.constexpr, ctx, STAGES: gl.constexpr):
+    def _finish(i, tok, sw, acc, OUTSTANDING: gl.constexpr, ctx, STAGES: gl.constexpr):
         """Wait for chunk i's wgmma (leaving OUTSTANDING newer ones in flight), refill its ring slot with
         chunk i + STAGES and add its scaled result to ``acc``; returns acc and the finished int32 result."""
         q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, I2F = ctx
-        # (a_op's registers stay the wgmma's until this wait: ptxas tracks wgmma register operands itself, and
-        # the wait's deps take no 8-bit tensors)
         d = warpgroup_mma_wait(OUTSTANDING, deps=(tok, ))
         gl.thread_barrier()  # every warp is done with the slot (its words and, via its wgmma, its codes)
         _load_chunk(i + STAGES, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, STAGES)
@@ -281,8 +284,8 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 def w4a4_matmul(q: torch.Tensor, sx: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                 bias: Optional[torch.Tensor], group: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """q int8 [M, K] in the wgmma K order (``triton_w4a4.to_wgmma_order``), sx fp32 [M, 1] per-token scales, packed
-    int32 [N, K/8], scales [N, K/group] -> [M, N] in out_dtype. The shape must be ``supported``."""
+    """q int8 [M, K] in the wgmma K order (``triton_w4a4.to_wgmma_order``), sx fp32 [M, 1] per-token scales,
+    packed int32 [N, K/8], scales [N, K/group] -> [M, N] in out_dtype. The shape must be ``supported``."""
     M, K = q.shape
     N = packed.shape[0]
     y = torch.empty((M, N), device=q.device, dtype=out_dtype)
@@ -302,11 +305,9 @@ def launch_wgmma(cfg: Config, q, sx, packed, scales, b_arg, out, has_bias: bool,
     M, K = q.shape
     N = packed.shape[0]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    q_desc = TensorDescriptor(q, [M, K], [K, 1], [bm, CHUNK_K],
-                              gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8))
-    w_desc = TensorDescriptor(packed, [N, K // 8], [packed.stride(0), 1], [bn, CHUNK_K // 8],
-                              gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32))
+    q_desc = TensorDescriptor(q, [M, K], [K, 1], [bm, CHUNK_K], CODES_SMEM)
+    w_desc = TensorDescriptor(packed, [N, K // 8], [packed.stride(0), 1], [bn, CHUNK_K // 8], WORDS_SMEM)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _w4a4_wgmma_kernel[grid](q_desc, w_desc, sx, scales, b_arg, out, M, N, K, sx.stride(0), scales.stride(0),
-                             out.stride(0), WG=group, NG=_groups_held(K, group), HAS_BIAS=has_bias, STAGES=cfg["STAGES"],
-                             I2F=cfg["I2F"], num_warps=cfg.num_warps)
+                             out.stride(0), WG=group, NG=_groups_held(K, group), HAS_BIAS=has_bias,
+                             STAGES=cfg["STAGES"], I2F=cfg["I2F"], num_warps=cfg.num_warps)

@@ -221,7 +221,8 @@ def supported(k: int, had_block: int, act_group: int, codes: bool = False, order
     """Whether the pre-kernel handles this K, rotation and grouping; ``codes``: as INT4 codes for the W4A4
     GEMM (``quantize``), whose K order (blocks of ``order``: 8 or 128) needs chunks of whole blocks."""
     ch = _chunk(k, had_block, act_group)
-    return ch is not None and (not codes or (k % order == 0 and ch % order == 0 and (order == 8 or next_pow2(ch) == ch)))
+    whole_blocks = k % order == 0 and ch is not None and ch % order == 0 and (order == 8 or next_pow2(ch) == ch)
+    return ch is not None and (not codes or whole_blocks)
 
 
 def _launch(x2, mode, had_block, act_group, y=None, q=None, s=None, amax=None, n_chunks=1, fake=False, order=8):
@@ -240,7 +241,8 @@ def _launch(x2, mode, had_block, act_group, y=None, q=None, s=None, amax=None, n
         s.stride(0) if s is not None else 0, amax.stride(0) if amax is not None else 0,
         n_chunks, 1.0 / math.sqrt(had_block) if rotate else 1.0,
         CH=ch, CHP=chp, NCP=next_pow2(n_chunks), AG=max(act_group, 1), ROTATE=rotate, MODE=mode,
-        BLOCK_M=block_m, FAKE=fake, ORDER=order, num_warps=8 if chp > 128 else 4, num_stages=1, **dot_flags(x2.dtype))
+        BLOCK_M=block_m, FAKE=fake, ORDER=order, num_warps=8 if chp > 128 else 4, num_stages=1,
+        **dot_flags(x2.dtype))
     return ch
 
 
