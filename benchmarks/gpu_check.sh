@@ -17,6 +17,9 @@
 # wgmma       (410 s) the Gluon W4A4 kernel's tests and the pre-kernel's (both K orders), then it, the Triton
 #                     W4A4 GEMM and bf16 at M = 256, 1024
 # wgmma_quick (90 s)  the Gluon W4A4 kernel on two ragged shapes and timed at one size (a short call)
+# wgmma_tests (150 s) the Gluon W4A4 kernel's tests only
+# wgmma_op    (100 s) the whole W4A4 op (pre-kernel in the wgmma K order + Gluon GEMM, SPECQ_W4A4_GLUON=1)
+#                     and its pre-kernel against bf16 at M = 256, 1024
 # Results land in $OUT (fetched by the device tool); copy the ones worth keeping to benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -63,9 +66,13 @@ run_step() {
       grep -E "^\| (bf16|w4a4)" "$OUT/kernels_wgmma.md"
       python -c "import json, sys; [print(n, k, v) for n, d in json.load(open(sys.argv[1]))['meta']['tuned'].items() for k, v in d.items()]" \
         "$OUT/kernels_wgmma.json" ;;
+    wgmma_tests) step wgmma_tests 150 python -m pytest -q -x tests/test_gluon_w4a4.py ;;
+    wgmma_op) SPECQ_W4A4_GLUON=1 step wgmma_op 100 python benchmarks/kernels.py --kinds bf16,w4a4/tok+h,w4a4-act \
+        --shapes 4096x4096,14336x4096 --ms 256,1024 --out "$OUT/kernels_wgmma_op.md" --json "$OUT/kernels_wgmma_op.json"
+      grep -E "^\| (bf16|w4a4)" "$OUT/kernels_wgmma_op.md" ;;
     wgmma_quick) step wgmma_quick 90 python benchmarks/wgmma_quick.py; tail -n 14 "$OUT/wgmma_quick.log" ;;
     gpu_w4a4) step gpu_w4a4 240 python -m pytest -q -x tests/test_triton_kernels.py -k "gpu and (w4a4 or act)" ;;
-    *) echo "unknown step '$1' (gpu_tests gpu_w4a4 wgmma wgmma_quick kernels kernels_m12 gemv_lab e2e_8b w4a4_large w4a4_quick)"; return 2 ;;
+    *) echo "unknown step '$1' (gpu_tests gpu_w4a4 wgmma wgmma_quick wgmma_tests wgmma_op kernels kernels_m12 gemv_lab e2e_8b w4a4_large w4a4_quick)"; return 2 ;;
   esac
 }
 [ $# -eq 0 ] && set -- gpu_tests e2e_8b kernels_m12
