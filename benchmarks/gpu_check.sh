@@ -18,6 +18,7 @@
 #                     W4A4 GEMM and bf16 at M = 256, 1024
 # wgmma_quick (90 s)  the Gluon W4A4 kernel on two ragged shapes and timed at one size (a short call)
 # wgmma_tests (150 s) the Gluon W4A4 kernel's tests only
+# wgmma_ncu   (120 s) Nsight Compute on one launch of Gluon candidates 0 and 5 (M = 1024, 4096 x 4096), if ncu exists
 # wgmma_op    (100 s) the whole W4A4 op (pre-kernel in the wgmma K order + Gluon GEMM, SPECQ_W4A4_GLUON=1)
 #                     and its pre-kernel against bf16 at M = 256, 1024
 # Results land in $OUT (fetched by the device tool); copy the ones worth keeping to benchmarks/results/.
@@ -70,9 +71,15 @@ run_step() {
     wgmma_op) SPECQ_W4A4_GLUON=1 step wgmma_op 100 python benchmarks/kernels.py --kinds bf16,w4a4/tok+h,w4a4-act \
         --shapes 4096x4096,14336x4096 --ms 256,1024 --out "$OUT/kernels_wgmma_op.md" --json "$OUT/kernels_wgmma_op.json"
       grep -E "^\| (bf16|w4a4)" "$OUT/kernels_wgmma_op.md" ;;
+    wgmma_ncu) NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+      if [ -z "$NCU" ]; then echo "== wgmma_ncu: no ncu on this machine"; return 0; fi
+      step wgmma_ncu 120 "$NCU" --kernel-name regex:wgmma --launch-skip 1 --launch-count 2 \
+        --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+        --section InstructionStats --section MemoryWorkloadAnalysis python benchmarks/wgmma_quick.py --launch-only 2 --configs 0,5
+      grep -E "wgmma|Duration|Throughput|Issue Slots|Stall|Warp Cycles|Executed Ipc|Pipe" "$OUT/wgmma_ncu.log" | head -n 60 ;;
     wgmma_quick) step wgmma_quick 90 python benchmarks/wgmma_quick.py; tail -n 14 "$OUT/wgmma_quick.log" ;;
     gpu_w4a4) step gpu_w4a4 240 python -m pytest -q -x tests/test_triton_kernels.py -k "gpu and (w4a4 or act)" ;;
-    *) echo "unknown step '$1' (gpu_tests gpu_w4a4 wgmma wgmma_quick wgmma_tests wgmma_op kernels kernels_m12 gemv_lab e2e_8b w4a4_large w4a4_quick)"; return 2 ;;
+    *) echo "unknown step '$1' (gpu_tests gpu_w4a4 wgmma wgmma_quick wgmma_tests wgmma_op wgmma_ncu kernels kernels_m12 gemv_lab e2e_8b w4a4_large w4a4_quick)"; return 2 ;;
   esac
 }
 [ $# -eq 0 ] && set -- gpu_tests e2e_8b kernels_m12

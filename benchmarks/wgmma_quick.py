@@ -3,6 +3,7 @@ a few candidates on ragged shapes against float64 and the Triton kernel, then th
 against bf16 F.linear and the Triton kernel's usual winner at one size. Prints as it goes.
 
     python benchmarks/wgmma_quick.py [--m 1024] [--k 4096] [--n 4096] [--configs 0,2,3,5]
+    python benchmarks/wgmma_quick.py --launch-only 3   # three launches per candidate, nothing else (for ncu)
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--configs", default="0,2,3,5")
+    ap.add_argument("--launch-only", type=int, default=0, metavar="N",
+                    help="only launch each candidate N times at --m/--k/--n (for a profiler)")
     args = ap.parse_args(argv)
     import triton.testing
 
@@ -47,6 +50,14 @@ def main(argv=None) -> int:
 
     cands = g._candidates()
     picks = [int(i) for i in args.configs.split(",")]
+    if args.launch_only:
+        qg, _, sx, p, s, _, _ = _inputs(args.m, args.k, args.n)
+        out = torch.empty(args.m, args.n, dtype=torch.bfloat16, device="cuda")
+        for i in picks:
+            for _ in range(args.launch_only):
+                g.launch_wgmma(cands[i], qg, sx, p, s, sx, out, False, 128)
+        torch.cuda.synchronize()
+        return 0
     for m, k, n in ((300, 1024, 200), (520, 2048, 520)):
         qg, qw, sx, p, s, _, ref = _inputs(m, k, n, seed=m)
         tri = triton_w4a4.w4a4_matmul(qw, sx, p, s, None, 128, 0, torch.bfloat16)
