@@ -18,7 +18,8 @@
 #                     W4A4 GEMM and bf16 at M = 256, 1024
 # wgmma_quick (90 s)  the Gluon W4A4 kernel on two ragged shapes and timed at one size (a short call)
 # wgmma_tests (150 s) the Gluon W4A4 kernel's tests only
-# wgmma_ncu   (120 s) Nsight Compute on one launch of Gluon candidates 0 and 5 (M = 1024, 4096 x 4096), if ncu exists
+# wgmma_ncu   (180 s) Nsight Compute on one launch of Gluon candidates 0 and 5 (M = 1024, 4096 x 4096) and on the
+#                     activation pre-kernel (M = 1024, K = 14336 and 4096), where the machine has ncu
 # wgmma_op    (100 s) the whole W4A4 op (pre-kernel in the wgmma K order + Gluon GEMM, SPECQ_W4A4_GLUON=1)
 #                     and its pre-kernel against bf16 at M = 256, 1024
 # Results land in $OUT (fetched by the device tool); copy the ones worth keeping to benchmarks/results/.
@@ -76,7 +77,12 @@ run_step() {
       step wgmma_ncu 120 "$NCU" --kernel-name regex:wgmma --launch-skip 1 --launch-count 2 \
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
         --section InstructionStats --section MemoryWorkloadAnalysis python benchmarks/wgmma_quick.py --launch-only 2 --configs 0,5
-      grep -E "wgmma|Duration|Throughput|Issue Slots|Stall|Warp Cycles|Executed Ipc|Pipe" "$OUT/wgmma_ncu.log" | head -n 60 ;;
+      grep -E "wgmma|Duration|Throughput|Issue Slots|Stall|Warp Cycles|Executed Ipc|Pipe" "$OUT/wgmma_ncu.log" | head -n 60
+      step act_ncu 60 "$NCU" --kernel-name regex:_act --launch-count 3 --section SpeedOfLight --section WarpStateStats \
+        --section MemoryWorkloadAnalysis --section SchedulerStats python -c "import torch; from specq.kernels import triton_act as a
+for k in (14336, 4096): a.quantize(torch.randn(1024, k, device='cuda', dtype=torch.bfloat16), 0, 128, order=128)
+torch.cuda.synchronize()"
+      grep -E "_act|Duration|Throughput|Issue Slots|Warp Cycles" "$OUT/act_ncu.log" | head -n 40 ;;
     wgmma_quick) step wgmma_quick 90 python benchmarks/wgmma_quick.py; tail -n 14 "$OUT/wgmma_quick.log" ;;
     gpu_w4a4) step gpu_w4a4 240 python -m pytest -q -x tests/test_triton_kernels.py -k "gpu and (w4a4 or act)" ;;
     *) echo "unknown step '$1' (gpu_tests gpu_w4a4 wgmma wgmma_quick wgmma_tests wgmma_op wgmma_ncu kernels kernels_m12 gemv_lab e2e_8b w4a4_large w4a4_quick)"; return 2 ;;
