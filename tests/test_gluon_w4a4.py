@@ -65,11 +65,11 @@ def test_wgmma_kernel_compiles_for_sm90_with_wgmma_in_flight(sass_report, index)
 
 
 def test_dispatch_rule(monkeypatch):
-    """Opted in (SPECQ_W4A4_GLUON=1), the Gluon kernel takes Hopper, > 128 rows, per-token activation scales,
-    whole 128-chunks of K in whole weight groups; everything else stays on the Triton kernel (and nothing
-    runs it on CPU). Not opted in, nothing does."""
+    """Enabled (the default; SPECQ_W4A4_GLUON=0 turns it off), the Gluon kernel takes Hopper, > 128 rows,
+    per-token activation scales, whole 128-chunks of K in whole weight groups; everything else stays on the
+    Triton kernel (and nothing runs it on CPU). Turned off, nothing does."""
     g = _gluon()
-    assert g.ENABLED == (os.environ.get("SPECQ_W4A4_GLUON", "0") not in ("", "0"))
+    assert g.ENABLED == (os.environ.get("SPECQ_W4A4_GLUON", "1") not in ("", "0"))
     monkeypatch.setattr(g, "ENABLED", False)
     assert not g.supported(1024, 4096, 4096, 128, 0, torch.device("cuda"))
     monkeypatch.setattr(g, "ENABLED", True)

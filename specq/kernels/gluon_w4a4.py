@@ -23,15 +23,17 @@ across the loop's back edge (ptxas would then serialize them all): an iteration 
 drains. The tile is the transposed output (weight rows x tokens, as triton_w4a4's SWAP): wgmma's M side
 is 64 rows per warpgroup, its N side the tokens.
 
-Status (2026-12-07): the first version, whose decoded weights went through shared memory as the wgmma's
-A operand, passed the GPU tests and ran at 0.98-1.17x bf16 on the 8B shapes at M = 256 / 1024, no better
-than triton_w4a4 (``benchmarks/results/kernels_wgmma_smem_a_h100.md``): per chunk-tile its shared memory
-carried ~56 KB (TMA writes, the decoded tile's store and the wgmma's reads of both operands), above what
-the SM's 128 B/clk serve in the MMA's 256 cycles. This version drops the A tile's store and reads (16 of
-those KB); it compiles for sm_90 with its wgmmas asynchronous and no spills (CPU CI checks both), but has
-not run on a GPU yet, so the op uses it only with SPECQ_W4A4_GLUON=1 (``ENABLED``). Gluon kernels don't
-run in Triton's interpreter; the GPU tests (``tests/test_gluon_w4a4.py``) check it against float64 and the
-Triton kernel, and ``benchmarks/wgmma_quick.py`` times it.
+Status (2026-12-07, H100, ``benchmarks/kernels.py`` with CUDA graphs): the first version, whose decoded
+weights went through shared memory as the wgmma's A operand, ran at 0.98-1.17x bf16 on the 8B shapes at
+M = 256 / 1024, no better than triton_w4a4 (``benchmarks/results/kernels_wgmma_smem_a_h100.md``): per
+chunk-tile its shared memory carried ~56 KB (TMA writes, the decoded tile's store and the wgmma's reads of
+both operands), above what the SM's 128 B/clk serve in the MMA's 256 cycles. This version (A decoded into
+registers) runs at 1.22-1.60x bf16 there, where triton_w4a4 runs at 0.95-1.08x
+(``benchmarks/results/kernels_wgmma_rega_h100.md``), so the op uses it by default (``ENABLED``;
+SPECQ_W4A4_GLUON=0 turns it off). Gluon kernels don't run in Triton's interpreter; CPU CI compiles every
+candidate for sm_90 and checks the SASS and the K order's math; the GPU tests (``tests/test_gluon_w4a4.py``)
+check it against float64 and the Triton kernel, and ``benchmarks/wgmma_quick.py`` checks and times it in
+one short call.
 """
 
 from __future__ import annotations
@@ -244,11 +246,9 @@ if HAVE_GLUON:
 
 _CACHE = ConfigCache("w4a4_wgmma")
 
-# Opt-in (SPECQ_W4A4_GLUON=1) until this version has run on a GPU: its first version (A operand through
-# shared memory, commit 1727bad) passed the GPU tests and timed 0.98-1.17x bf16, no better than triton_w4a4
-# (benchmarks/results/kernels_wgmma_smem_a_h100.md); this one (A decoded into registers) is checked on CPU
-# only (it compiles for sm_90 with its wgmmas asynchronous and no spills), as no device time was left.
-ENABLED = os.environ.get("SPECQ_W4A4_GLUON", "0") not in ("", "0")
+# On by default since its register-A form ran on the H100 (2026-12-07: correct, 1.22-1.60x bf16 at M = 256 /
+# 1024 where triton_w4a4 is 0.95-1.08x); SPECQ_W4A4_GLUON=0 keeps W4A4 on the Triton kernel.
+ENABLED = os.environ.get("SPECQ_W4A4_GLUON", "1") not in ("", "0")
 
 
 def supported(m: int, n: int, k: int, group: int, act_group: int, device: torch.device) -> bool:
