@@ -20,6 +20,8 @@
 # wgmma_tests (150 s) the Gluon W4A4 kernel's tests only
 # wgmma_ncu   (180 s) Nsight Compute on one launch of Gluon candidates 0 and 5 (M = 1024, 4096 x 4096) and on the
 #                     activation pre-kernel (M = 1024, K = 14336 and 4096), where the machine has ncu
+# act_lab     (260 s) the activation pre-kernel's launch plans (benchmarks/act_lab.py): per token at K = 4096, 14336 and
+#                     M = 1, 16, 256, 1024, then groups of 32 at K = 4096; and the pre-kernel's GPU tests
 # wgmma_op    (100 s) the whole W4A4 op (pre-kernel in the wgmma K order + Gluon GEMM, SPECQ_W4A4_GLUON=1)
 #                     and its pre-kernel against bf16 at M = 256, 1024
 # Results land in $OUT (fetched by the device tool); copy the ones worth keeping to benchmarks/results/.
@@ -83,9 +85,14 @@ run_step() {
 for k in (14336, 4096): a.quantize(torch.randn(1024, k, device='cuda', dtype=torch.bfloat16), 0, 128, order=128)
 torch.cuda.synchronize()"
       grep -E "_act|Duration|Throughput|Issue Slots|Warp Cycles" "$OUT/act_ncu.log" | head -n 40 ;;
+    act_lab) step act_tests 60 python -m pytest -q -x tests/test_triton_kernels.py -k "gpu and act_paths"
+      step act_lab 150 python benchmarks/act_lab.py --ms 1,16,256,1024 --out "$OUT/act_lab.md" --json "$OUT/act_lab.json"
+      step act_lab_g32 50 python benchmarks/act_lab.py --ks 4096 --ms 256,1024 --act-group 32 --had-block 64 --order 8 \
+        --out "$OUT/act_lab_g32.md" --json "$OUT/act_lab_g32.json"
+      grep -E "^\| " "$OUT/act_lab.md" "$OUT/act_lab_g32.md" | cut -d: -f2- | head -n 200 ;;
     wgmma_quick) step wgmma_quick 90 python benchmarks/wgmma_quick.py; tail -n 14 "$OUT/wgmma_quick.log" ;;
     gpu_w4a4) step gpu_w4a4 240 python -m pytest -q -x tests/test_triton_kernels.py -k "gpu and (w4a4 or act)" ;;
-    *) echo "unknown step '$1' (gpu_tests gpu_w4a4 wgmma wgmma_quick wgmma_tests wgmma_op wgmma_ncu kernels kernels_m12 gemv_lab e2e_8b w4a4_large w4a4_quick)"; return 2 ;;
+    *) echo "unknown step '$1' (gpu_tests gpu_w4a4 wgmma wgmma_quick wgmma_tests wgmma_op wgmma_ncu act_lab kernels kernels_m12 gemv_lab e2e_8b w4a4_large w4a4_quick)"; return 2 ;;
   esac
 }
 [ $# -eq 0 ] && set -- gpu_tests e2e_8b kernels_m12

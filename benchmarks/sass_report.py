@@ -152,6 +152,19 @@ def gluon_w4a4_kernel(cfg):
     return compile_sm90(g._w4a4_wgmma_kernel, sig, const, divisible, cfg.num_warps)
 
 
+def act_loop_kernel(plan, act_group: int = 0, fake: bool = False, order: int = 128):
+    """The looped activation pre-kernel (triton_act) for sm_90 at one LoopPlan: bf16 x, Hadamard blocks of
+    128, chunks of 128."""
+    from specq.kernels import triton_act as a
+    sig = {"x_ptr": "*bf16", "h_ptr": "*bf16", "y_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "M": "i32",
+           "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_qm": "i32", "stride_sm": "i32",
+           "n_seg": "i32", "inv_norm": "fp32"}
+    const = {"CH": 128, "CHP": 128, "SEG": plan.seg, "R": plan.rows, "AG": act_group, "ROTATE": True,
+             "FAKE": fake, "DOT_FP32": False, "IEEE": False, "ORDER": order, "STAGES": plan.stages}
+    divisible = ["x_ptr", "h_ptr", "y_ptr", "q_ptr", "s_ptr", "K", "stride_xm", "stride_ym", "stride_qm"]
+    return compile_sm90(a._act_loop_kernel, sig, const, divisible, plan.warps)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fmt", default="int4,mxfp4")

@@ -448,6 +448,10 @@ def run_act_paths(m: int, k: int, ag: int, hb: int, dtype: str, device: str = "c
             chunks128 = triton_act.quantize(x, ag, hb, triton_w4a4.ORDER_WGMMA)[0]
     finally:
         triton_act.ROWS_MAX_TILE = saved
+    # the looped kernel, several segments per row where the row has them
+    seg = min(4, 1 << (-(-k // triton_act._chunk(k, hb, ag)) - 1).bit_length())
+    plan = triton_act.LoopPlan(rows=16 // seg, seg=seg, warps=4, stages=2)
+    loop = triton_act.quantize(x, ag, hb, plan=plan) + (triton_act.fake_quantize(x, ag, hb, plan=plan),)
     xr = (triton_act.rotate(x, hb) if hb > 0 else x).cpu()  # the rotation is checked against float64 elsewhere
     q_ref, _ = activation.quantize_int4(xr, ag)
     diff = (triton_w4a4.from_word_order(rows[0].cpu()).int() - q_ref.int()).abs()
@@ -457,9 +461,12 @@ def run_act_paths(m: int, k: int, ag: int, hb: int, dtype: str, device: str = "c
         checks["order128_rows"] = (float(not torch.equal(triton_w4a4.from_wgmma_order(rows128.cpu()), codes)), 0.0)
         checks["order128_chunks"] = (float(not torch.equal(triton_w4a4.from_wgmma_order(chunks128.cpu()), codes)),
                                      0.0)
+        loop128 = triton_act.quantize(x, ag, hb, triton_w4a4.ORDER_WGMMA, plan=plan)[0]
+        checks["order128_loop"] = (float(not torch.equal(triton_w4a4.from_wgmma_order(loop128.cpu()), codes)), 0.0)
     return checks | {"codes_equal": (float(not torch.equal(rows[0], chunks[0])), 0.0),
             "scales_equal": (float(not torch.equal(rows[1], chunks[1])), 0.0),
             "fake_equal": (float(not torch.equal(rows[2], chunks[2])), 0.0),
+            "loop_equal": (float(not all(torch.equal(a, b) for a, b in zip(rows, loop))), 0.0),
             "codes_vs_reference_mismatch_frac": (float((diff > 0).float().mean()), max(1e-3, 2.0 / diff.numel())),
             "codes_vs_reference_max_step": (float(diff.max()), 1.0)}
 

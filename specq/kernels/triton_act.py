@@ -32,7 +32,7 @@ Longer rows take the chunked kernel, one program per [BLOCK_M, CH] chunk:
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -127,6 +127,49 @@ def _act_prep_kernel(
 
 
 @triton.jit
+def _rotate_rows(x, h, inv_norm, R: tl.constexpr, NP: tl.constexpr, CHP: tl.constexpr, ROTATE: tl.constexpr,
+                 DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """[R, NP, CHP] chunks of x -> rotated, rounded to x's dtype like the reference, as fp32: one dot."""
+    if ROTATE:
+        r = (_dot(tl.reshape(x, (R * NP, CHP)), h, DOT_FP32, IEEE) * inv_norm).to(x.dtype)
+        return tl.reshape(r, (R, NP, CHP)).to(tl.float32)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _quantize_store(r, scale, rows, offs_k, chunk0, mask, y_ptr, q_ptr, s_ptr, M, K, stride_ym, stride_qm,
+                    stride_sm, x_dtype, R: tl.constexpr, NP: tl.constexpr, CH: tl.constexpr, CHP: tl.constexpr,
+                    AG: tl.constexpr, FAKE: tl.constexpr, ORDER: tl.constexpr):
+    """Quantizes rotated chunks r [R, NP, CHP] (chunk indices chunk0 + 0..NP-1 of rows ``rows``; offs_k their
+    columns) and stores the codes in the GEMM's K order with their group scales, or (FAKE) codes * scales in
+    x's dtype. AG == 0: per token, by ``scale`` [R] (the caller stores it); else per group of AG."""
+    if AG == 0:
+        safe = tl.where(scale > 0, scale, 1.0)
+        qv = _round_clamp_int4(tl.math.div_rn(r, safe[:, None, None]))
+        fq = qv.to(tl.float32) * scale[:, None, None]
+    else:
+        NG: tl.constexpr = CHP // AG
+        r4 = tl.reshape(r, (R, NP, NG, AG))
+        gscale = tl.math.div_rn(tl.max(tl.abs(r4), axis=3), 7.0)  # [R, NP, NG]
+        safe = tl.where(gscale > 0, gscale, 1.0)
+        q4 = _round_clamp_int4(tl.math.div_rn(r4, safe[:, :, :, None]))
+        qv = tl.reshape(q4, (R, NP, CHP))
+        fq = tl.reshape(q4.to(tl.float32) * gscale[:, :, :, None], (R, NP, CHP))
+    if FAKE:
+        tl.store(y_ptr + rows[:, None, None] * stride_ym + offs_k[None, :, :], fq.to(x_dtype), mask=mask)
+    else:
+        qw = tl.reshape(_word_order(tl.reshape(qv, (R * NP, CHP)), R * NP, CHP, ORDER), (R, NP, CHP))
+        tl.store(q_ptr + rows[:, None, None] * stride_qm + offs_k[None, :, :], qw, mask=mask)
+        if AG > 0:
+            offs_g = tl.arange(0, NG)
+            chunk = chunk0 + tl.arange(0, NP)
+            g_idx = chunk[:, None] * (CH // AG) + offs_g[None, :]  # [NP, NG]
+            g_mask = (offs_g < CH // AG)[None, :] & (chunk[:, None] * CH + offs_g[None, :] * AG < K)
+            tl.store(s_ptr + rows[:, None, None] * stride_sm + g_idx[None, :, :], gscale,
+                     mask=(rows < M)[:, None, None] & g_mask[None, :, :])
+
+
+@triton.jit
 def _act_rows_kernel(
     x_ptr, h_ptr, y_ptr, q_ptr, s_ptr,
     M, K, stride_xm, stride_ym, stride_qm, stride_sm, inv_norm,
@@ -140,42 +183,53 @@ def _act_rows_kernel(
     rows = tl.program_id(0) * R + tl.arange(0, R)
     offs_c = tl.arange(0, CHP)
     offs_k = tl.arange(0, NP)[:, None] * CH + offs_c[None, :]  # [NP, CHP]
-    k_mask = (offs_c < CH)[None, :] & (offs_k < K)
-    mask = (rows < M)[:, None, None] & k_mask[None, :, :]
+    mask = (rows < M)[:, None, None] & ((offs_c < CH)[None, :] & (offs_k < K))[None, :, :]
     x = tl.load(x_ptr + rows[:, None, None] * stride_xm + offs_k[None, :, :], mask=mask, other=0.0)
-    x_dtype = x_ptr.dtype.element_ty
-    if ROTATE:
-        h = tl.load(h_ptr + offs_c[:, None] * CHP + offs_c[None, :])
-        r = (_dot(tl.reshape(x, (R * NP, CHP)), h, DOT_FP32, IEEE) * inv_norm).to(x_dtype)
-        r = tl.reshape(r, (R, NP, CHP)).to(tl.float32)
-    else:
-        r = x.to(tl.float32)
+    h = tl.load(h_ptr + offs_c[:, None] * CHP + offs_c[None, :]) if ROTATE else h_ptr
+    r = _rotate_rows(x, h, inv_norm, R, NP, CHP, ROTATE, DOT_FP32, IEEE)
+    scale = tl.math.div_rn(tl.max(tl.max(tl.abs(r), axis=2), axis=1), 7.0)  # [R], used when AG == 0
+    _quantize_store(r, scale, rows, offs_k, 0, mask, y_ptr, q_ptr, s_ptr, M, K, stride_ym, stride_qm, stride_sm,
+                    x_ptr.dtype.element_ty, R, NP, CH, CHP, AG, FAKE, ORDER)
+    if AG == 0 and not FAKE:
+        tl.store(s_ptr + rows * stride_sm, scale, mask=rows < M)
+
+
+@triton.jit
+def _act_loop_kernel(
+    x_ptr, h_ptr, y_ptr, q_ptr, s_ptr,
+    M, K, stride_xm, stride_ym, stride_qm, stride_sm, n_seg, inv_norm,
+    CH: tl.constexpr, CHP: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr, AG: tl.constexpr,
+    ROTATE: tl.constexpr, FAKE: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    ORDER: tl.constexpr, STAGES: tl.constexpr,
+):
+    """The same for rows of any length, in one launch: R rows per program walk their row in segments of
+    SEG chunks (a [R * SEG, CHP] dot each), loads pipelined STAGES deep. Per token, a first walk finds the
+    row's amax and a second (its x mostly still in L1/L2) quantizes; per group, one walk does both."""
+    rows = tl.program_id(0) * R + tl.arange(0, R)
+    offs_c = tl.arange(0, CHP)
+    seg_k = tl.arange(0, SEG)[:, None] * CH + offs_c[None, :]  # [SEG, CHP]
+    c_mask = (rows < M)[:, None, None] & (offs_c < CH)[None, None, :]
+    x_rows = x_ptr + rows[:, None, None] * stride_xm
+    h = tl.load(h_ptr + offs_c[:, None] * CHP + offs_c[None, :]) if ROTATE else h_ptr
+    scale = tl.zeros((R,), dtype=tl.float32)
     if AG == 0:
-        scale = tl.math.div_rn(tl.max(tl.max(tl.abs(r), axis=2), axis=1), 7.0)  # [R]
-        safe = tl.where(scale > 0, scale, 1.0)
-        qv = _round_clamp_int4(tl.math.div_rn(r, safe[:, None, None]))
-        fq = qv.to(tl.float32) * scale[:, None, None]
-    else:
-        NG: tl.constexpr = CHP // AG
-        r4 = tl.reshape(r, (R, NP, NG, AG))
-        scale = tl.math.div_rn(tl.max(tl.abs(r4), axis=3), 7.0)  # [R, NP, NG]
-        safe = tl.where(scale > 0, scale, 1.0)
-        q4 = _round_clamp_int4(tl.math.div_rn(r4, safe[:, :, :, None]))
-        qv = tl.reshape(q4, (R, NP, CHP))
-        fq = tl.reshape(q4.to(tl.float32) * scale[:, :, :, None], (R, NP, CHP))
-    if FAKE:
-        tl.store(y_ptr + rows[:, None, None] * stride_ym + offs_k[None, :, :], fq.to(x_dtype), mask=mask)
-    else:
-        qw = tl.reshape(_word_order(tl.reshape(qv, (R * NP, CHP)), R * NP, CHP, ORDER), (R, NP, CHP))
-        tl.store(q_ptr + rows[:, None, None] * stride_qm + offs_k[None, :, :], qw, mask=mask)
-        if AG == 0:
+        amax = tl.zeros((R,), dtype=tl.float32)
+        for i in tl.range(0, n_seg, num_stages=STAGES):
+            offs_k = i * SEG * CH + seg_k
+            mask = c_mask & (offs_k < K)[None, :, :]
+            x = tl.load(x_rows + offs_k[None, :, :], mask=mask, other=0.0)
+            r = _rotate_rows(x, h, inv_norm, R, SEG, CHP, ROTATE, DOT_FP32, IEEE)
+            amax = tl.maximum(amax, tl.max(tl.max(tl.abs(r), axis=2), axis=1))
+        scale = tl.math.div_rn(amax, 7.0)
+        if not FAKE:
             tl.store(s_ptr + rows * stride_sm, scale, mask=rows < M)
-        else:
-            offs_g = tl.arange(0, NG)
-            g_idx = tl.arange(0, NP)[:, None] * (CH // AG) + offs_g[None, :]  # [NP, NG]
-            g_mask = (offs_g < CH // AG)[None, :] & (tl.arange(0, NP)[:, None] * CH + offs_g[None, :] * AG < K)
-            tl.store(s_ptr + rows[:, None, None] * stride_sm + g_idx[None, :, :], scale,
-                     mask=(rows < M)[:, None, None] & g_mask[None, :, :])
+    for i in tl.range(0, n_seg, num_stages=STAGES):
+        offs_k = i * SEG * CH + seg_k
+        mask = c_mask & (offs_k < K)[None, :, :]
+        x = tl.load(x_rows + offs_k[None, :, :], mask=mask, other=0.0)
+        r = _rotate_rows(x, h, inv_norm, R, SEG, CHP, ROTATE, DOT_FP32, IEEE)
+        _quantize_store(r, scale, rows, offs_k, i * SEG, mask, y_ptr, q_ptr, s_ptr, M, K, stride_ym, stride_qm,
+                        stride_sm, x_ptr.dtype.element_ty, R, SEG, CH, CHP, AG, FAKE, ORDER)
 
 
 ROWS_MAX_TILE = 32768  # elements of one program's [R * NP, CHP] tile
@@ -276,6 +330,23 @@ def _launch_rows(x2, layout, had_block, act_group, y=None, q=None, s=None, fake=
         num_warps=4 if rows * npad * chp <= 8192 else 8, num_stages=1, **dot_flags(x2.dtype))
 
 
+def _launch_loop(x2, plan, had_block, act_group, y=None, q=None, s=None, fake=False, order=8):
+    """The looped kernel at plan = LoopPlan(rows, seg, warps, stages)."""
+    M, K = x2.shape
+    ch = _chunk(K, had_block, act_group)
+    chp = next_pow2(ch)
+    rotate = had_block > 0
+    h = _rotation_tile(had_block, ch, chp, x2.dtype, x2.device) if rotate else x2
+    dummy = x2
+    _act_loop_kernel[(triton.cdiv(M, plan.rows),)](
+        x2, h, y if y is not None else dummy, q if q is not None else dummy, s if s is not None else dummy,
+        M, K, x2.stride(0), y.stride(0) if y is not None else 0, q.stride(0) if q is not None else 0,
+        s.stride(0) if s is not None else 0, triton.cdiv(triton.cdiv(K, ch), plan.seg),
+        1.0 / math.sqrt(had_block) if rotate else 1.0,
+        CH=ch, CHP=chp, SEG=plan.seg, R=plan.rows, AG=act_group, ROTATE=rotate, FAKE=fake, ORDER=order,
+        STAGES=plan.stages, num_warps=plan.warps, num_stages=1, **dot_flags(x2.dtype))
+
+
 def rotate(x2: torch.Tensor, had_block: int) -> torch.Tensor:
     """x2 [M, K] -> x2 @ H_blockdiag(had_block), in x2.dtype (one launch)."""
     y = torch.empty_like(x2)
@@ -284,47 +355,64 @@ def rotate(x2: torch.Tensor, had_block: int) -> torch.Tensor:
     return y
 
 
-def quantize(x2: torch.Tensor, act_group: int, had_block: int, order: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+class LoopPlan(NamedTuple):
+    """A launch of the looped kernel: rows per program, chunks per segment, warps, pipeline stages."""
+    rows: int
+    seg: int
+    warps: int = 4
+    stages: int = 2
+
+
+def _default_plan(M: int, K: int, had_block: int, act_group: int):
+    """"rows" (whole rows in one tile) where a row fits, else "chunks" (one program per chunk; per token, two
+    passes over x)."""
+    return "rows" if _rows_layout(K, had_block, act_group) is not None else "chunks"
+
+
+def _run(x2, act_group, had_block, plan, y=None, q=None, s=None, fake=False, order=8):
+    """Runs the pre-kernel(s) of ``plan`` ("rows", "chunks" or a LoopPlan) into y (fake) or q, s."""
+    M, K = x2.shape
+    plan = plan or _default_plan(M, K, had_block, act_group)
+    if isinstance(plan, LoopPlan):
+        if plan.rows * plan.seg < 16:
+            raise ValueError(f"{plan}: rows * seg must be >= 16 (the rotation's dot needs 16 tile rows)")
+        _launch_loop(x2, plan, had_block, act_group, y=y, q=q, s=s, fake=fake, order=order)
+    elif plan == "rows":
+        layout = _rows_layout(K, had_block, act_group)
+        if layout is None:
+            raise ValueError(f"rows of K = {K} do not fit one program's tile; use the 'chunks' or a loop plan")
+        _launch_rows(x2, layout, had_block, act_group, y=y, q=q, s=s, fake=fake, order=order)
+    elif act_group > 0:
+        _launch(x2, MODE_QUANT_GROUP, had_block, act_group, y=y, q=q, s=s, fake=fake, order=order)
+    else:
+        n_chunks = triton.cdiv(K, _chunk(K, had_block, 0))
+        amax = torch.empty((M, n_chunks), device=x2.device, dtype=torch.float32)
+        _launch(x2, MODE_AMAX, had_block, 0, amax=amax, n_chunks=n_chunks)
+        _launch(x2, MODE_QUANT_TOKEN, had_block, 0, y=y, q=q, s=s, amax=amax, n_chunks=n_chunks, fake=fake,
+                order=order)
+
+
+def quantize(x2: torch.Tensor, act_group: int, had_block: int, order: int = 8,
+             plan=None) -> tuple[torch.Tensor, torch.Tensor]:
     """x2 [M, K] -> (q int8 [M, K], scales float32 [M, K/act_group] or [M, 1]) of the rotated x2, q in the
     W4A4 GEMM's K order (``triton_w4a4.to_k_order(codes, order)``: 8 for the Triton GEMM, 128 for the Gluon
-    one; the scales keep K's order)."""
+    one; the scales keep K's order). ``plan``: which kernel (``_run``; default ``_default_plan``)."""
     M, K = x2.shape
     if not supported(K, had_block, act_group, codes=True, order=order):
         raise ValueError(f"W4A4 activation codes come in blocks of {order} along K: K = {K} with Hadamard block "
                          f"{had_block} and activation group {act_group} does not tile them; use the reference op")
     q = torch.empty((M, K), device=x2.device, dtype=torch.int8)
     s = torch.empty((M, K // act_group if act_group > 0 else 1), device=x2.device, dtype=torch.float32)
-    if M == 0:
-        return q, s
-    layout = _rows_layout(K, had_block, act_group)
-    if layout is not None:
-        _launch_rows(x2, layout, had_block, act_group, q=q, s=s, order=order)
-    elif act_group > 0:
-        _launch(x2, MODE_QUANT_GROUP, had_block, act_group, q=q, s=s, order=order)
-    else:
-        n_chunks = triton.cdiv(K, _chunk(K, had_block, 0))
-        amax = torch.empty((M, n_chunks), device=x2.device, dtype=torch.float32)
-        _launch(x2, MODE_AMAX, had_block, 0, amax=amax, n_chunks=n_chunks)
-        _launch(x2, MODE_QUANT_TOKEN, had_block, 0, q=q, s=s, amax=amax, n_chunks=n_chunks, order=order)
+    if M > 0:
+        _run(x2, act_group, had_block, plan, q=q, s=s, order=order)
     return q, s
 
 
-def fake_quantize(x2: torch.Tensor, act_group: int, had_block: int) -> torch.Tensor:
+def fake_quantize(x2: torch.Tensor, act_group: int, had_block: int, plan=None) -> torch.Tensor:
     """x2 [M, K] -> dequantize(quantize_int4(rotate(x2))) in x2.dtype, like
     ``activation.fake_quantize_int4(hadamard_transform(x2))`` (the W4A4 reference's activation).
     Used where the matmul after it is a weight-only kernel (W4A4 at decode sizes)."""
-    M, K = x2.shape
     y = torch.empty_like(x2)
-    if M == 0:
-        return y
-    layout = _rows_layout(K, had_block, act_group)
-    if layout is not None:
-        _launch_rows(x2, layout, had_block, act_group, y=y, fake=True)
-    elif act_group > 0:
-        _launch(x2, MODE_QUANT_GROUP, had_block, act_group, y=y, fake=True)
-    else:
-        n_chunks = triton.cdiv(K, _chunk(K, had_block, 0))
-        amax = torch.empty((M, n_chunks), device=x2.device, dtype=torch.float32)
-        _launch(x2, MODE_AMAX, had_block, 0, amax=amax, n_chunks=n_chunks)
-        _launch(x2, MODE_QUANT_TOKEN, had_block, 0, y=y, amax=amax, n_chunks=n_chunks, fake=True)
+    if x2.shape[0] > 0:
+        _run(x2, act_group, had_block, plan, y=y, fake=True)
     return y
