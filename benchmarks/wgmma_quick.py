@@ -4,7 +4,7 @@ against bf16 F.linear and the Triton kernel's usual winner at one size, each as 
 eagerly, the Gluon launch's host time, ~15 us more than the Triton kernel's, showed up as GPU time: 58 us
 where the graph replays took 42, H100 2026-12-07). Prints as it goes.
 
-    python benchmarks/wgmma_quick.py [--m 1024] [--k 4096] [--n 4096] [--configs 0,2,3,5]
+    python benchmarks/wgmma_quick.py [--m 1024] [--k 4096] [--n 4096] [--configs 2,3,5,6,7]
     python benchmarks/wgmma_quick.py --launch-only 3   # three launches per candidate, nothing else (for ncu)
 """
 
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--m", type=int, default=1024)
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--n", type=int, default=4096)
-    ap.add_argument("--configs", default="0,2,3,5")
+    ap.add_argument("--configs", default="2,3,5,6,7")
     ap.add_argument("--launch-only", type=int, default=0, metavar="N",
                     help="only launch each candidate N times at --m/--k/--n (for a profiler)")
     args = ap.parse_args(argv)
