@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     rows = []
     for k in (int(v) for v in args.ks.split(",")):
         for m in (int(v) for v in args.ms.split(",")):
-            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16) * torch.rand(m, 1, device=dev) * 4
+            x = (torch.randn(m, k, device=dev) * torch.rand(m, 1, device=dev) * 4).to(torch.bfloat16)
             ref = a.quantize(x, ag, hb, args.order, plan="chunks")
             for plan in plans_for(k, hb, ag):
                 name = plan if isinstance(plan, str) else "loop r{} s{} w{} st{}".format(*plan)

@@ -435,23 +435,18 @@ def run_act_paths(m: int, k: int, ag: int, hb: int, dtype: str, device: str = "c
     gen = torch.Generator().manual_seed(m * 7 + k + ag)
     x = (torch.randn(m, k, generator=gen) * torch.rand(m, 1, generator=gen) * 4).to(getattr(torch, dtype))
     x = x.to(device)
-    assert triton_act._rows_layout(k, hb, ag) is not None
-    rows = triton_act.quantize(x, ag, hb) + (triton_act.fake_quantize(x, ag, hb),)
-    wgmma = triton_act.supported(k, hb, ag, codes=True, order=triton_w4a4.ORDER_WGMMA)
-    if wgmma:  # the Gluon GEMM's K order, both paths
-        rows128 = triton_act.quantize(x, ag, hb, triton_w4a4.ORDER_WGMMA)[0]
-    saved, triton_act.ROWS_MAX_TILE = triton_act.ROWS_MAX_TILE, 0
-    try:
-        assert triton_act._rows_layout(k, hb, ag) is None
-        chunks = triton_act.quantize(x, ag, hb) + (triton_act.fake_quantize(x, ag, hb),)
-        if wgmma:
-            chunks128 = triton_act.quantize(x, ag, hb, triton_w4a4.ORDER_WGMMA)[0]
-    finally:
-        triton_act.ROWS_MAX_TILE = saved
-    # the looped kernel, several segments per row where the row has them
+    # every plan: whole rows in one tile, one program per chunk, and the looped kernel with several segments
+    # per row where the row has them (the default plan is one of these, see test_act_default_plan)
     seg = min(4, 1 << (-(-k // triton_act._chunk(k, hb, ag)) - 1).bit_length())
-    plan = triton_act.LoopPlan(rows=16 // seg, seg=seg, warps=4, stages=2)
-    loop = triton_act.quantize(x, ag, hb, plan=plan) + (triton_act.fake_quantize(x, ag, hb, plan=plan),)
+    loop_plan = triton_act.LoopPlan(rows=16 // seg, seg=seg, warps=4, stages=2)
+    outs = {}
+    for plan in ("rows", "chunks", loop_plan):
+        outs[plan] = triton_act.quantize(x, ag, hb, plan=plan) + (triton_act.fake_quantize(x, ag, hb, plan=plan),)
+    rows, chunks, loop = outs["rows"], outs["chunks"], outs[loop_plan]
+    wgmma = triton_act.supported(k, hb, ag, codes=True, order=triton_w4a4.ORDER_WGMMA)
+    if wgmma:  # the Gluon GEMM's K order, every plan
+        rows128, chunks128, loop128 = (triton_act.quantize(x, ag, hb, triton_w4a4.ORDER_WGMMA, plan=plan)[0]
+                                       for plan in ("rows", "chunks", loop_plan))
     xr = (triton_act.rotate(x, hb) if hb > 0 else x).cpu()  # the rotation is checked against float64 elsewhere
     q_ref, _ = activation.quantize_int4(xr, ag)
     diff = (triton_w4a4.from_word_order(rows[0].cpu()).int() - q_ref.int()).abs()
@@ -461,7 +456,6 @@ def run_act_paths(m: int, k: int, ag: int, hb: int, dtype: str, device: str = "c
         checks["order128_rows"] = (float(not torch.equal(triton_w4a4.from_wgmma_order(rows128.cpu()), codes)), 0.0)
         checks["order128_chunks"] = (float(not torch.equal(triton_w4a4.from_wgmma_order(chunks128.cpu()), codes)),
                                      0.0)
-        loop128 = triton_act.quantize(x, ag, hb, triton_w4a4.ORDER_WGMMA, plan=plan)[0]
         checks["order128_loop"] = (float(not torch.equal(triton_w4a4.from_wgmma_order(loop128.cpu()), codes)), 0.0)
     return checks | {"codes_equal": (float(not torch.equal(rows[0], chunks[0])), 0.0),
             "scales_equal": (float(not torch.equal(rows[1], chunks[1])), 0.0),
@@ -671,6 +665,28 @@ def test_streaming_path_choice_by_rows_dtype_and_group():
     assert path(3, dtype=torch.float16) == "gemv" and path(5, dtype=torch.float16) is None
     assert path(3, group=64) == "gemv" and path(8, group=64) is None  # INT4 groups under 128: no mma
     assert path(4, dtype=torch.float32) is None
+
+
+def test_act_default_plan_follows_the_h100_measurements():
+    """The activation pre-kernel's launch per shape (triton_act._default_plan, benchmarks/results/
+    act_lab_h100.md): short rows (<= 64 chunks) take one row per program in one segment below 256 rows and the
+    whole-row kernel from there; long rows take the per-chunk kernel below 512 rows and the looped kernel from
+    there. Every plan gives the same bits (run_act_paths checks them against each other)."""
+    pytest.importorskip("triton")
+    from specq.kernels import triton_act as a
+
+    one_row = a.LoopPlan(rows=1, seg=32, warps=4, stages=2)
+    assert [a._default_plan(m, 4096, 128, 0) for m in (1, 16, 255)] == [one_row] * 3
+    assert [a._default_plan(m, 4096, 128, 0) for m in (256, 1024)] == ["rows"] * 2
+    assert a._default_plan(4, 8192, 128, 32) == a.LoopPlan(rows=1, seg=64, warps=4, stages=2)
+    assert a._default_plan(4, 256, 128, 0) == "rows"  # two chunks: too few tile rows for a segment's dot
+    assert [a._default_plan(m, 14336, 128, 0) for m in (1, 16, 511)] == ["chunks"] * 3
+    assert [a._default_plan(m, 14336, 128, 0) for m in (512, 1024)] == [a.LONG_ROWS_PLAN] * 2
+    x = torch.zeros(2, 256)
+    with pytest.raises(ValueError, match="rows \\* seg must be >= 16"):
+        a.quantize(x, 0, 128, plan=a.LoopPlan(rows=1, seg=2))
+    with pytest.raises(ValueError, match="do not fit one program's tile"):
+        a.quantize(torch.zeros(2, 14336), 0, 128, plan="rows")
 
 
 def test_mma_gemv_rejects_what_it_cannot_run_with_a_clear_error():

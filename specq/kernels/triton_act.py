@@ -12,21 +12,25 @@ Quantization matches ``specq.formats.activation.quantize_int4``: ``scale = amax 
 ``q = clamp(round_half_even(x / scale), -8, 7)`` with a zero scale treated as 1.
 
 Quantization (``quantize``: codes for the W4A4 GEMM, in its K order; ``fake_quantize``: codes times scales
-in x's dtype, for the weight-only kernels at decode sizes) takes one launch of the whole-row kernel
-wherever a row has at most 64 chunks (K <= 8192 at chunks of 128): R rows per program, each cut into its
-chunks, the [R * chunks, chunk] tile rotated by one dot, and the per-token or per-group amax reduced in
-registers. That reads x once and launches once. On an H100 (2026-12-07, in a variant that also wrote
-per-block code sums) it took 6.1 / 10.8 us for 256 / 1024 tokens at K = 4096, where the two-pass form
-below took 9.2 / 15.6 us (2026-11-23; a latency floor of two dependent launches, not bandwidth); at
-K = 14336 (one row of 128 chunks per program) it took 68 us for 1024 tokens against the two-pass form's
-52, hence the limit.
+in x's dtype, for the weight-only kernels at decode sizes) runs one of three launch plans, all giving the
+same bits (``_default_plan`` picks the fastest measured one per shape):
 
-Longer rows take the chunked kernel, one program per [BLOCK_M, CH] chunk:
+- "rows": the whole-row kernel, R rows per program, each cut into its chunks, the [R * chunks, chunk] tile
+  rotated by one dot and the per-token or per-group amax reduced in registers; one launch that reads x
+  once. For rows of at most 64 chunks (K <= 8192 at chunks of 128).
+- a ``LoopPlan``: the looped kernel, R rows per program walking their row in segments of SEG chunks with
+  pipelined loads; per token it walks twice (amax, then quantize; the second walk reads x from L1/L2), one
+  launch for any K. One row per program in one segment is the fast form for few rows (the whole-row
+  kernel took 5.2-12.2 us at M = 1..16, K = 4096, where it took 4.3).
+- "chunks": one program per [BLOCK_M, chunk]; per group one launch; per token two launches of the same
+  kernel (pass 1 writes each chunk's amax, pass 2 reduces it and quantizes). Its grid is the widest, which
+  wins for few long rows.
 
-- per group (act_group_size > 0): one launch, the group amax is a reduction inside the chunk;
-- per token: the amax spans the whole row, which no single chunk sees, so it takes two launches of
-  the same kernel: pass 1 writes each chunk's amax to a small [M, n_chunks] buffer, pass 2 reduces it
-  and quantizes. Re-reading x (2 bytes/element) is cheaper than writing and re-reading a rotated copy.
+On an H100 (2026-12-07, ``benchmarks/results/act_lab_h100.md``; x in L2 as a layer's input is, per-token
+codes): K = 4096: 4.3 us at M = 1..16 (one row per program), 5.8 / 9.6 us at M = 256 / 1024 (whole rows);
+K = 14336: 6.3-7.8 us at M <= 16 (chunks), 17.4 us at M = 256 (chunks), 40.3 us at M = 1024 (four rows
+per program in segments of 16 chunks; chunks took 51.2). The kernels are latency-bound, not bandwidth-bound
+(18-44% of copy bandwidth; Nsight Compute: 3.5-3.7 active warps per scheduler, ~0.5 eligible).
 """
 
 from __future__ import annotations
@@ -363,10 +367,26 @@ class LoopPlan(NamedTuple):
     stages: int = 2
 
 
+# Measured on the H100 (2026-12-07, benchmarks/results/act_lab_h100.md, per-token codes, chunks of 128):
+# K = 4096 (32 chunks): one row per program in one segment took 4.3 us at M = 1..16 where the whole-row
+# kernel took 5.2-12.2 (its two-row tile wastes half at M = 1) and tied it at M = 256 (5.9 / 5.8 us); at
+# M = 1024 the whole-row kernel won (9.6 us against 16.3). K = 14336 (112 chunks, no whole-row tile): the
+# per-chunk kernel's 16 x 112-program grid won at M <= 16 (6.3-7.8 us against >= 12.8), four rows per
+# program in segments of 16 chunks at M = 1024 (40.3 us against 51.2); at M = 256 the plans were within 6%.
+LOOP_MAX_M = 256  # below this many rows, rows that fit one segment take LoopPlan(1, whole row)
+CHUNKS_MAX_M = 512  # long rows: the per-chunk kernel below this, the looped kernel from it
+LONG_ROWS_PLAN = LoopPlan(rows=4, seg=16, warps=8, stages=2)
+
+
 def _default_plan(M: int, K: int, had_block: int, act_group: int):
-    """"rows" (whole rows in one tile) where a row fits, else "chunks" (one program per chunk; per token, two
-    passes over x)."""
-    return "rows" if _rows_layout(K, had_block, act_group) is not None else "chunks"
+    """The fastest measured plan for M rows of K: "rows" (whole rows in one tile), "chunks" (one program per
+    chunk; per token two passes over x) or a LoopPlan."""
+    n_chunks = triton.cdiv(K, _chunk(K, had_block, act_group))
+    if _rows_layout(K, had_block, act_group) is not None:
+        if M < LOOP_MAX_M and 16 <= next_pow2(n_chunks) <= ROWS_MAX_CHUNKS:
+            return LoopPlan(rows=1, seg=next_pow2(n_chunks), warps=4, stages=2)
+        return "rows"
+    return "chunks" if M < CHUNKS_MAX_M else LONG_ROWS_PLAN
 
 
 def _run(x2, act_group, had_block, plan, y=None, q=None, s=None, fake=False, order=8):
