@@ -18,6 +18,7 @@ import os
 import sys
 
 import torch
+import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -32,7 +33,7 @@ LOOP_PLANS = [(1, 16, 4, 2), (1, 16, 4, 3), (1, 16, 4, 1), (1, 32, 4, 2), (1, 32
 def plans_for(k: int, had_block: int, act_group: int) -> list:
     from specq.kernels import triton_act as a
     plans = ["chunks"] + (["rows"] if a._rows_layout(k, had_block, act_group) is not None else [])
-    n_chunks = -(-k // a._chunk(k, had_block, act_group))
+    n_chunks = triton.cdiv(k, a._chunk(k, had_block, act_group))
     return plans + [a.LoopPlan(*p) for p in LOOP_PLANS if p[1] <= n_chunks]
 
 

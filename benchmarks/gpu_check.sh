@@ -22,7 +22,7 @@
 #                     activation pre-kernel (M = 1024, K = 14336 and 4096), where the machine has ncu
 # act_lab     (260 s) the activation pre-kernel's launch plans (benchmarks/act_lab.py): per token at K = 4096, 14336 and
 #                     M = 1, 16, 256, 1024, then groups of 32 at K = 4096; and the pre-kernel's GPU tests
-# wgmma_op    (100 s) the whole W4A4 op (pre-kernel in the wgmma K order + Gluon GEMM, SPECQ_W4A4_GLUON=1)
+# wgmma_op    (100 s) the whole W4A4 op (pre-kernel in the wgmma K order + Gluon GEMM, the default on Hopper)
 #                     and its pre-kernel against bf16 at M = 256, 1024
 # Results land in $OUT (fetched by the device tool); copy the ones worth keeping to benchmarks/results/.
 set -uo pipefail
@@ -71,7 +71,7 @@ run_step() {
       python -c "import json, sys; [print(n, k, v) for n, d in json.load(open(sys.argv[1]))['meta']['tuned'].items() for k, v in d.items()]" \
         "$OUT/kernels_wgmma.json" ;;
     wgmma_tests) step wgmma_tests 150 python -m pytest -q -x tests/test_gluon_w4a4.py ;;
-    wgmma_op) SPECQ_W4A4_GLUON=1 step wgmma_op 100 python benchmarks/kernels.py --kinds bf16,w4a4/tok+h,w4a4-act \
+    wgmma_op) step wgmma_op 100 python benchmarks/kernels.py --kinds bf16,w4a4/tok+h,w4a4-act \
         --shapes 4096x4096,14336x4096 --ms 256,1024 --out "$OUT/kernels_wgmma_op.md" --json "$OUT/kernels_wgmma_op.json"
       grep -E "^\| (bf16|w4a4)" "$OUT/kernels_wgmma_op.md" ;;
     wgmma_ncu) NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)

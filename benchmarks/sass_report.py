@@ -158,7 +158,7 @@ def act_loop_kernel(plan, act_group: int = 0, fake: bool = False, order: int = 1
     from specq.kernels import triton_act as a
     sig = {"x_ptr": "*bf16", "h_ptr": "*bf16", "y_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "M": "i32",
            "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_qm": "i32", "stride_sm": "i32",
-           "n_seg": "i32", "inv_norm": "fp32"}
+           "inv_norm": "fp32", "n_seg": "i32"}
     const = {"CH": 128, "CHP": 128, "SEG": plan.seg, "R": plan.rows, "AG": act_group, "ROTATE": True,
              "FAKE": fake, "DOT_FP32": False, "IEEE": False, "ORDER": order, "STAGES": plan.stages}
     divisible = ["x_ptr", "h_ptr", "y_ptr", "q_ptr", "s_ptr", "K", "stride_xm", "stride_ym", "stride_qm"]

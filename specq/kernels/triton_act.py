@@ -69,8 +69,8 @@ def _word_order(qv, BLOCK_M: tl.constexpr, CHP: tl.constexpr, ORDER: tl.constexp
 
 @triton.jit
 def _act_prep_kernel(
-    x_ptr, h_ptr, y_ptr, q_ptr, s_ptr, amax_ptr,
-    M, K, stride_xm, stride_ym, stride_qm, stride_sm, stride_am, n_chunks, inv_norm,
+    x_ptr, h_ptr, y_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_ym, stride_qm, stride_sm, inv_norm,
+    amax_ptr, stride_am, n_chunks,
     CH: tl.constexpr, CHP: tl.constexpr, NCP: tl.constexpr, AG: tl.constexpr,
     ROTATE: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr,
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
@@ -96,38 +96,22 @@ def _act_prep_kernel(
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_k[None, :], r, mask=mk_mask)
     else:
         r = r.to(tl.float32)
-        if MODE == 1:
-            NG: tl.constexpr = CHP // AG
-            r3 = tl.reshape(r, (BLOCK_M, NG, AG))
-            scale = tl.math.div_rn(tl.max(tl.abs(r3), axis=2), 7.0)  # [BLOCK_M, NG]
-            safe = tl.where(scale > 0, scale, 1.0)
-            qv = _round_clamp_int4(tl.math.div_rn(r3, safe[:, :, None]))
-            if FAKE:
-                fq = tl.reshape(qv.to(tl.float32) * scale[:, :, None], (BLOCK_M, CHP)).to(x_dtype)
-                tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_k[None, :], fq, mask=mk_mask)
-            else:
-                tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :],
-                         _word_order(tl.reshape(qv, (BLOCK_M, CHP)), BLOCK_M, CHP, ORDER), mask=mk_mask)
-                offs_g = tl.arange(0, NG)
-                g_mask = (offs_g < CH // AG) & (c * CH + offs_g * AG < K)
-                tl.store(s_ptr + offs_m[:, None] * stride_sm + (c * (CH // AG) + offs_g)[None, :], scale,
-                         mask=m_mask[:, None] & g_mask[None, :])
-        elif MODE == 2:
+        if MODE == 2:
             tl.store(amax_ptr + offs_m * stride_am + c, tl.max(tl.abs(r), axis=1), mask=m_mask)
-        else:
-            offs_a = tl.arange(0, NCP)
-            am = tl.load(amax_ptr + offs_m[:, None] * stride_am + offs_a[None, :],
-                         mask=m_mask[:, None] & (offs_a < n_chunks)[None, :], other=0.0)
-            scale = tl.math.div_rn(tl.max(am, axis=1), 7.0)  # [BLOCK_M]
-            safe = tl.where(scale > 0, scale, 1.0)
-            qv = _round_clamp_int4(tl.math.div_rn(r, safe[:, None]))
-            if FAKE:
-                fq = (qv.to(tl.float32) * scale[:, None]).to(x_dtype)
-                tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_k[None, :], fq, mask=mk_mask)
+        else:  # quantize this chunk as the one chunk of each of BLOCK_M rows
+            r3 = tl.reshape(r, (BLOCK_M, 1, CHP))
+            if MODE == 1:
+                _quantize_store(r3, 0.0, offs_m, offs_k[None, :], c, mk_mask[:, None, :], y_ptr, q_ptr, s_ptr, M,
+                                K, stride_ym, stride_qm, stride_sm, x_dtype, BLOCK_M, 1, CH, CHP, AG, FAKE, ORDER)
             else:
-                tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], _word_order(qv, BLOCK_M, CHP, ORDER),
-                         mask=mk_mask)
-                tl.store(s_ptr + offs_m * stride_sm, scale, mask=m_mask & (c == 0))
+                offs_a = tl.arange(0, NCP)
+                am = tl.load(amax_ptr + offs_m[:, None] * stride_am + offs_a[None, :],
+                             mask=m_mask[:, None] & (offs_a < n_chunks)[None, :], other=0.0)
+                scale = tl.math.div_rn(tl.max(am, axis=1), 7.0)  # [BLOCK_M]
+                _quantize_store(r3, scale, offs_m, offs_k[None, :], c, mk_mask[:, None, :], y_ptr, q_ptr, s_ptr, M,
+                                K, stride_ym, stride_qm, stride_sm, x_dtype, BLOCK_M, 1, CH, CHP, 0, FAKE, ORDER)
+                if not FAKE:
+                    tl.store(s_ptr + offs_m * stride_sm, scale, mask=m_mask & (c == 0))
 
 
 @triton.jit
@@ -200,8 +184,7 @@ def _act_rows_kernel(
 
 @triton.jit
 def _act_loop_kernel(
-    x_ptr, h_ptr, y_ptr, q_ptr, s_ptr,
-    M, K, stride_xm, stride_ym, stride_qm, stride_sm, n_seg, inv_norm,
+    x_ptr, h_ptr, y_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_ym, stride_qm, stride_sm, inv_norm, n_seg,
     CH: tl.constexpr, CHP: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr, AG: tl.constexpr,
     ROTATE: tl.constexpr, FAKE: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     ORDER: tl.constexpr, STAGES: tl.constexpr,
@@ -283,22 +266,27 @@ def supported(k: int, had_block: int, act_group: int, codes: bool = False, order
     return ch is not None and (not codes or whole_blocks)
 
 
-def _launch(x2, mode, had_block, act_group, y=None, q=None, s=None, amax=None, n_chunks=1, fake=False, order=8):
+def _common_args(x2, had_block, act_group, y, q, s) -> tuple[int, int, tuple]:
+    """(chunk, padded chunk, the arguments every pre-kernel takes first: x, its rotation tile, the outputs y,
+    q, s (x stands in for those not written), M, K, the row strides and the rotation's 1/sqrt(block))."""
     M, K = x2.shape
     ch = _chunk(K, had_block, act_group)
     chp = next_pow2(ch)
-    rotate = had_block > 0
-    h = _rotation_tile(had_block, ch, chp, x2.dtype, x2.device) if rotate else x2
+    h = _rotation_tile(had_block, ch, chp, x2.dtype, x2.device) if had_block > 0 else x2
+    outs = (y, q, s)
+    args = (x2, h, *(t if t is not None else x2 for t in outs), M, K, x2.stride(0),
+            *(t.stride(0) if t is not None else 0 for t in outs), 1.0 / math.sqrt(had_block) if had_block > 0 else 1.0)
+    return ch, chp, args
+
+
+def _launch(x2, mode, had_block, act_group, y=None, q=None, s=None, amax=None, n_chunks=1, fake=False, order=8):
+    M, K = x2.shape
+    ch, chp, args = _common_args(x2, had_block, act_group, y, q, s)
     block_m = 16 if M <= 16 else (32 if chp > 128 else 64)
     grid = (triton.cdiv(M, block_m), triton.cdiv(K, ch))
-    dummy = x2
     _act_prep_kernel[grid](
-        x2, h, y if y is not None else dummy, q if q is not None else dummy,
-        s if s is not None else dummy, amax if amax is not None else dummy,
-        M, K, x2.stride(0), y.stride(0) if y is not None else 0, q.stride(0) if q is not None else 0,
-        s.stride(0) if s is not None else 0, amax.stride(0) if amax is not None else 0,
-        n_chunks, 1.0 / math.sqrt(had_block) if rotate else 1.0,
-        CH=ch, CHP=chp, NCP=next_pow2(n_chunks), AG=max(act_group, 1), ROTATE=rotate, MODE=mode,
+        *args, amax if amax is not None else x2, amax.stride(0) if amax is not None else 0, n_chunks,
+        CH=ch, CHP=chp, NCP=next_pow2(n_chunks), AG=max(act_group, 1), ROTATE=had_block > 0, MODE=mode,
         BLOCK_M=block_m, FAKE=fake, ORDER=order, num_warps=8 if chp > 128 else 4, num_stages=1,
         **dot_flags(x2.dtype))
     return ch
@@ -320,34 +308,20 @@ def _rows_layout(K: int, had_block: int, act_group: int) -> Optional[tuple[int, 
 
 
 def _launch_rows(x2, layout, had_block, act_group, y=None, q=None, s=None, fake=False, order=8):
-    M, K = x2.shape
     ch, npad, rows = layout
-    chp = next_pow2(ch)
-    rotate = had_block > 0
-    h = _rotation_tile(had_block, ch, chp, x2.dtype, x2.device) if rotate else x2
-    dummy = x2
-    _act_rows_kernel[(triton.cdiv(M, rows),)](
-        x2, h, y if y is not None else dummy, q if q is not None else dummy, s if s is not None else dummy,
-        M, K, x2.stride(0), y.stride(0) if y is not None else 0, q.stride(0) if q is not None else 0,
-        s.stride(0) if s is not None else 0, 1.0 / math.sqrt(had_block) if rotate else 1.0,
-        CH=ch, CHP=chp, NP=npad, R=rows, AG=act_group, ROTATE=rotate, FAKE=fake, ORDER=order,
+    _, chp, args = _common_args(x2, had_block, act_group, y, q, s)
+    _act_rows_kernel[(triton.cdiv(x2.shape[0], rows),)](
+        *args, CH=ch, CHP=chp, NP=npad, R=rows, AG=act_group, ROTATE=had_block > 0, FAKE=fake, ORDER=order,
         num_warps=4 if rows * npad * chp <= 8192 else 8, num_stages=1, **dot_flags(x2.dtype))
 
 
 def _launch_loop(x2, plan, had_block, act_group, y=None, q=None, s=None, fake=False, order=8):
     """The looped kernel at plan = LoopPlan(rows, seg, warps, stages)."""
     M, K = x2.shape
-    ch = _chunk(K, had_block, act_group)
-    chp = next_pow2(ch)
-    rotate = had_block > 0
-    h = _rotation_tile(had_block, ch, chp, x2.dtype, x2.device) if rotate else x2
-    dummy = x2
+    ch, chp, args = _common_args(x2, had_block, act_group, y, q, s)
     _act_loop_kernel[(triton.cdiv(M, plan.rows),)](
-        x2, h, y if y is not None else dummy, q if q is not None else dummy, s if s is not None else dummy,
-        M, K, x2.stride(0), y.stride(0) if y is not None else 0, q.stride(0) if q is not None else 0,
-        s.stride(0) if s is not None else 0, triton.cdiv(triton.cdiv(K, ch), plan.seg),
-        1.0 / math.sqrt(had_block) if rotate else 1.0,
-        CH=ch, CHP=chp, SEG=plan.seg, R=plan.rows, AG=act_group, ROTATE=rotate, FAKE=fake, ORDER=order,
+        *args, triton.cdiv(triton.cdiv(K, ch), plan.seg),
+        CH=ch, CHP=chp, SEG=plan.seg, R=plan.rows, AG=act_group, ROTATE=had_block > 0, FAKE=fake, ORDER=order,
         STAGES=plan.stages, num_warps=plan.warps, num_stages=1, **dot_flags(x2.dtype))
 
 
