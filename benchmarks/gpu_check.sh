@@ -78,8 +78,12 @@ run_step() {
       if [ -z "$NCU" ]; then echo "== wgmma_ncu: no ncu on this machine"; return 0; fi
       step wgmma_ncu 120 "$NCU" --kernel-name regex:wgmma --launch-skip 1 --launch-count 2 \
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
-        --section InstructionStats --section MemoryWorkloadAnalysis python benchmarks/wgmma_quick.py --launch-only 2 --configs 0,5
-      grep -E "wgmma|Duration|Throughput|Issue Slots|Stall|Warp Cycles|Executed Ipc|Pipe" "$OUT/wgmma_ncu.log" | head -n 60
+        --section InstructionStats --section MemoryWorkloadAnalysis \
+        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+        python benchmarks/wgmma_quick.py --launch-only 2 --configs ${WGMMA_NCU_CONFIGS:-0,5}
+      grep -E "wgmma|Duration|Throughput|Issue Slots|Warp Cycles|Executed Ipc|Pipe" "$OUT/wgmma_ncu.log" | head -n 60
+      # the stall reasons worth reading: those above 0.05 warps per issued instruction
+      awk '/_wgmma/ {print} /issue_stalled/ && $NF + 0 > 0.05 {print "   ", $1, $NF}' "$OUT/wgmma_ncu.log" | head -n 60
       step act_ncu 60 "$NCU" --kernel-name regex:_act --launch-count 3 --section SpeedOfLight --section WarpStateStats \
         --section MemoryWorkloadAnalysis --section SchedulerStats python -c "import torch; from specq.kernels import triton_act as a
 for k in (14336, 4096): a.quantize(torch.randn(1024, k, device='cuda', dtype=torch.bfloat16), 0, 128, order=128)
