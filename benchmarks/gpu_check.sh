@@ -17,6 +17,8 @@
 # wgmma       (410 s) the Gluon W4A4 kernel's tests and the pre-kernel's (both K orders), then it, the Triton
 #                     W4A4 GEMM and bf16 at M = 256, 1024
 # wgmma_quick (90 s)  the Gluon W4A4 kernel on two ragged shapes and timed at one size (a short call)
+# wgmma_ws    (400 s) the Gluon kernel's tests, then its register-A candidates against the warp-specialized ones
+#                     (a copy warp issues the TMA copies) timed at 4096 x 4096, M = 1024 and 256
 # wgmma_tests (150 s) the Gluon W4A4 kernel's tests only
 # wgmma_ncu   (180 s) Nsight Compute on one launch of Gluon candidates 0 and 5 (M = 1024, 4096 x 4096) and on the
 #                     activation pre-kernel (M = 1024, K = 14336 and 4096), where the machine has ncu
@@ -95,8 +97,12 @@ torch.cuda.synchronize()"
         --out "$OUT/act_lab_g32.md" --json "$OUT/act_lab_g32.json"
       grep -E "^\| " "$OUT/act_lab.md" "$OUT/act_lab_g32.md" | cut -d: -f2- | head -n 200 ;;
     wgmma_quick) step wgmma_quick 90 python benchmarks/wgmma_quick.py; tail -n 14 "$OUT/wgmma_quick.log" ;;
+    wgmma_ws) step wgmma_tests 220 python -m pytest -q -x tests/test_gluon_w4a4.py
+      step wgmma_ws_1024 90 python benchmarks/wgmma_quick.py --configs 5,7,8,9,10
+      step wgmma_ws_256 90 python benchmarks/wgmma_quick.py --m 256 --configs 4,5,8,10
+      grep -hE "^time|^  " "$OUT/wgmma_ws_1024.log" "$OUT/wgmma_ws_256.log" ;;
     gpu_w4a4) step gpu_w4a4 240 python -m pytest -q -x tests/test_triton_kernels.py -k "gpu and (w4a4 or act)" ;;
-    *) echo "unknown step '$1' (gpu_tests gpu_w4a4 wgmma wgmma_quick wgmma_tests wgmma_op wgmma_ncu act_lab kernels kernels_m12 gemv_lab e2e_8b w4a4_large w4a4_quick)"; return 2 ;;
+    *) echo "unknown step '$1' (gpu_tests gpu_w4a4 wgmma wgmma_quick wgmma_ws wgmma_tests wgmma_op wgmma_ncu act_lab kernels kernels_m12 gemv_lab e2e_8b w4a4_large w4a4_quick)"; return 2 ;;
   esac
 }
 [ $# -eq 0 ] && set -- gpu_tests e2e_8b kernels_m12

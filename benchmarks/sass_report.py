@@ -24,8 +24,9 @@ import tempfile
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def compile_sm90(fn, signature: dict, constexprs: dict, divisible: list[str], num_warps: int, num_stages: int = 1):
-    """triton.compile for sm_90 with tt.divisibility=16 on the named arguments."""
+def compile_sm90(fn, signature: dict, constexprs: dict, divisible: list[str], num_warps: int, num_stages: int = 1,
+                 maxnreg=None):
+    """triton.compile for sm_90 with tt.divisibility=16 on the named arguments (and a register cap)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -37,7 +38,10 @@ def compile_sm90(fn, signature: dict, constexprs: dict, divisible: list[str], nu
     if getattr(fn, "is_gluon", lambda: False)():
         from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def sass_of(kernel) -> str:
@@ -146,10 +150,10 @@ def gluon_w4a4_kernel(cfg):
            "w_desc": f"tensordesc<i32[{bn}, {g.CHUNK_K // 8}],{g.WORDS_SMEM!r}>",
            "sx_ptr": "*fp32", "sw_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32",
            "K": "i32", "stride_sxm": "i32", "stride_swn": "i32", "stride_ym": "i32"}
-    const = {"WG": 128, "NG": 32, "HAS_BIAS": True, "STAGES": cfg["STAGES"], "I2F": cfg["I2F"],
+    const = {"WG": 128, "NG": 32, "HAS_BIAS": True, "STAGES": cfg["STAGES"], "I2F": cfg["I2F"], "WS": cfg["WS"],
              "num_warps": cfg.num_warps}
     divisible = ["sx_ptr", "sw_ptr", "b_ptr", "y_ptr", "N", "K", "stride_swn", "stride_ym"]
-    return compile_sm90(g._w4a4_wgmma_kernel, sig, const, divisible, cfg.num_warps)
+    return compile_sm90(g._w4a4_wgmma_kernel, sig, const, divisible, cfg.num_warps, maxnreg=g.max_registers(cfg))
 
 
 def act_loop_kernel(plan, act_group: int = 0, fake: bool = False, order: int = 128):

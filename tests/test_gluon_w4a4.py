@@ -28,10 +28,11 @@ def _gluon():
 
 
 def _config_ids():
-    return [f"{c['BLOCK_N']}x{c['BLOCK_M']}-s{c['STAGES']}-w{c.num_warps}-i{c['I2F']}" for c in _gluon()._candidates()]
+    return [f"{c['BLOCK_N']}x{c['BLOCK_M']}-s{c['STAGES']}-w{c.num_warps}-i{c['I2F']}-ws{c['WS']}"
+            for c in _gluon()._candidates()]
 
 
-N_CANDIDATES = 8
+N_CANDIDATES = 11
 
 
 def test_candidate_count():

@@ -47,7 +47,8 @@ import triton
 try:  # Gluon ships with Triton >= 3.5; without it the Triton kernel serves every shape
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     HAVE_GLUON = True
 except ImportError:  # pragma: no cover - depends on the installed Triton
@@ -60,6 +61,9 @@ CHUNK_K = 128  # K per chunk: one int32 wgmma result, rescaled once; divides the
 
 if HAVE_GLUON:
     BK = gl.constexpr(CHUNK_K)
+    # WS = 2: registers of the second MMA partition (a worker); the first gets as many from the kernel's cap
+    # (168: 12 warps per SM, the copy warp's warpgroup keeping 24)
+    PARTITION_REGS = gl.constexpr(240)
     # the TMA tiles' shared-memory layouts: activation codes [BLOCK_M, BK] in 128-byte swizzled rows (the
     # wgmma's B operand), packed words [BLOCK_N, BK / 8] plain (read by 16-byte loads, see _words_layout)
     CODES_SMEM = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8)
@@ -102,12 +106,22 @@ if HAVE_GLUON:
         return gl.convert_layout(b, DOT_A, assert_trivial=True)
 
     @gluon.jit
-    def _load_chunk(j, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, STAGES: gl.constexpr):
+    def _load_chunk(j, q_desc, w_desc, q_smem, w_a, w_b, ready, off_m, off_n, n_chunks, STAGES: gl.constexpr,
+                    WS: gl.constexpr):
+        """TMA copies of chunk j into ring slot j % STAGES (none past the last chunk): its activation codes and
+        its packed weights, w_desc's rows into w_a and (WS = 2, one buffer per MMA partition) the next ones
+        into w_b."""
         s = j % STAGES
         pred = j < n_chunks
-        mbarrier.expect(ready.index(s), q_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=pred)
+        if WS == 2:
+            mbarrier.expect(ready.index(s), q_desc.block_type.nbytes + 2 * w_desc.block_type.nbytes, pred=pred)
+        else:
+            mbarrier.expect(ready.index(s), q_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=pred)
         tma.async_copy_global_to_shared(q_desc, [off_m, j * BK], ready.index(s), q_smem.index(s), pred=pred)
-        tma.async_copy_global_to_shared(w_desc, [off_n, j * (BK // 8)], ready.index(s), w_smem.index(s), pred=pred)
+        tma.async_copy_global_to_shared(w_desc, [off_n, j * (BK // 8)], ready.index(s), w_a.index(s), pred=pred)
+        if WS == 2:
+            tma.async_copy_global_to_shared(w_desc, [off_n + w_desc.block_type.shape[0], j * (BK // 8)],
+                                            ready.index(s), w_b.index(s), pred=pred)
 
     @gluon.jit
     def _w4a4_wgmma_kernel(
@@ -118,17 +132,16 @@ if HAVE_GLUON:
         HAS_BIAS: gl.constexpr,
         STAGES: gl.constexpr,
         I2F: gl.constexpr,    # int32 -> fp32 by the conversion instruction (else the magic-number trick)
+        WS: gl.constexpr,     # warp-specialized: a copy warp issues the copies (else the MMA warps do), beside one
+                              # MMA partition (WS = 1) or two of num_warps each, a 64-row half of the tile each
+                              # (WS = 2)
         num_warps: gl.constexpr,
     ):
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]  # tokens: the wgmma's N
-        BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]  # weight rows: the wgmma's M, 64 per warpgroup
+        PARTS: gl.constexpr = 2 if WS == 2 else 1  # MMA partitions, each with its own rows and weight buffers
+        PART_N: gl.constexpr = w_desc.block_type.shape[0]  # weight rows per partition: the wgmma's M
+        BLOCK_N: gl.constexpr = PART_N * PARTS
         KW: gl.constexpr = BK // 8
-        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, BLOCK_M, 32])
-        ROWS: gl.constexpr = gl.SliceLayout(1, MMA)  # per weight row (n)
-        COLS: gl.constexpr = gl.SliceLayout(0, MMA)  # per token (m)
-        DOT_A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=4)
-        WORDS: gl.constexpr = _words_layout(num_warps)
 
         num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
         pid = gl.program_id(0)
@@ -136,72 +149,134 @@ if HAVE_GLUON:
         pid_n = pid // num_pid_m
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
-        rn = off_n + gl.arange(0, BLOCK_N, layout=ROWS)
-        rm = off_m + gl.arange(0, BLOCK_M, layout=COLS)
-        n_ok = rn < N
-        m_ok = rm < M
 
         q_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, BK], q_desc.layout)
-        w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, KW], w_desc.layout)
+        w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, PART_N, KW], w_desc.layout)
+        w_half = w_smem  # WS = 2: the second MMA partition's rows, in buffers of their own
+        if PARTS == 2:
+            w_half = gl.allocate_shared_memory(gl.int32, [STAGES, PART_N, KW], w_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
             mbarrier.init(ready.index(s), count=1)
         # The tile's weight scales, all of K, go to shared memory once: a global load in the K loop would
-        # still be in flight at the next chunk's proxy fence, which waits for it (a full L2 round trip)
-        sw_smem = gl.allocate_shared_memory(sw_ptr.dtype.element_ty, [NG, BLOCK_N],
+        # still be in flight at the next chunk's proxy fence, which waits for it (a full L2 round trip). Per MMA
+        # partition NG rows of its weight rows' scales, a group per row.
+        sw_smem = gl.allocate_shared_memory(sw_ptr.dtype.element_ty, [PARTS * NG, PART_N],
                                             gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
         SWL: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [1, num_warps], [0, 1])  # lanes along K: coalesced
         SW_PART: gl.constexpr = 32 if NG > 32 else NG
         n_groups = (K + WG - 1) // WG
-        sn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, SWL))
-        for c in gl.static_range(NG // SW_PART):
-            sg = c * SW_PART + gl.arange(0, SW_PART, layout=gl.SliceLayout(1, SWL))
-            part = gl.load(sw_ptr + sn[None, :] * stride_swn + sg[:, None],
-                           mask=(sn < N)[None, :] & (sg < n_groups)[:, None], other=0.0)
-            sw_smem.slice(c * SW_PART, SW_PART).store(part)
+        for p in gl.static_range(PARTS):
+            sn = off_n + p * PART_N + gl.arange(0, PART_N, layout=gl.SliceLayout(0, SWL))
+            for c in gl.static_range(NG // SW_PART):
+                sg = c * SW_PART + gl.arange(0, SW_PART, layout=gl.SliceLayout(1, SWL))
+                part = gl.load(sw_ptr + sn[None, :] * stride_swn + sg[:, None],
+                               mask=(sn < N)[None, :] & (sg < n_groups)[:, None], other=0.0)
+                sw_smem.slice(p * NG + c * SW_PART, SW_PART).store(part)
         gl.thread_barrier()
         # read back a group (row) at a time: the same bytes seen as rows of a one-dimensional layout
-        sw_smem = sw_smem._reinterpret(sw_ptr.dtype.element_ty, [NG, BLOCK_N],
+        sw_smem = sw_smem._reinterpret(sw_ptr.dtype.element_ty, [PARTS * NG, PART_N],
                                        gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
 
         n_chunks = (K + BK - 1) // BK
-        for j in gl.static_range(STAGES):
-            _load_chunk(j, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, STAGES)
+        out = (sx_ptr, b_ptr, y_ptr, M, N, stride_sxm, stride_ym)
+        tile = (q_desc, w_desc, q_smem, ready, off_m, n_chunks)
+        if WS == 0:
+            for j in gl.static_range(STAGES):
+                _load_chunk(j, q_desc, w_desc, q_smem, w_smem, w_smem, ready, off_m, off_n, n_chunks, STAGES, WS)
+            _mma_tile(tile, ready, w_smem, sw_smem, off_n, out, WG, STAGES, I2F, HAS_BIAS, BLOCK_M, BLOCK_N, WS,
+                      num_warps)
+        else:
+            # a slot is free again once every MMA partition is done with it (each arrives on ``empty``)
+            empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            for s in gl.static_range(STAGES):
+                mbarrier.init(empty.index(s), count=WS)
+            copy_args = (q_desc, w_desc, q_smem, w_smem, w_half, ready, empty, off_m, off_n, n_chunks, STAGES, WS)
+            if WS == 1:  # all MMA warps in the default partition, sharing its barriers
+                gl.warp_specialize([
+                    (_mma_tile, (tile, empty, w_smem, sw_smem, off_n, out, WG, STAGES, I2F, HAS_BIAS, BLOCK_M,
+                                 BLOCK_N, WS, num_warps)),
+                    (_copy_loop, copy_args)], [1], [24])
+            else:  # WS == 2: one partition per 64-row half, so neither waits for the other's warps
+                gl.warp_specialize([
+                    (_mma_tile, (tile, empty, w_smem, sw_smem.slice(0, NG), off_n, out, WG, STAGES, I2F,
+                                 HAS_BIAS, BLOCK_M, PART_N, WS, num_warps)),
+                    (_mma_tile, (tile, empty, w_half, sw_smem.slice(NG, NG), off_n + PART_N, out, WG, STAGES,
+                                 I2F, HAS_BIAS, BLOCK_M, PART_N, WS, num_warps)),
+                    (_copy_loop, copy_args)], [num_warps, 1], [PARTITION_REGS, 24])
+            for s in gl.static_range(STAGES):
+                mbarrier.invalidate(empty.index(s))
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(s))
 
+    @gluon.jit
+    def _mma_tile(tile, empty, w_smem, sw_smem, off_n, out, WG: gl.constexpr, STAGES: gl.constexpr,
+                  I2F: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  WS: gl.constexpr, num_warps: gl.constexpr):
+        """The MMA warps' work on rows off_n .. off_n + BLOCK_N of the tile (w_smem, sw_smem: their slice of
+        the ring and of the scales): the K loop, then the scaled, biased output stored."""
+        q_desc, w_desc, q_smem, ready, off_m, n_chunks = tile
+        sx_ptr, b_ptr, y_ptr, M, N, stride_sxm, stride_ym = out
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, BLOCK_M, 32])
+        ROWS: gl.constexpr = gl.SliceLayout(1, MMA)  # per weight row (n)
+        COLS: gl.constexpr = gl.SliceLayout(0, MMA)  # per token (m)
+        DOT_A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=4)
+        WORDS: gl.constexpr = _words_layout(num_warps)
+        ctx = (q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, I2F)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
+        acc = _mma_loop(acc, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, DOT_A, WS)
+
+        rn = off_n + gl.arange(0, BLOCK_N, layout=ROWS)
+        rm = off_m + gl.arange(0, BLOCK_M, layout=COLS)
+        # the decoded weights were 16 q: the exact 1/16 joins the per-token scale
+        acc = acc * (gl.load(sx_ptr + rm * stride_sxm, mask=rm < M, other=0.0) * 0.0625)[None, :]
+        if HAS_BIAS:
+            acc = acc + gl.load(b_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)[:, None]
+        # store y[m, n] with n fastest: 16-byte stores along each output row
+        OUT: gl.constexpr = gl.BlockedLayout([8, 1], [BLOCK_N // 8, 32 // (BLOCK_N // 8)], [1, num_warps], [0, 1])
+        res = gl.convert_layout(acc.to(y_ptr.dtype.element_ty), OUT)
+        on = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, OUT))
+        om = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, OUT))
+        gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], res, mask=(on < N)[:, None] & (om < M)[None, :])
+
+    @gluon.jit
+    def _mma_loop(acc, ctx, sw_smem, ROWS: gl.constexpr, WG: gl.constexpr, STAGES: gl.constexpr,
+                  WORDS: gl.constexpr, BLOCK_N: gl.constexpr, DOT_A: gl.constexpr, WS: gl.constexpr):
+        """The K loop of the MMA warps: acc + the tile's scaled int32 products over all chunks."""
+        n_chunks = ctx[8]
         # Two register sets hold the int32 wgmma results, in turn: a wgmma zero-starts (use_acc=False) in the
         # registers of the result before last. No wgmma is in flight across the loop's back edge: the copy that
         # would carry its registers around makes ptxas serialize every wgmma (C7514). So an iteration runs four
         # chunks (each one's wgmma under the next one's decode and the last one's rescale) and drains.
-        fa = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, layout=MMA)
-        fb = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, layout=MMA)
-        ctx = (q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, I2F)
+        fa = gl.zeros_like(acc, dtype=gl.int32)
+        fb = gl.zeros_like(acc, dtype=gl.int32)
         n_main = n_chunks - n_chunks % 4
         for base in range(0, n_main, 4):
             tok0, sw0 = _issue(base, fa, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, DOT_A)
             tok1, sw1 = _issue(base + 1, fb, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, DOT_A)
-            acc, fa = _finish(base, tok0, sw0, acc, 1, ctx, STAGES)
+            acc, fa = _finish(base, tok0, sw0, acc, 1, ctx, STAGES, WS)
             tok2, sw2 = _issue(base + 2, fa, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, DOT_A)
-            acc, fb = _finish(base + 1, tok1, sw1, acc, 1, ctx, STAGES)
+            acc, fb = _finish(base + 1, tok1, sw1, acc, 1, ctx, STAGES, WS)
             tok3, sw3 = _issue(base + 3, fb, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, DOT_A)
-            acc, fa = _finish(base + 2, tok2, sw2, acc, 1, ctx, STAGES)
-            acc, fb = _finish(base + 3, tok3, sw3, acc, 0, ctx, STAGES)
+            acc, fa = _finish(base + 2, tok2, sw2, acc, 1, ctx, STAGES, WS)
+            acc, fb = _finish(base + 3, tok3, sw3, acc, 0, ctx, STAGES, WS)
         for i in range(n_main, n_chunks):  # the last n_chunks % 4, one at a time
             tok0, sw0 = _issue(i, fa, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, DOT_A)
-            acc, fa = _finish(i, tok0, sw0, acc, 0, ctx, STAGES)
-        for s in gl.static_range(STAGES):
-            mbarrier.invalidate(ready.index(s))
+            acc, fa = _finish(i, tok0, sw0, acc, 0, ctx, STAGES, WS)
+        return acc
 
-        # the decoded weights were 16 q: the exact 1/16 joins the per-token scale
-        acc = acc * (gl.load(sx_ptr + rm * stride_sxm, mask=m_ok, other=0.0) * 0.0625)[None, :]
-        if HAS_BIAS:
-            acc = acc + gl.load(b_ptr + rn, mask=n_ok, other=0.0).to(gl.float32)[:, None]
-        # store y[m, n] with n fastest: 16-byte stores along each output row
-        OUT: gl.constexpr = gl.BlockedLayout([8, 1], [BLOCK_N // 8, 32 // (BLOCK_N // 8)], [1, num_warps], [0, 1])
-        out = gl.convert_layout(acc.to(y_ptr.dtype.element_ty), OUT)
-        on = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, OUT))
-        om = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, OUT))
-        gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], out, mask=(on < N)[:, None] & (om < M)[None, :])
+    @gluon.jit
+    def _copy_loop(q_desc, w_desc, q_smem, w_a, w_b, ready, empty, off_m, off_n, n_chunks, STAGES: gl.constexpr,
+                   WS: gl.constexpr):
+        """The copy warp (WS): each chunk's TMA copies into its ring slot once the MMA warps freed it. The
+        slots start free: a fresh mbarrier's phase before the first counts as complete."""
+        for j in range(n_chunks):
+            s = j % STAGES
+            mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1)
+            # the MMA warps read the slot's words through the generic proxy; the copy writes through the async
+            fence_async_shared()
+            _load_chunk(j, q_desc, w_desc, q_smem, w_a, w_b, ready, off_m, off_n, n_chunks, STAGES, WS)
 
     @gluon.jit
     def _issue(i, free, ctx, sw_smem, ROWS: gl.constexpr, WG: gl.constexpr, STAGES: gl.constexpr,
@@ -209,7 +284,7 @@ if HAVE_GLUON:
         """Decode chunk i's weights and issue its wgmma into the registers of ``free`` (a finished result);
         returns the in-flight result and the chunk's weight scales. The decoded A registers stay the wgmma's
         until its wait: ptxas tracks wgmma register operands itself (the wait's deps take no 8-bit tensors)."""
-        q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, I2F = ctx
+        q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, I2F = ctx
         a_op = _decode_chunk(i, w_smem, ready, STAGES, WORDS, DOT_A, BLOCK_N)
         # zero-start, as a runtime predicate (i < 0 is never true): with a constant False the result gets fresh
         # registers, which lets ptxas keep a third 64-register set live
@@ -218,13 +293,18 @@ if HAVE_GLUON:
         return tok, sw
 
     @gluon.jit
-    def _finish(i, tok, sw, acc, OUTSTANDING: gl.constexpr, ctx, STAGES: gl.constexpr):
-        """Wait for chunk i's wgmma (leaving OUTSTANDING newer ones in flight), refill its ring slot with
-        chunk i + STAGES and add its scaled result to ``acc``; returns acc and the finished int32 result."""
-        q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, I2F = ctx
+    def _finish(i, tok, sw, acc, OUTSTANDING: gl.constexpr, ctx, STAGES: gl.constexpr, WS: gl.constexpr):
+        """Wait for chunk i's wgmma (leaving OUTSTANDING newer ones in flight), hand its ring slot back (WS: to
+        the copy warp; else refill it with chunk i + STAGES) and add its scaled result to ``acc``; returns acc
+        and the finished int32 result."""
+        q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, I2F = ctx
         d = warpgroup_mma_wait(OUTSTANDING, deps=(tok, ))
         gl.thread_barrier()  # every warp is done with the slot (its words and, via its wgmma, its codes)
-        _load_chunk(i + STAGES, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, STAGES)
+        if WS:
+            mbarrier.arrive(empty.index(i % STAGES), count=1)
+        else:
+            _load_chunk(i + STAGES, q_desc, w_desc, q_smem, w_smem, w_smem, ready, off_m, off_n, n_chunks, STAGES,
+                        0)
         return _pinned(_rescale(acc, d, sw, I2F)), d
 
     @gluon.jit
@@ -269,13 +349,27 @@ MAX_GROUPS = 256
 
 
 def _candidates() -> list[Config]:
-    # (tokens per tile = the wgmma's N, weight rows per tile: 64 per warpgroup, ring stages, warps, I2F)
-    # (I2F: cvt to convert the int32 results, 0: the exact add/subtract trick). 128-row tiles read each
-    # token's codes from L2 half as often as 64-row ones (ncu, 2026-12-07: L2 at 64% behind 128 x 64 tiles).
-    raw = [(128, 64, 4, 4, 0), (128, 64, 3, 4, 0), (128, 128, 3, 8, 0), (128, 128, 4, 8, 0), (64, 64, 4, 4, 0),
-           (128, 64, 4, 4, 1), (128, 128, 3, 8, 1), (128, 128, 4, 8, 1)]
-    return [Config.make(num_warps=nw, num_stages=1, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, I2F=i2f)
-            for bm, bn, st, nw, i2f in raw]
+    # (tokens per tile = the wgmma's N, weight rows per tile: 64 per warpgroup, ring stages, warps, I2F, WS)
+    # (I2F: cvt to convert the int32 results, 0: the exact add/subtract trick; WS: a copy warp beside the MMA
+    # warps). 128-row tiles read each token's codes from L2 half as often as 64-row ones (ncu, 2026-12-07: L2
+    # at 64% behind 128 x 64 tiles).
+    raw = [(128, 64, 4, 4, 0, 0), (128, 64, 3, 4, 0, 0), (128, 128, 3, 8, 0, 0), (128, 128, 4, 8, 0, 0),
+           (64, 64, 4, 4, 0, 0), (128, 64, 4, 4, 1, 0), (128, 128, 3, 8, 1, 0), (128, 128, 4, 8, 1, 0),
+           (128, 128, 4, 8, 1, 1), (128, 128, 4, 8, 0, 1), (64, 64, 4, 4, 1, 1)]
+    return [Config.make(num_warps=nw, num_stages=1, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, I2F=i2f, WS=ws)
+            for bm, bn, st, nw, i2f, ws in raw]
+
+
+def max_registers(cfg: Config) -> Optional[int]:
+    """The register cap of a warp-specialized config (None otherwise): its MMA warps plus the copy warp's
+    warpgroup (warps are given registers by the warpgroup) as many times per SM as its tiles fit, i.e. two
+    tiles of 4 MMA warps or one of 8; the copy warp gives back all but 24 to the MMA warps (232 each for two
+    4-warp tiles, enough for 64 x 64 ones: 128 x 64 ones spilled; 240 for 8 MMA warps)."""
+    if not cfg["WS"]:
+        return None
+    mma_warps = cfg.num_warps * (2 if cfg["WS"] == 2 else 1)
+    tiles_per_sm = 2 if mma_warps == 4 else 1
+    return 65536 // (tiles_per_sm * (mma_warps + 4) * 32) // 8 * 8
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -308,8 +402,10 @@ def launch_wgmma(cfg: Config, q, sx, packed, scales, b_arg, out, has_bias: bool,
     N = packed.shape[0]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     q_desc = TensorDescriptor(q, [M, K], [K, 1], [bm, CHUNK_K], CODES_SMEM)
-    w_desc = TensorDescriptor(packed, [N, K // 8], [packed.stride(0), 1], [bn, CHUNK_K // 8], WORDS_SMEM)
+    parts = 2 if cfg["WS"] == 2 else 1  # WS = 2: each MMA partition's rows come in a copy of their own
+    w_desc = TensorDescriptor(packed, [N, K // 8], [packed.stride(0), 1], [bn // parts, CHUNK_K // 8], WORDS_SMEM)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _w4a4_wgmma_kernel[grid](q_desc, w_desc, sx, scales, b_arg, out, M, N, K, sx.stride(0), scales.stride(0),
                              out.stride(0), WG=group, NG=_groups_held(K, group), HAS_BIAS=has_bias,
-                             STAGES=cfg["STAGES"], I2F=cfg["I2F"], num_warps=cfg.num_warps)
+                             STAGES=cfg["STAGES"], I2F=cfg["I2F"], WS=cfg["WS"], num_warps=cfg.num_warps,
+                             maxnreg=max_registers(cfg))
