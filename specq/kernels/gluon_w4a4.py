@@ -61,9 +61,6 @@ CHUNK_K = 128  # K per chunk: one int32 wgmma result, rescaled once; divides the
 
 if HAVE_GLUON:
     BK = gl.constexpr(CHUNK_K)
-    # WS = 2: registers of the second MMA partition (a worker); the first gets as many from the kernel's cap
-    # (168: 12 warps per SM, the copy warp's warpgroup keeping 24)
-    PARTITION_REGS = gl.constexpr(240)
     # the TMA tiles' shared-memory layouts: activation codes [BLOCK_M, BK] in 128-byte swizzled rows (the
     # wgmma's B operand), packed words [BLOCK_N, BK / 8] plain (read by 16-byte loads, see _words_layout)
     CODES_SMEM = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8)
@@ -106,22 +103,14 @@ if HAVE_GLUON:
         return gl.convert_layout(b, DOT_A, assert_trivial=True)
 
     @gluon.jit
-    def _load_chunk(j, q_desc, w_desc, q_smem, w_a, w_b, ready, off_m, off_n, n_chunks, STAGES: gl.constexpr,
-                    WS: gl.constexpr):
-        """TMA copies of chunk j into ring slot j % STAGES (none past the last chunk): its activation codes and
-        its packed weights, w_desc's rows into w_a and (WS = 2, one buffer per MMA partition) the next ones
-        into w_b."""
+    def _load_chunk(j, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, STAGES: gl.constexpr):
+        """TMA copies of chunk j (its activation codes and packed weights) into ring slot j % STAGES; none past
+        the last chunk."""
         s = j % STAGES
         pred = j < n_chunks
-        if WS == 2:
-            mbarrier.expect(ready.index(s), q_desc.block_type.nbytes + 2 * w_desc.block_type.nbytes, pred=pred)
-        else:
-            mbarrier.expect(ready.index(s), q_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=pred)
+        mbarrier.expect(ready.index(s), q_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=pred)
         tma.async_copy_global_to_shared(q_desc, [off_m, j * BK], ready.index(s), q_smem.index(s), pred=pred)
-        tma.async_copy_global_to_shared(w_desc, [off_n, j * (BK // 8)], ready.index(s), w_a.index(s), pred=pred)
-        if WS == 2:
-            tma.async_copy_global_to_shared(w_desc, [off_n + w_desc.block_type.shape[0], j * (BK // 8)],
-                                            ready.index(s), w_b.index(s), pred=pred)
+        tma.async_copy_global_to_shared(w_desc, [off_n, j * (BK // 8)], ready.index(s), w_smem.index(s), pred=pred)
 
     @gluon.jit
     def _w4a4_wgmma_kernel(
@@ -132,15 +121,11 @@ if HAVE_GLUON:
         HAS_BIAS: gl.constexpr,
         STAGES: gl.constexpr,
         I2F: gl.constexpr,    # int32 -> fp32 by the conversion instruction (else the magic-number trick)
-        WS: gl.constexpr,     # warp-specialized: a copy warp issues the copies (else the MMA warps do), beside one
-                              # MMA partition (WS = 1) or two of num_warps each, a 64-row half of the tile each
-                              # (WS = 2)
+        WS: gl.constexpr,     # warp-specialized: a copy warp issues the copies (else the MMA warps do)
         num_warps: gl.constexpr,
     ):
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]  # tokens: the wgmma's N
-        PARTS: gl.constexpr = 2 if WS == 2 else 1  # MMA partitions, each with its own rows and weight buffers
-        PART_N: gl.constexpr = w_desc.block_type.shape[0]  # weight rows per partition: the wgmma's M
-        BLOCK_N: gl.constexpr = PART_N * PARTS
+        BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]  # weight rows: the wgmma's M, 64 per warpgroup
         KW: gl.constexpr = BK // 8
 
         num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
@@ -151,31 +136,26 @@ if HAVE_GLUON:
         off_n = pid_n * BLOCK_N
 
         q_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, BK], q_desc.layout)
-        w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, PART_N, KW], w_desc.layout)
-        w_half = w_smem  # WS = 2: the second MMA partition's rows, in buffers of their own
-        if PARTS == 2:
-            w_half = gl.allocate_shared_memory(gl.int32, [STAGES, PART_N, KW], w_desc.layout)
+        w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, KW], w_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
             mbarrier.init(ready.index(s), count=1)
         # The tile's weight scales, all of K, go to shared memory once: a global load in the K loop would
-        # still be in flight at the next chunk's proxy fence, which waits for it (a full L2 round trip). Per MMA
-        # partition NG rows of its weight rows' scales, a group per row.
-        sw_smem = gl.allocate_shared_memory(sw_ptr.dtype.element_ty, [PARTS * NG, PART_N],
+        # still be in flight at the next chunk's proxy fence, which waits for it (a full L2 round trip)
+        sw_smem = gl.allocate_shared_memory(sw_ptr.dtype.element_ty, [NG, BLOCK_N],
                                             gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
         SWL: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [1, num_warps], [0, 1])  # lanes along K: coalesced
         SW_PART: gl.constexpr = 32 if NG > 32 else NG
         n_groups = (K + WG - 1) // WG
-        for p in gl.static_range(PARTS):
-            sn = off_n + p * PART_N + gl.arange(0, PART_N, layout=gl.SliceLayout(0, SWL))
-            for c in gl.static_range(NG // SW_PART):
-                sg = c * SW_PART + gl.arange(0, SW_PART, layout=gl.SliceLayout(1, SWL))
-                part = gl.load(sw_ptr + sn[None, :] * stride_swn + sg[:, None],
-                               mask=(sn < N)[None, :] & (sg < n_groups)[:, None], other=0.0)
-                sw_smem.slice(p * NG + c * SW_PART, SW_PART).store(part)
+        sn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, SWL))
+        for c in gl.static_range(NG // SW_PART):
+            sg = c * SW_PART + gl.arange(0, SW_PART, layout=gl.SliceLayout(1, SWL))
+            part = gl.load(sw_ptr + sn[None, :] * stride_swn + sg[:, None],
+                           mask=(sn < N)[None, :] & (sg < n_groups)[:, None], other=0.0)
+            sw_smem.slice(c * SW_PART, SW_PART).store(part)
         gl.thread_barrier()
         # read back a group (row) at a time: the same bytes seen as rows of a one-dimensional layout
-        sw_smem = sw_smem._reinterpret(sw_ptr.dtype.element_ty, [PARTS * NG, PART_N],
+        sw_smem = sw_smem._reinterpret(sw_ptr.dtype.element_ty, [NG, BLOCK_N],
                                        gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
 
         n_chunks = (K + BK - 1) // BK
@@ -183,27 +163,19 @@ if HAVE_GLUON:
         tile = (q_desc, w_desc, q_smem, ready, off_m, n_chunks)
         if WS == 0:
             for j in gl.static_range(STAGES):
-                _load_chunk(j, q_desc, w_desc, q_smem, w_smem, w_smem, ready, off_m, off_n, n_chunks, STAGES, WS)
+                _load_chunk(j, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, STAGES)
             _mma_tile(tile, ready, w_smem, sw_smem, off_n, out, WG, STAGES, I2F, HAS_BIAS, BLOCK_M, BLOCK_N, WS,
                       num_warps)
         else:
-            # a slot is free again once every MMA partition is done with it (each arrives on ``empty``)
+            # a slot is free again once the MMA warps are done with it (their arrive on ``empty``)
             empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
             for s in gl.static_range(STAGES):
-                mbarrier.init(empty.index(s), count=WS)
-            copy_args = (q_desc, w_desc, q_smem, w_smem, w_half, ready, empty, off_m, off_n, n_chunks, STAGES, WS)
-            if WS == 1:  # all MMA warps in the default partition, sharing its barriers
-                gl.warp_specialize([
-                    (_mma_tile, (tile, empty, w_smem, sw_smem, off_n, out, WG, STAGES, I2F, HAS_BIAS, BLOCK_M,
-                                 BLOCK_N, WS, num_warps)),
-                    (_copy_loop, copy_args)], [1], [24])
-            else:  # WS == 2: one partition per 64-row half, so neither waits for the other's warps
-                gl.warp_specialize([
-                    (_mma_tile, (tile, empty, w_smem, sw_smem.slice(0, NG), off_n, out, WG, STAGES, I2F,
-                                 HAS_BIAS, BLOCK_M, PART_N, WS, num_warps)),
-                    (_mma_tile, (tile, empty, w_half, sw_smem.slice(NG, NG), off_n + PART_N, out, WG, STAGES,
-                                 I2F, HAS_BIAS, BLOCK_M, PART_N, WS, num_warps)),
-                    (_copy_loop, copy_args)], [num_warps, 1], [PARTITION_REGS, 24])
+                mbarrier.init(empty.index(s), count=1)
+            gl.warp_specialize([
+                (_mma_tile, (tile, empty, w_smem, sw_smem, off_n, out, WG, STAGES, I2F, HAS_BIAS, BLOCK_M, BLOCK_N,
+                             WS, num_warps)),
+                (_copy_loop, (q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, STAGES))],
+                [1], [24])
             for s in gl.static_range(STAGES):
                 mbarrier.invalidate(empty.index(s))
         for s in gl.static_range(STAGES):
@@ -213,8 +185,7 @@ if HAVE_GLUON:
     def _mma_tile(tile, empty, w_smem, sw_smem, off_n, out, WG: gl.constexpr, STAGES: gl.constexpr,
                   I2F: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   WS: gl.constexpr, num_warps: gl.constexpr):
-        """The MMA warps' work on rows off_n .. off_n + BLOCK_N of the tile (w_smem, sw_smem: their slice of
-        the ring and of the scales): the K loop, then the scaled, biased output stored."""
+        """The MMA warps' work on the tile: the K loop, then the scaled, biased output stored."""
         q_desc, w_desc, q_smem, ready, off_m, n_chunks = tile
         sx_ptr, b_ptr, y_ptr, M, N, stride_sxm, stride_ym = out
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -267,8 +238,7 @@ if HAVE_GLUON:
         return acc
 
     @gluon.jit
-    def _copy_loop(q_desc, w_desc, q_smem, w_a, w_b, ready, empty, off_m, off_n, n_chunks, STAGES: gl.constexpr,
-                   WS: gl.constexpr):
+    def _copy_loop(q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, STAGES: gl.constexpr):
         """The copy warp (WS): each chunk's TMA copies into its ring slot once the MMA warps freed it. The
         slots start free: a fresh mbarrier's phase before the first counts as complete."""
         for j in range(n_chunks):
@@ -276,7 +246,7 @@ if HAVE_GLUON:
             mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1)
             # the MMA warps read the slot's words through the generic proxy; the copy writes through the async
             fence_async_shared()
-            _load_chunk(j, q_desc, w_desc, q_smem, w_a, w_b, ready, off_m, off_n, n_chunks, STAGES, WS)
+            _load_chunk(j, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, STAGES)
 
     @gluon.jit
     def _issue(i, free, ctx, sw_smem, ROWS: gl.constexpr, WG: gl.constexpr, STAGES: gl.constexpr,
@@ -303,8 +273,7 @@ if HAVE_GLUON:
         if WS:
             mbarrier.arrive(empty.index(i % STAGES), count=1)
         else:
-            _load_chunk(i + STAGES, q_desc, w_desc, q_smem, w_smem, w_smem, ready, off_m, off_n, n_chunks, STAGES,
-                        0)
+            _load_chunk(i + STAGES, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, STAGES)
         return _pinned(_rescale(acc, d, sw, I2F)), d
 
     @gluon.jit
@@ -367,9 +336,8 @@ def max_registers(cfg: Config) -> Optional[int]:
     4-warp tiles, enough for 64 x 64 ones: 128 x 64 ones spilled; 240 for 8 MMA warps)."""
     if not cfg["WS"]:
         return None
-    mma_warps = cfg.num_warps * (2 if cfg["WS"] == 2 else 1)
-    tiles_per_sm = 2 if mma_warps == 4 else 1
-    return 65536 // (tiles_per_sm * (mma_warps + 4) * 32) // 8 * 8
+    tiles_per_sm = 2 if cfg.num_warps == 4 else 1
+    return 65536 // (tiles_per_sm * (cfg.num_warps + 4) * 32) // 8 * 8
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -402,8 +370,7 @@ def launch_wgmma(cfg: Config, q, sx, packed, scales, b_arg, out, has_bias: bool,
     N = packed.shape[0]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     q_desc = TensorDescriptor(q, [M, K], [K, 1], [bm, CHUNK_K], CODES_SMEM)
-    parts = 2 if cfg["WS"] == 2 else 1  # WS = 2: each MMA partition's rows come in a copy of their own
-    w_desc = TensorDescriptor(packed, [N, K // 8], [packed.stride(0), 1], [bn // parts, CHUNK_K // 8], WORDS_SMEM)
+    w_desc = TensorDescriptor(packed, [N, K // 8], [packed.stride(0), 1], [bn, CHUNK_K // 8], WORDS_SMEM)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _w4a4_wgmma_kernel[grid](q_desc, w_desc, sx, scales, b_arg, out, M, N, K, sx.stride(0), scales.stride(0),
                              out.stride(0), WG=group, NG=_groups_held(K, group), HAS_BIAS=has_bias,
