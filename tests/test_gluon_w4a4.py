@@ -43,7 +43,8 @@ def test_candidate_count():
 def test_wgmma_kernel_compiles_for_sm90_with_wgmma_in_flight(sass_report, index):
     """Each candidate compiles for sm_90; ptxas keeps the wgmmas asynchronous (no C7514) and the two int32
     result sets in registers; the main loop runs 4 chunks of 4 IGMMA each and waits with one group
-    outstanding (chunk i's wgmma runs under chunk i-1's rescale)."""
+    outstanding (chunk i's wgmma runs under chunk i-1's rescale). Warp-specialized candidates issue no TMA
+    copy from that loop (the copy warp does, its registers cut to 24 for the MMA warps)."""
     g = _gluon()
     sr, ptxas = sass_report, sass_report.PTXAS
     cfg = g._candidates()[index]
@@ -63,6 +64,8 @@ def test_wgmma_kernel_compiles_for_sm90_with_wgmma_in_flight(sass_report, index)
     # two register sets for the int32 results, used in turn
     sets = {m.group(1) for m in re.finditer(r"IGMMA\.\S+\s+(R\d+),", sass)}
     assert len(sets) == 2, sets
+    assert ("UTMALDG" in "".join(loop)) != bool(cfg["WS"]), loop
+    assert bool(re.search(r"USETMAXREG\.DEALLOC\S*\s+0x18\b", sass)) == bool(cfg["WS"])
 
 
 def test_dispatch_rule(monkeypatch):
