@@ -1,7 +1,8 @@
 """Times the W4A4 activation pre-kernel's launch plans (``specq.kernels.triton_act``) on a GPU: the whole-row
-kernel ("rows"), the per-chunk kernel ("chunks": per token, two passes over x) and the looped kernel
-(``LoopPlan``: rows per program, chunks per segment, warps, pipeline stages). Every plan's codes and scales
-are checked bit for bit against the "chunks" plan first. Bandwidth: x read + codes written (1 byte each).
+kernel ("rows"), the per-chunk kernel ("chunks": per token, two passes over x), the looped kernel
+(``LoopPlan``: rows per program, chunks per segment, warps, pipeline stages) and the persistent whole-row
+kernel (``PersistentPlan``: rows per block, warps, pipeline stages, programs per SM). Every plan's codes and
+scales are checked bit for bit against the "chunks" plan first. Bandwidth: x read + codes written (1 byte each).
 
     python benchmarks/act_lab.py [--ks 4096,14336] [--ms 256,1024] [--out act_lab.md] [--json act_lab.json]
 
@@ -28,13 +29,28 @@ import kernels as kb  # noqa: E402  (benchmarks/kernels.py)
 LOOP_PLANS = [(1, 16, 4, 2), (1, 16, 4, 3), (1, 16, 4, 1), (1, 32, 4, 2), (1, 32, 8, 2), (1, 32, 8, 3),
               (2, 8, 4, 2), (2, 16, 4, 2), (2, 16, 8, 2), (2, 16, 8, 3), (4, 4, 4, 2), (4, 8, 4, 2), (4, 8, 8, 2),
               (4, 16, 8, 2), (8, 4, 4, 2), (8, 8, 8, 2)]
+# (rows per block, warps, stages, programs per SM); run where the rows fit one tile (K <= 8192 at chunks of 128)
+PERSISTENT_PLANS = [(1, 4, 2, 2), (1, 4, 2, 4), (1, 4, 3, 4), (2, 4, 2, 1), (2, 4, 2, 2), (2, 4, 3, 2),
+                    (2, 8, 2, 2), (2, 4, 2, 4), (4, 8, 2, 1), (4, 8, 3, 2)]
 
 
 def plans_for(k: int, had_block: int, act_group: int) -> list:
     from specq.kernels import triton_act as a
     plans = ["chunks"] + (["rows"] if a._rows_layout(k, had_block, act_group) is not None else [])
     n_chunks = triton.cdiv(k, a._chunk(k, had_block, act_group))
-    return plans + [a.LoopPlan(*p) for p in LOOP_PLANS if p[1] <= n_chunks]
+    plans += [a.LoopPlan(*p) for p in LOOP_PLANS if p[1] <= n_chunks]
+    return plans + [a.PersistentPlan(*p) for p in PERSISTENT_PLANS
+                    if a._rows_layout(k, had_block, act_group, p[0]) is not None]
+
+
+def plan_name(plan) -> str:
+    """The table's name of a plan: "rows", "chunks", "loop r4 s16 w8 st2", "persistent r2 w4 st2 2/SM"."""
+    from specq.kernels import triton_act as a
+    if isinstance(plan, str):
+        return plan
+    if isinstance(plan, a.LoopPlan):
+        return "loop r{} s{} w{} st{}".format(*plan)
+    return "persistent r{} w{} st{} {}/SM".format(*plan)
 
 
 def main(argv=None) -> int:
@@ -58,7 +74,7 @@ def main(argv=None) -> int:
             x = (torch.randn(m, k, device=dev) * torch.rand(m, 1, device=dev) * 4).to(torch.bfloat16)
             ref = a.quantize(x, ag, hb, args.order, plan="chunks")
             for plan in plans_for(k, hb, ag):
-                name = plan if isinstance(plan, str) else "loop r{} s{} w{} st{}".format(*plan)
+                name = plan_name(plan)
                 try:
                     got = a.quantize(x, ag, hb, args.order, plan=plan)
                     same = torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
@@ -69,7 +85,7 @@ def main(argv=None) -> int:
                 moved = m * k * 3
                 row = dict(K=k, M=m, plan=name, us=t * 1e6, pct_bw=100 * moved / t / copy_bw, equal=same)
                 rows.append(row)
-                print(f"K={k:5d} M={m:5d} {name:22s} {row['us']:7.2f} us {row['pct_bw']:5.1f}% copy "
+                print(f"K={k:5d} M={m:5d} {name:26s} {row['us']:7.2f} us {row['pct_bw']:5.1f}% copy "
                       f"{'equal' if same else 'DIFFERENT'}", flush=True)
     lines = [f"# Activation pre-kernel plans ({torch.cuda.get_device_name()})", "",
              f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",

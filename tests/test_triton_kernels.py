@@ -435,18 +435,23 @@ def run_act_paths(m: int, k: int, ag: int, hb: int, dtype: str, device: str = "c
     gen = torch.Generator().manual_seed(m * 7 + k + ag)
     x = (torch.randn(m, k, generator=gen) * torch.rand(m, 1, generator=gen) * 4).to(getattr(torch, dtype))
     x = x.to(device)
-    # every plan: whole rows in one tile, one program per chunk, and the looped kernel with several segments
-    # per row where the row has them (the default plan is one of these, see test_act_default_plan)
-    seg = min(4, 1 << (-(-k // triton_act._chunk(k, hb, ag)) - 1).bit_length())
+    # every plan: whole rows in one tile, one program per chunk, the looped kernel with several segments per
+    # row where the row has them (the default plan is one of these, see test_act_default_plan), and the
+    # persistent whole-row kernel at the fewest rows its dot takes, on two programs (the CPU counts as one SM),
+    # so that programs walk several row blocks, the last one partial, wherever M allows
+    npad = 1 << (-(-k // triton_act._chunk(k, hb, ag)) - 1).bit_length()  # padded chunks per row
+    seg = min(4, npad)
     loop_plan = triton_act.LoopPlan(rows=16 // seg, seg=seg, warps=4, stages=2)
+    persistent = triton_act.PersistentPlan(rows=max(1, 16 // npad), warps=4, stages=2, programs_per_sm=2)
+    plans = ("rows", "chunks", loop_plan, persistent)
     outs = {}
-    for plan in ("rows", "chunks", loop_plan):
+    for plan in plans:
         outs[plan] = triton_act.quantize(x, ag, hb, plan=plan) + (triton_act.fake_quantize(x, ag, hb, plan=plan),)
-    rows, chunks, loop = outs["rows"], outs["chunks"], outs[loop_plan]
+    rows, chunks, loop, pers = outs["rows"], outs["chunks"], outs[loop_plan], outs[persistent]
     wgmma = triton_act.supported(k, hb, ag, codes=True, order=triton_w4a4.ORDER_WGMMA)
     if wgmma:  # the Gluon GEMM's K order, every plan
-        rows128, chunks128, loop128 = (triton_act.quantize(x, ag, hb, triton_w4a4.ORDER_WGMMA, plan=plan)[0]
-                                       for plan in ("rows", "chunks", loop_plan))
+        rows128, chunks128, loop128, pers128 = (triton_act.quantize(x, ag, hb, triton_w4a4.ORDER_WGMMA, plan=plan)[0]
+                                                for plan in plans)
     xr = (triton_act.rotate(x, hb) if hb > 0 else x).cpu()  # the rotation is checked against float64 elsewhere
     q_ref, _ = activation.quantize_int4(xr, ag)
     diff = (triton_w4a4.from_word_order(rows[0].cpu()).int() - q_ref.int()).abs()
@@ -457,10 +462,12 @@ def run_act_paths(m: int, k: int, ag: int, hb: int, dtype: str, device: str = "c
         checks["order128_chunks"] = (float(not torch.equal(triton_w4a4.from_wgmma_order(chunks128.cpu()), codes)),
                                      0.0)
         checks["order128_loop"] = (float(not torch.equal(triton_w4a4.from_wgmma_order(loop128.cpu()), codes)), 0.0)
+        checks["order128_persistent"] = (float(not torch.equal(pers128, rows128)), 0.0)
     return checks | {"codes_equal": (float(not torch.equal(rows[0], chunks[0])), 0.0),
             "scales_equal": (float(not torch.equal(rows[1], chunks[1])), 0.0),
             "fake_equal": (float(not torch.equal(rows[2], chunks[2])), 0.0),
             "loop_equal": (float(not all(torch.equal(a, b) for a, b in zip(rows, loop))), 0.0),
+            "persistent_equal": (float(not all(torch.equal(a, b) for a, b in zip(rows, pers))), 0.0),
             "codes_vs_reference_mismatch_frac": (float((diff > 0).float().mean()), max(1e-3, 2.0 / diff.numel())),
             "codes_vs_reference_max_step": (float(diff.max()), 1.0)}
 
@@ -687,6 +694,10 @@ def test_act_default_plan_follows_the_h100_measurements():
         a.quantize(x, 0, 128, plan=a.LoopPlan(rows=1, seg=2))
     with pytest.raises(ValueError, match="do not fit one program's tile"):
         a.quantize(torch.zeros(2, 14336), 0, 128, plan="rows")
+    with pytest.raises(ValueError, match="do not fit one program's tile"):
+        a.quantize(torch.zeros(2, 14336), 0, 128, plan=a.PersistentPlan(rows=1, warps=4, stages=2, programs_per_sm=1))
+    with pytest.raises(ValueError, match="fewer than the 16 tile rows"):  # 2 chunks a row: 8 rows at least
+        a.quantize(torch.zeros(2, 256), 0, 128, plan=a.PersistentPlan(rows=4, warps=4, stages=2, programs_per_sm=1))
 
 
 def test_mma_gemv_rejects_what_it_cannot_run_with_a_clear_error():

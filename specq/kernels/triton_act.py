@@ -12,7 +12,7 @@ Quantization matches ``specq.formats.activation.quantize_int4``: ``scale = amax 
 ``q = clamp(round_half_even(x / scale), -8, 7)`` with a zero scale treated as 1.
 
 Quantization (``quantize``: codes for the W4A4 GEMM, in its K order; ``fake_quantize``: codes times scales
-in x's dtype, for the weight-only kernels at decode sizes) runs one of three launch plans, all giving the
+in x's dtype, for the weight-only kernels at decode sizes) runs one of four launch plans, all giving the
 same bits (``_default_plan`` picks the fastest measured one per shape):
 
 - "rows": the whole-row kernel, R rows per program, each cut into its chunks, the [R * chunks, chunk] tile
@@ -25,6 +25,10 @@ same bits (``_default_plan`` picks the fastest measured one per shape):
 - "chunks": one program per [BLOCK_M, chunk]; per group one launch; per token two launches of the same
   kernel (pass 1 writes each chunk's amax, pass 2 reduces it and quantizes). Its grid is the widest, which
   wins for few long rows.
+- a ``PersistentPlan``: the whole-row kernel on a grid of a few programs per SM, each loading the rotation
+  tile once and walking blocks of R rows with pipelined loads (the whole-row kernel loads the 32 KB tile for
+  every 16 KB of x at K = 4096). Same row limit as "rows"; not yet timed on a GPU (``_default_plan`` never
+  picks it).
 
 On an H100 (2026-12-07, ``benchmarks/results/act_lab_h100.md``; x in L2 as a layer's input is, per-token
 codes): K = 4096: 4.3 us at M = 1..16 (one row per program), 5.8 / 9.6 us at M = 256 / 1024 (whole rows);
@@ -158,6 +162,41 @@ def _quantize_store(r, scale, rows, offs_k, chunk0, mask, y_ptr, q_ptr, s_ptr, M
 
 
 @triton.jit
+def _rotation(h_ptr, CHP: tl.constexpr, ROTATE: tl.constexpr):
+    """The [CHP, CHP] rotation tile (h_ptr itself, unused, when there is no rotation). One return of a
+    constexpr-selected value: Triton rejects a function whose returns differ in type."""
+    offs_c = tl.arange(0, CHP)
+    return tl.load(h_ptr + offs_c[:, None] * CHP + offs_c[None, :]) if ROTATE else h_ptr
+
+
+@triton.jit
+def _load_whole_rows(x_ptr, rows, M, K, stride_xm, CH: tl.constexpr, CHP: tl.constexpr, NP: tl.constexpr):
+    """The R rows ``rows`` of x, each cut into its NP (padded) chunks of CH columns: (x [R, NP, CHP], their
+    columns [NP, CHP], the mask of what is in x)."""
+    offs_c = tl.arange(0, CHP)
+    offs_k = tl.arange(0, NP)[:, None] * CH + offs_c[None, :]  # [NP, CHP]
+    mask = (rows < M)[:, None, None] & ((offs_c < CH)[None, :] & (offs_k < K))[None, :, :]
+    x = tl.load(x_ptr + rows[:, None, None] * stride_xm + offs_k[None, :, :], mask=mask, other=0.0)
+    return x, offs_k, mask
+
+
+@triton.jit
+def _quantize_whole_rows(
+    x, h, offs_k, mask, rows, y_ptr, q_ptr, s_ptr, M, K, stride_ym, stride_qm, stride_sm, inv_norm,
+    CH: tl.constexpr, CHP: tl.constexpr, NP: tl.constexpr, R: tl.constexpr, AG: tl.constexpr,
+    ROTATE: tl.constexpr, FAKE: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, ORDER: tl.constexpr,
+):
+    """Rotation + INT4 quantization of whole rows (``_load_whole_rows``): the [R * NP, CHP] tile is rotated
+    by one dot with h, so a per-token amax needs no second pass over x. AG: activation group (0 = per token)."""
+    r = _rotate_rows(x, h, inv_norm, R, NP, CHP, ROTATE, DOT_FP32, IEEE)
+    scale = tl.math.div_rn(tl.max(tl.max(tl.abs(r), axis=2), axis=1), 7.0)  # [R], used when AG == 0
+    _quantize_store(r, scale, rows, offs_k, 0, mask, y_ptr, q_ptr, s_ptr, M, K, stride_ym, stride_qm, stride_sm,
+                    x.dtype, R, NP, CH, CHP, AG, FAKE, ORDER)
+    if AG == 0 and not FAKE:
+        tl.store(s_ptr + rows * stride_sm, scale, mask=rows < M)
+
+
+@triton.jit
 def _act_rows_kernel(
     x_ptr, h_ptr, y_ptr, q_ptr, s_ptr,
     M, K, stride_xm, stride_ym, stride_qm, stride_sm, inv_norm,
@@ -165,21 +204,31 @@ def _act_rows_kernel(
     ROTATE: tl.constexpr, FAKE: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     ORDER: tl.constexpr = 8,
 ):
-    """Rotation + INT4 quantization of R whole rows per program, in one launch: each row is cut into its
-    NP (padded) chunks of CH columns, and the [R * NP, CHP] tile is rotated by one dot, so a per-token
-    amax needs no second pass over x. AG: activation group (0 = per token)."""
+    """R whole rows per program, in one launch. x is loaded before the rotation tile, as in the kernel timed
+    on the H100 (the other order compiles to different SASS)."""
     rows = tl.program_id(0) * R + tl.arange(0, R)
-    offs_c = tl.arange(0, CHP)
-    offs_k = tl.arange(0, NP)[:, None] * CH + offs_c[None, :]  # [NP, CHP]
-    mask = (rows < M)[:, None, None] & ((offs_c < CH)[None, :] & (offs_k < K))[None, :, :]
-    x = tl.load(x_ptr + rows[:, None, None] * stride_xm + offs_k[None, :, :], mask=mask, other=0.0)
-    h = tl.load(h_ptr + offs_c[:, None] * CHP + offs_c[None, :]) if ROTATE else h_ptr
-    r = _rotate_rows(x, h, inv_norm, R, NP, CHP, ROTATE, DOT_FP32, IEEE)
-    scale = tl.math.div_rn(tl.max(tl.max(tl.abs(r), axis=2), axis=1), 7.0)  # [R], used when AG == 0
-    _quantize_store(r, scale, rows, offs_k, 0, mask, y_ptr, q_ptr, s_ptr, M, K, stride_ym, stride_qm, stride_sm,
-                    x_ptr.dtype.element_ty, R, NP, CH, CHP, AG, FAKE, ORDER)
-    if AG == 0 and not FAKE:
-        tl.store(s_ptr + rows * stride_sm, scale, mask=rows < M)
+    x, offs_k, mask = _load_whole_rows(x_ptr, rows, M, K, stride_xm, CH, CHP, NP)
+    _quantize_whole_rows(x, _rotation(h_ptr, CHP, ROTATE), offs_k, mask, rows, y_ptr, q_ptr, s_ptr, M, K,
+                         stride_ym, stride_qm, stride_sm, inv_norm, CH, CHP, NP, R, AG, ROTATE, FAKE, DOT_FP32,
+                         IEEE, ORDER)
+
+
+@triton.jit
+def _act_persistent_kernel(
+    x_ptr, h_ptr, y_ptr, q_ptr, s_ptr,
+    M, K, stride_xm, stride_ym, stride_qm, stride_sm, inv_norm,
+    CH: tl.constexpr, CHP: tl.constexpr, NP: tl.constexpr, R: tl.constexpr, AG: tl.constexpr,
+    ROTATE: tl.constexpr, FAKE: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    ORDER: tl.constexpr, STAGES: tl.constexpr,
+):
+    """The whole-row kernel on a fixed grid: each program loads the rotation tile once (not once per block of
+    R rows) and walks the blocks pid, pid + grid, ..., the next block's loads pipelined STAGES deep."""
+    h = _rotation(h_ptr, CHP, ROTATE)
+    for block in tl.range(tl.program_id(0), tl.cdiv(M, R), tl.num_programs(0), num_stages=STAGES):
+        rows = block * R + tl.arange(0, R)
+        x, offs_k, mask = _load_whole_rows(x_ptr, rows, M, K, stride_xm, CH, CHP, NP)
+        _quantize_whole_rows(x, h, offs_k, mask, rows, y_ptr, q_ptr, s_ptr, M, K, stride_ym, stride_qm, stride_sm,
+                             inv_norm, CH, CHP, NP, R, AG, ROTATE, FAKE, DOT_FP32, IEEE, ORDER)
 
 
 @triton.jit
@@ -197,7 +246,7 @@ def _act_loop_kernel(
     seg_k = tl.arange(0, SEG)[:, None] * CH + offs_c[None, :]  # [SEG, CHP]
     c_mask = (rows < M)[:, None, None] & (offs_c < CH)[None, None, :]
     x_rows = x_ptr + rows[:, None, None] * stride_xm
-    h = tl.load(h_ptr + offs_c[:, None] * CHP + offs_c[None, :]) if ROTATE else h_ptr
+    h = _rotation(h_ptr, CHP, ROTATE)
     scale = tl.zeros((R,), dtype=tl.float32)
     if AG == 0:
         amax = tl.zeros((R,), dtype=tl.float32)
@@ -292,18 +341,18 @@ def _launch(x2, mode, had_block, act_group, y=None, q=None, s=None, amax=None, n
     return ch
 
 
-def _rows_layout(K: int, had_block: int, act_group: int) -> Optional[tuple[int, int, int]]:
-    """(chunk, padded chunks per row, rows per program) for the whole-row kernel, or None where a row
-    does not fit one program's tile. About 64 tile rows per program: two rows at K = 4096 and chunks
-    of 128, so a few hundred tokens already fill the GPU."""
+def _rows_layout(K: int, had_block: int, act_group: int,
+                 rows: Optional[int] = None) -> Optional[tuple[int, int, int]]:
+    """(chunk, padded chunks per row, rows per program) for the whole-row kernels, or None where ``rows`` rows
+    do not fit one program's tile or make fewer than the 16 tile rows tl.dot needs. Default rows: about 64
+    tile rows per program (two rows at K = 4096 and chunks of 128), so a few hundred tokens already fill the
+    GPU."""
     ch = _chunk(K, had_block, act_group)
     if ch is None:
         return None
     npad = next_pow2(triton.cdiv(K, ch))
-    rows = max(1, 64 // npad)
-    if rows * npad < 16:  # tl.dot needs 16 rows
-        rows = 16 // npad
-    fits = rows * npad * next_pow2(ch) <= ROWS_MAX_TILE and npad <= ROWS_MAX_CHUNKS
+    rows = rows or max(1, 64 // npad)
+    fits = 16 <= rows * npad and rows * npad * next_pow2(ch) <= ROWS_MAX_TILE and npad <= ROWS_MAX_CHUNKS
     return (ch, npad, rows) if fits else None
 
 
@@ -325,6 +374,21 @@ def _launch_loop(x2, plan, had_block, act_group, y=None, q=None, s=None, fake=Fa
         STAGES=plan.stages, num_warps=plan.warps, num_stages=1, **dot_flags(x2.dtype))
 
 
+def _processors(device: torch.device) -> int:
+    """The GPU's SM count; one on the CPU (the interpreter), so that a few programs walk several row blocks."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _launch_persistent(x2, layout, plan, had_block, act_group, y=None, q=None, s=None, fake=False, order=8):
+    """The persistent whole-row kernel at plan = PersistentPlan(...) and layout = _rows_layout(..., plan.rows)."""
+    ch, npad, rows = layout
+    _, chp, args = _common_args(x2, had_block, act_group, y, q, s)
+    programs = min(triton.cdiv(x2.shape[0], rows), plan.programs_per_sm * _processors(x2.device))
+    _act_persistent_kernel[(programs,)](
+        *args, CH=ch, CHP=chp, NP=npad, R=rows, AG=act_group, ROTATE=had_block > 0, FAKE=fake, ORDER=order,
+        STAGES=plan.stages, num_warps=plan.warps, num_stages=1, **dot_flags(x2.dtype))
+
+
 def rotate(x2: torch.Tensor, had_block: int) -> torch.Tensor:
     """x2 [M, K] -> x2 @ H_blockdiag(had_block), in x2.dtype (one launch)."""
     y = torch.empty_like(x2)
@@ -339,6 +403,15 @@ class LoopPlan(NamedTuple):
     seg: int
     warps: int = 4
     stages: int = 2
+
+
+class PersistentPlan(NamedTuple):
+    """A launch of the persistent whole-row kernel: rows per block, warps, pipeline stages, programs per SM
+    (the grid: at most programs_per_sm times the SM count, each program walking several blocks of rows)."""
+    rows: int
+    warps: int
+    stages: int
+    programs_per_sm: int
 
 
 # Measured on the H100 (2026-12-07, benchmarks/results/act_lab_h100.md, per-token codes, chunks of 128):
@@ -364,13 +437,21 @@ def _default_plan(M: int, K: int, had_block: int, act_group: int):
 
 
 def _run(x2, act_group, had_block, plan, y=None, q=None, s=None, fake=False, order=8):
-    """Runs the pre-kernel(s) of ``plan`` ("rows", "chunks" or a LoopPlan) into y (fake) or q, s."""
+    """Runs the pre-kernel(s) of ``plan`` ("rows", "chunks", a LoopPlan or a PersistentPlan) into y (fake) or
+    q, s."""
     M, K = x2.shape
     plan = plan or _default_plan(M, K, had_block, act_group)
     if isinstance(plan, LoopPlan):
         if plan.rows * plan.seg < 16:
             raise ValueError(f"{plan}: rows * seg must be >= 16 (the rotation's dot needs 16 tile rows)")
         _launch_loop(x2, plan, had_block, act_group, y=y, q=q, s=s, fake=fake, order=order)
+    elif isinstance(plan, PersistentPlan):
+        layout = _rows_layout(K, had_block, act_group, plan.rows)
+        if layout is None:
+            raise ValueError(f"{plan}: {plan.rows} rows of K = {K} do not fit one program's tile (at most "
+                             f"{ROWS_MAX_CHUNKS} chunks a row and {ROWS_MAX_TILE} elements) or make fewer than the "
+                             f"16 tile rows the rotation's dot needs")
+        _launch_persistent(x2, layout, plan, had_block, act_group, y=y, q=q, s=s, fake=fake, order=order)
     elif plan == "rows":
         layout = _rows_layout(K, had_block, act_group)
         if layout is None:
