@@ -17,7 +17,7 @@
 # wgmma       (410 s) the Gluon W4A4 kernel's tests and the pre-kernel's (both K orders), then it, the Triton
 #                     W4A4 GEMM and bf16 at M = 256, 1024
 # wgmma_quick (90 s)  the Gluon W4A4 kernel on two ragged shapes and timed at one size (a short call)
-# wgmma_ws    (400 s) the Gluon kernel's tests, then its register-A candidates against the warp-specialized ones
+# wgmma_ws    (300 s) the warp-specialized Gluon candidates' GPU tests, then the others against them
 #                     (a copy warp issues the TMA copies) timed at 4096 x 4096, M = 1024 and 256
 # wgmma_tests (150 s) the Gluon W4A4 kernel's tests only
 # wgmma_ncu   (180 s) Nsight Compute on one launch of Gluon candidates 0 and 5 (M = 1024, 4096 x 4096) and on the
@@ -101,7 +101,7 @@ torch.cuda.synchronize()"
         --out "$OUT/act_persist.md" --json "$OUT/act_persist.json"
       grep -E "^\| 4096 " "$OUT/act_persist.md" | sort -t'|' -k3,3n -k5,5n | awk -F'|' '{c[$3]++} c[$3] <= 6' ;;
     wgmma_quick) step wgmma_quick 90 python benchmarks/wgmma_quick.py; tail -n 14 "$OUT/wgmma_quick.log" ;;
-    wgmma_ws) step wgmma_tests 220 python -m pytest -q -x tests/test_gluon_w4a4.py
+    wgmma_ws) step wgmma_ws_tests 120 python -m pytest -q -x tests/test_gluon_w4a4.py -k "gpu and ws1"
       step wgmma_ws_1024 90 python benchmarks/wgmma_quick.py --configs 5,7,8,9,10
       step wgmma_ws_256 90 python benchmarks/wgmma_quick.py --m 256 --configs 4,5,8,10
       grep -hE "^time|^  " "$OUT/wgmma_ws_1024.log" "$OUT/wgmma_ws_256.log" ;;
