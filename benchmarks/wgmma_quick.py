@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     from specq.kernels import triton_w4a4
     from specq.kernels.triton_common import Config
 
-    cands = g.all_candidates()
+    cands = g._candidates()
     picks = [int(i) for i in args.configs.split(",")]
     if args.launch_only:
         qg, _, sx, p, s, _, _ = _inputs(args.m, args.k, args.n)

@@ -28,24 +28,20 @@ def _gluon():
 
 
 def _config_ids():
-    """Readable test ids per candidate (the index into ``all_candidates()`` where that cannot be imported)."""
+    """Readable test ids per candidate (the index into ``_candidates()`` where that cannot be imported)."""
     try:
-        from specq.kernels.gluon_w4a4 import all_candidates
+        from specq.kernels.gluon_w4a4 import _candidates
     except ImportError:
         return [str(i) for i in range(N_CANDIDATES)]
     return [f"{i}-{c['BLOCK_N']}x{c['BLOCK_M']}-s{c['STAGES']}-w{c.num_warps}-i2f{c['I2F']}-ws{c['WS']}"
-            for i, c in enumerate(all_candidates())]
+            for i, c in enumerate(_candidates())]
 
 
 N_CANDIDATES = 11
 
 
 def test_candidate_count():
-    g = _gluon()
-    assert len(g.all_candidates()) == N_CANDIDATES
-    # the autotuner's list: the warp-specialized ones only when asked for (not yet run on a GPU)
-    assert all(c in g.all_candidates() and (g.WARP_SPECIALIZED or not c["WS"]) for c in g._candidates())
-    assert len(g._candidates()) == (N_CANDIDATES if g.WARP_SPECIALIZED else 8)
+    assert len(_gluon()._candidates()) == N_CANDIDATES
 
 
 @pytest.mark.parametrize("index", range(N_CANDIDATES), ids=_config_ids())
@@ -56,7 +52,7 @@ def test_wgmma_kernel_compiles_for_sm90_with_wgmma_in_flight(sass_report, index)
     copy from that loop (the copy warp does, its registers cut to 24 for the MMA warps)."""
     g = _gluon()
     sr, ptxas = sass_report, sass_report.PTXAS
-    cfg = g.all_candidates()[index]
+    cfg = g._candidates()[index]
     kernel = sr.gluon_w4a4_kernel(cfg)
     out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", "-o", os.devnull, "-"], input=kernel.asm["ptx"],
                          capture_output=True, text=True)
@@ -128,7 +124,7 @@ def test_gpu_wgmma_kernel_matches_float64_and_triton(index, m, k, n):
     qg, qw, sx, p, s, b = (t.cuda() for t in (triton_w4a4.to_wgmma_order(q).contiguous(),
                                                triton_w4a4.to_word_order(q).contiguous(), sx, p, s, b))
     out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-    g.launch_wgmma(g.all_candidates()[index], qg, sx, p, s, b, out, True, 128)
+    g.launch_wgmma(g._candidates()[index], qg, sx, p, s, b, out, True, 128)
     rel = ((out.double().cpu() - ref).norm() / ref.norm()).item()
     assert rel < 1e-2, rel
     tri = triton_w4a4.w4a4_matmul(qw, sx, p, s, b, 128, 0, torch.bfloat16)

@@ -676,17 +676,19 @@ def test_streaming_path_choice_by_rows_dtype_and_group():
 
 def test_act_default_plan_follows_the_h100_measurements():
     """The activation pre-kernel's launch per shape (triton_act._default_plan, benchmarks/results/
-    act_lab_h100.md): short rows (<= 64 chunks) take one row per program in one segment below 256 rows and the
-    whole-row kernel from there; long rows take the per-chunk kernel below 512 rows and the looped kernel from
-    there. Every plan gives the same bits (run_act_paths checks them against each other)."""
+    act_lab_h100.md, act_persist_h100.md): short rows (<= 64 chunks) take one row per program in one segment
+    below 256 rows and the persistent whole-row kernel from there (the whole-row one where its two-row blocks
+    don't fit); long rows take the per-chunk kernel below 512 rows and the looped kernel from there. Every
+    plan gives the same bits (run_act_paths checks them against each other)."""
     pytest.importorskip("triton")
     from specq.kernels import triton_act as a
 
     one_row = a.LoopPlan(rows=1, seg=32, warps=4, stages=2)
     assert [a._default_plan(m, 4096, 128, 0) for m in (1, 16, 255)] == [one_row] * 3
-    assert [a._default_plan(m, 4096, 128, 0) for m in (256, 1024)] == ["rows"] * 2
+    assert [a._default_plan(m, 4096, 128, 0) for m in (256, 1024)] == [a.WHOLE_ROWS_PLAN] * 2
     assert a._default_plan(4, 8192, 128, 32) == a.LoopPlan(rows=1, seg=64, warps=4, stages=2)
     assert a._default_plan(4, 256, 128, 0) == "rows"  # two chunks: too few tile rows for a segment's dot
+    assert a._default_plan(512, 256, 128, 0) == "rows"  # nor for a two-row block
     assert [a._default_plan(m, 14336, 128, 0) for m in (1, 16, 511)] == ["chunks"] * 3
     assert [a._default_plan(m, 14336, 128, 0) for m in (512, 1024)] == [a.LONG_ROWS_PLAN] * 2
     x = torch.zeros(2, 256)

@@ -30,10 +30,13 @@ chunk-tile its shared memory carried ~56 KB (TMA writes, the decoded tile's stor
 both operands), above what the SM's 128 B/clk serve in the MMA's 256 cycles. This version (A decoded into
 registers) runs at 1.22-1.60x bf16 there, where triton_w4a4 runs at 0.95-1.08x
 (``benchmarks/results/kernels_wgmma_rega_h100.md``), so the op uses it by default (``ENABLED``;
-SPECQ_W4A4_GLUON=0 turns it off). Gluon kernels don't run in Triton's interpreter; CPU CI compiles every
-candidate for sm_90 and checks the SASS and the K order's math; the GPU tests (``tests/test_gluon_w4a4.py``)
-check it against float64 and the Triton kernel, and ``benchmarks/wgmma_quick.py`` checks and times it in
-one short call.
+SPECQ_W4A4_GLUON=0 turns it off). Warp-specialized configs (WS: a copy warp issues the TMA copies, the MMA
+warps hand each ring slot back through an "empty" mbarrier) cut the loop's barriers from 5 to 2 per chunk but
+were no faster (``benchmarks/results/wgmma_ws_h100.md``: barrier stalls were 0.19 of 4.15 cycles per issued
+instruction); they stay candidates, picked at 14336 x 4096, M = 1024. Gluon kernels don't run in Triton's
+interpreter; CPU CI compiles every candidate for sm_90 and checks the SASS and the K order's math; the GPU tests
+(``tests/test_gluon_w4a4.py``) check it against float64 and the Triton kernel, and ``benchmarks/wgmma_quick.py``
+checks and times it in one short call.
 """
 
 from __future__ import annotations
@@ -317,28 +320,17 @@ def _groups_held(k: int, group: int) -> int:
 MAX_GROUPS = 256
 
 
-# The warp-specialized candidates compile for sm_90 (CPU CI checks them) but have not run on a GPU yet (no
-# device could be started in the session that wrote them, 2026-12-07): until their GPU tests pass, the
-# autotuner leaves them out unless SPECQ_W4A4_WS=1, so an untried kernel is never timed or picked unasked.
-WARP_SPECIALIZED = os.environ.get("SPECQ_W4A4_WS", "0") not in ("", "0")
-
-
-def all_candidates() -> list[Config]:
-    """Every config the kernel compiles for, the warp-specialized ones included (what the tests run)."""
+def _candidates() -> list[Config]:
     # (tokens per tile = the wgmma's N, weight rows per tile: 64 per warpgroup, ring stages, warps, I2F, WS)
     # (I2F: cvt to convert the int32 results, 0: the exact add/subtract trick; WS: a copy warp beside the MMA
     # warps). 128-row tiles read each token's codes from L2 half as often as 64-row ones (ncu, 2026-12-07: L2
-    # at 64% behind 128 x 64 tiles).
+    # at 64% behind 128 x 64 tiles). The warp-specialized ones were slower at 4096 x 4096 (M = 256, 1024) and
+    # the autotuner's pick at 14336 x 4096, M = 1024 (H100, 2026-12-07, benchmarks/results/wgmma_ws_h100.md).
     raw = [(128, 64, 4, 4, 0, 0), (128, 64, 3, 4, 0, 0), (128, 128, 3, 8, 0, 0), (128, 128, 4, 8, 0, 0),
            (64, 64, 4, 4, 0, 0), (128, 64, 4, 4, 1, 0), (128, 128, 3, 8, 1, 0), (128, 128, 4, 8, 1, 0),
            (128, 128, 4, 8, 1, 1), (128, 128, 4, 8, 0, 1), (64, 64, 4, 4, 1, 1)]
     return [Config.make(num_warps=nw, num_stages=1, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, I2F=i2f, WS=ws)
             for bm, bn, st, nw, i2f, ws in raw]
-
-
-def _candidates() -> list[Config]:
-    """The configs the autotuner times (see WARP_SPECIALIZED)."""
-    return [c for c in all_candidates() if WARP_SPECIALIZED or not c["WS"]]
 
 
 def max_registers(cfg: Config) -> Optional[int]:

@@ -420,18 +420,25 @@ class PersistentPlan(NamedTuple):
 # M = 1024 the whole-row kernel won (9.6 us against 16.3). K = 14336 (112 chunks, no whole-row tile): the
 # per-chunk kernel's 16 x 112-program grid won at M <= 16 (6.3-7.8 us against >= 12.8), four rows per
 # program in segments of 16 chunks at M = 1024 (40.3 us against 51.2); at M = 256 the plans were within 6%.
+# The persistent whole-row kernel (benchmarks/results/act_persist_h100.md, 2026-12-07 19:38), two rows per
+# block, 8 warps, two programs per SM: 4.83 us at K = 4096, M = 256 (whole-row kernel 5.79, one-row loop
+# 5.88) and 9.76 at M = 1024 (whole-row 9.77), so it takes whole rows from 256 rows on.
 LOOP_MAX_M = 256  # below this many rows, rows that fit one segment take LoopPlan(1, whole row)
 CHUNKS_MAX_M = 512  # long rows: the per-chunk kernel below this, the looped kernel from it
 LONG_ROWS_PLAN = LoopPlan(rows=4, seg=16, warps=8, stages=2)
+WHOLE_ROWS_PLAN = PersistentPlan(rows=2, warps=8, stages=2, programs_per_sm=2)
 
 
 def _default_plan(M: int, K: int, had_block: int, act_group: int):
     """The fastest measured plan for M rows of K: "rows" (whole rows in one tile), "chunks" (one program per
-    chunk; per token two passes over x) or a LoopPlan."""
+    chunk; per token two passes over x), a LoopPlan or the persistent whole-row kernel (where its two-row
+    blocks fit a tile)."""
     n_chunks = triton.cdiv(K, _chunk(K, had_block, act_group))
     if _rows_layout(K, had_block, act_group) is not None:
         if M < LOOP_MAX_M and 16 <= next_pow2(n_chunks) <= ROWS_MAX_CHUNKS:
             return LoopPlan(rows=1, seg=next_pow2(n_chunks), warps=4, stages=2)
+        if _rows_layout(K, had_block, act_group, WHOLE_ROWS_PLAN.rows) is not None:
+            return WHOLE_ROWS_PLAN
         return "rows"
     return "chunks" if M < CHUNKS_MAX_M else LONG_ROWS_PLAN
 
