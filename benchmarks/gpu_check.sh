@@ -24,7 +24,6 @@
 #                     activation pre-kernel (M = 1024, K = 14336 and 4096), where the machine has ncu
 # act_lab     (260 s) the activation pre-kernel's launch plans (benchmarks/act_lab.py): per token at K = 4096, 14336 and
 #                     M = 1, 16, 256, 1024, then groups of 32 at K = 4096; and the pre-kernel's GPU tests
-# wgmma_occ   (250 s) the 64 x 64 Gluon tiles (three programs per SM) against the usual winners, M = 1024
 # act_persist (90 s)  the pre-kernel's plans at K = 4096 (where the persistent whole-row plans apply), M = 256, 1024
 # wgmma_op    (100 s) the whole W4A4 op (pre-kernel in the wgmma K order + Gluon GEMM, the default on Hopper)
 #                     and its pre-kernel against bf16 at M = 256, 1024
@@ -98,10 +97,6 @@ torch.cuda.synchronize()"
       step act_lab_g32 50 python benchmarks/act_lab.py --ks 4096 --ms 256,1024 --act-group 32 --had-block 64 --order 8 \
         --out "$OUT/act_lab_g32.md" --json "$OUT/act_lab_g32.json"
       grep -E "^\| " "$OUT/act_lab.md" "$OUT/act_lab_g32.md" | cut -d: -f2- | head -n 200 ;;
-    wgmma_occ) step wgmma_occ_tests 90 python -m pytest -q -x tests/test_gluon_w4a4.py -k "gpu and (4-64x64 or 11-64x64)"
-      step wgmma_occ_4096 80 python benchmarks/wgmma_quick.py --configs 4,5,7,11
-      step wgmma_occ_14336 80 python benchmarks/wgmma_quick.py --k 14336 --configs 4,5,8,11
-      grep -hE "^time|^  " "$OUT/wgmma_occ_4096.log" "$OUT/wgmma_occ_14336.log" ;;
     act_persist) step act_persist 90 python benchmarks/act_lab.py --ks 4096 --ms 256,1024 \
         --out "$OUT/act_persist.md" --json "$OUT/act_persist.json"
       grep -E "^\| 4096 " "$OUT/act_persist.md" | sort -t'|' -k3,3n -k5,5n | awk -F'|' '{c[$3]++} c[$3] <= 6' ;;
@@ -111,7 +106,7 @@ torch.cuda.synchronize()"
       step wgmma_ws_256 90 python benchmarks/wgmma_quick.py --m 256 --configs 4,5,8,10
       grep -hE "^time|^  " "$OUT/wgmma_ws_1024.log" "$OUT/wgmma_ws_256.log" ;;
     gpu_w4a4) step gpu_w4a4 240 python -m pytest -q -x tests/test_triton_kernels.py -k "gpu and (w4a4 or act)" ;;
-    *) echo "unknown step '$1' (gpu_tests gpu_w4a4 wgmma wgmma_quick wgmma_ws wgmma_occ act_persist wgmma_tests wgmma_op wgmma_ncu act_lab kernels kernels_m12 gemv_lab e2e_8b w4a4_large w4a4_quick)"; return 2 ;;
+    *) echo "unknown step '$1' (gpu_tests gpu_w4a4 wgmma wgmma_quick wgmma_ws act_persist wgmma_tests wgmma_op wgmma_ncu act_lab kernels kernels_m12 gemv_lab e2e_8b w4a4_large w4a4_quick)"; return 2 ;;
   esac
 }
 [ $# -eq 0 ] && set -- gpu_tests e2e_8b kernels_m12

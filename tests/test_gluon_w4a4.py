@@ -37,7 +37,7 @@ def _config_ids():
             for i, c in enumerate(_candidates())]
 
 
-N_CANDIDATES = 12
+N_CANDIDATES = 11
 
 
 def test_candidate_count():

@@ -326,11 +326,9 @@ def _candidates() -> list[Config]:
     # warps). 128-row tiles read each token's codes from L2 half as often as 64-row ones (ncu, 2026-12-07: L2
     # at 64% behind 128 x 64 tiles). The warp-specialized ones were slower at 4096 x 4096 (M = 256, 1024) and
     # the autotuner's pick at 14336 x 4096, M = 1024 (H100, 2026-12-07, benchmarks/results/wgmma_ws_h100.md).
-    # 64 x 64 tiles take 164-168 registers: three programs (12 warps) per SM, where 128-token tiles hold two
-    # (Nsight Compute: the 128 x 64 kernel is latency-bound at two warps per scheduler).
     raw = [(128, 64, 4, 4, 0, 0), (128, 64, 3, 4, 0, 0), (128, 128, 3, 8, 0, 0), (128, 128, 4, 8, 0, 0),
            (64, 64, 4, 4, 0, 0), (128, 64, 4, 4, 1, 0), (128, 128, 3, 8, 1, 0), (128, 128, 4, 8, 1, 0),
-           (128, 128, 4, 8, 1, 1), (128, 128, 4, 8, 0, 1), (64, 64, 4, 4, 1, 1), (64, 64, 4, 4, 1, 0)]
+           (128, 128, 4, 8, 1, 1), (128, 128, 4, 8, 0, 1), (64, 64, 4, 4, 1, 1)]
     return [Config.make(num_warps=nw, num_stages=1, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, I2F=i2f, WS=ws)
             for bm, bn, st, nw, i2f, ws in raw]
 
