@@ -3,6 +3,7 @@
     python benchmarks/sass_report.py [--fmt int4,mxfp4] [--bn 4 --jt 64 --warps 2 --rows 1] [--top 16]
     python benchmarks/sass_report.py --mma [--tiles 2 --warps 4 --rows 1 --offset 0]   # tensor-core GEMV
     python benchmarks/sass_report.py --w4a4 [--bm 128 --bn 128 --warps 8 --stages 3 --swap 1]   # W4A4 GEMM
+    python benchmarks/sass_report.py --gluon 5   # the Gluon W4A4 GEMM at candidate 5 (gluon_w4a4._candidates())
 
 No GPU is needed: Triton's own ptxas and nvdisasm (shipped in the triton wheel) build and disassemble
 the kernel for an H100 (sm_90), with the argument specialisation the GPU launcher applies (pointers
@@ -184,7 +185,23 @@ def main(argv=None) -> int:
     ap.add_argument("--bm", type=int, default=128)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--swap", type=int, default=1)
+    ap.add_argument("--gluon", type=int, default=None, metavar="INDEX",
+                    help="the Gluon W4A4 GEMM at this candidate instead")
     args = ap.parse_args(argv)
+    if args.gluon is not None:
+        from specq.kernels import gluon_w4a4 as g
+        cfg = g._candidates()[args.gluon]
+        k = gluon_w4a4_kernel(cfg)
+        sass = sass_of(k)
+        ops = loop_histogram(sass, "IGMMA", predicated=True)
+        chunks = sum(n for op, n in ops.items() if op.startswith("IGMMA")) // 4  # 4 wgmma k-steps per chunk
+        spills = len(re.findall(r"\b(?:STL|LDL)\b", sass))
+        print(f"== gluon w4a4 candidate {args.gluon} {dict(cfg.meta)} warps={cfg.num_warps}: {registers(k)} registers, "
+              f"{spills} spill instructions, K loop of {chunks} chunks: {sum(ops.values()) / max(chunks, 1):.0f} "
+              f"instructions and {ops['BAR.SYNC.DEFER_BLOCKING'] / max(chunks, 1):.1f} barriers per chunk")
+        for op, n in ops.most_common(args.top):
+            print(f"  {op:28s} {n:5d}")
+        return 0
     if args.w4a4:
         k, per_thread = w4a4_kernel(args.bm, args.bn, args.warps, args.stages, args.swap)
         ops = loop_histogram(sass_of(k), "IGMMA")

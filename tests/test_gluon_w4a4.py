@@ -73,6 +73,24 @@ def test_wgmma_kernel_compiles_for_sm90_with_wgmma_in_flight(sass_report, index)
     assert bool(re.search(r"USETMAXREG\.DEALLOC\S*\s+0x18\b", sass)) == bool(cfg["WS"])
 
 
+def test_warp_specialized_loop_is_leaner(sass_report, capsys):
+    """sass_report --gluon: the warp-specialized 128 x 128 candidate's K loop has fewer barriers and fewer
+    instructions per chunk than the single-partition one of the same tile (the copy warp took the TMA issue)."""
+    g = _gluon()
+    cands = g._candidates()
+    plain = next(i for i, c in enumerate(cands) if not c["WS"] and c["BLOCK_N"] == 128 and c["I2F"] == 1
+                 and c["STAGES"] == 4)
+    ws = next(i for i, c in enumerate(cands) if c["WS"] and c["BLOCK_N"] == 128 and c["I2F"] == 1)
+    per_chunk = {}
+    for index in (plain, ws):
+        assert sass_report.main(["--gluon", str(index), "--top", "1"]) == 0
+        line = capsys.readouterr().out.splitlines()[0]
+        m = re.search(r"(\d+) spill instructions, K loop of (\d+) chunks: (\d+) instructions and ([\d.]+) barriers", line)
+        assert m and int(m.group(1)) == 0 and int(m.group(2)) == 4, line
+        per_chunk[index] = (int(m.group(3)), float(m.group(4)))
+    assert per_chunk[ws][0] < per_chunk[plain][0] and per_chunk[ws][1] < per_chunk[plain][1], per_chunk
+
+
 def test_dispatch_rule(monkeypatch):
     """Enabled (the default; SPECQ_W4A4_GLUON=0 turns it off), the Gluon kernel takes Hopper, > 128 rows,
     per-token activation scales, whole 128-chunks of K in whole weight groups; everything else stays on the

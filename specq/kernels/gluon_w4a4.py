@@ -31,8 +31,8 @@ both operands), above what the SM's 128 B/clk serve in the MMA's 256 cycles. Thi
 registers) runs at 1.22-1.60x bf16 there, where triton_w4a4 runs at 0.95-1.08x
 (``benchmarks/results/kernels_wgmma_rega_h100.md``), so the op uses it by default (``ENABLED``;
 SPECQ_W4A4_GLUON=0 turns it off). Warp-specialized configs (WS: a copy warp issues the TMA copies, the MMA
-warps hand each ring slot back through an "empty" mbarrier) cut the loop's barriers from 5 to 2 per chunk but
-were no faster (``benchmarks/results/wgmma_ws_h100.md``: barrier stalls were 0.19 of 4.15 cycles per issued
+warps hand each ring slot back through an "empty" mbarrier) cut the loop's barriers from 4 to 2 per chunk and
+its instructions from 215 to 174 but were no faster (``benchmarks/results/wgmma_ws_h100.md``: barrier stalls were 0.19 of 4.15 cycles per issued
 instruction); they stay candidates, picked at 14336 x 4096, M = 1024. Gluon kernels don't run in Triton's
 interpreter; CPU CI compiles every candidate for sm_90 and checks the SASS and the K order's math; the GPU tests
 (``tests/test_gluon_w4a4.py``) check it against float64 and the Triton kernel, and ``benchmarks/wgmma_quick.py``
