@@ -27,11 +27,11 @@ same bits (``_default_plan`` picks the fastest measured one per shape):
   wins for few long rows.
 - a ``PersistentPlan``: the whole-row kernel on a grid of a few programs per SM, each loading the rotation
   tile once and walking blocks of R rows with pipelined loads (the whole-row kernel loads the 32 KB tile for
-  every 16 KB of x at K = 4096). Same row limit as "rows"; not yet timed on a GPU (``_default_plan`` never
-  picks it).
+  every 16 KB of x at K = 4096). Same row limit as "rows"; it takes such rows from 256 rows on.
 
-On an H100 (2026-12-07, ``benchmarks/results/act_lab_h100.md``; x in L2 as a layer's input is, per-token
-codes): K = 4096: 4.3 us at M = 1..16 (one row per program), 5.8 / 9.6 us at M = 256 / 1024 (whole rows);
+On an H100 (2026-12-07, ``benchmarks/results/act_lab_h100.md``, ``act_persist_h100.md``; x in L2 as a layer's
+input is, per-token codes): K = 4096: 4.3 us at M = 1..16 (one row per program), 4.8 / 9.8 us at M = 256 /
+1024 (persistent whole rows; the whole-row kernel took 5.8 / 9.8);
 K = 14336: 6.3-7.8 us at M <= 16 (chunks), 17.4 us at M = 256 (chunks), 40.3 us at M = 1024 (four rows
 per program in segments of 16 chunks; chunks took 51.2). The kernels are latency-bound, not bandwidth-bound
 (18-44% of copy bandwidth; Nsight Compute: 3.5-3.7 active warps per scheduler, ~0.5 eligible).
