@@ -170,6 +170,11 @@ def act_loop_kernel(plan, act_group: int = 0, fake: bool = False, order: int = 1
     return compile_sm90(a._act_loop_kernel, sig, const, divisible, plan.warps)
 
 
+def _print_top(ops: collections.Counter, top: int) -> None:
+    for op, n in ops.most_common(top):
+        print(f"  {op:28s} {n:5d}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fmt", default="int4,mxfp4")
@@ -199,8 +204,7 @@ def main(argv=None) -> int:
         print(f"== gluon w4a4 candidate {args.gluon} {dict(cfg.meta)} warps={cfg.num_warps}: {registers(k)} registers, "
               f"{spills} spill instructions, K loop of {chunks} chunks: {sum(ops.values()) / max(chunks, 1):.0f} "
               f"instructions and {ops['BAR.SYNC.DEFER_BLOCKING'] / max(chunks, 1):.1f} barriers per chunk")
-        for op, n in ops.most_common(args.top):
-            print(f"  {op:28s} {n:5d}")
+        _print_top(ops, args.top)
         return 0
     if args.w4a4:
         k, per_thread = w4a4_kernel(args.bm, args.bn, args.warps, args.stages, args.swap)
@@ -209,8 +213,7 @@ def main(argv=None) -> int:
         print(f"== w4a4 BLOCK_M={args.bm} BLOCK_N={args.bn} warps={args.warps} stages={args.stages} "
               f"SWAP={args.swap}: {registers(k)} registers, {total} loop instructions per 128-deep chunk, "
               f"{per_thread:.0f} weights per thread")
-        for op, n in ops.most_common(args.top):
-            print(f"  {op:28s} {n:5d}")
+        _print_top(ops, args.top)
         return 0
     for fmt in args.fmt.split(","):
         if args.mma:
