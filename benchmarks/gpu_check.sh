@@ -17,11 +17,12 @@
 # wgmma       (410 s) the Gluon W4A4 kernel's tests and the pre-kernel's (both K orders), then it, the Triton
 #                     W4A4 GEMM and bf16 at M = 256, 1024
 # wgmma_quick (90 s)  the Gluon W4A4 kernel on two ragged shapes and timed at one size (a short call)
-# wgmma_ws    (300 s) the warp-specialized Gluon candidates' GPU tests, then the others against them
-#                     (a copy warp issues the TMA copies) timed at 4096 x 4096, M = 1024 and 256
+# wgmma_ws    (300 s) the GPU tests of the warp-specialized Gluon candidates (a copy warp issues the TMA
+#                     copies), then they and the others timed at 4096 x 4096, M = 1024 and 256
 # wgmma_tests (150 s) the Gluon W4A4 kernel's tests only
-# wgmma_ncu   (180 s) Nsight Compute on one launch of Gluon candidates 0 and 5 (M = 1024, 4096 x 4096) and on the
-#                     activation pre-kernel (M = 1024, K = 14336 and 4096), where the machine has ncu
+# wgmma_ncu   (180 s) Nsight Compute, with warp stall reasons, on Gluon candidates WGMMA_NCU_CONFIGS (default 0,5;
+#                     M = 1024, 4096 x 4096) and on the activation pre-kernel (M = 1024, K = 14336 and 4096),
+#                     where the machine has ncu
 # act_lab     (260 s) the activation pre-kernel's launch plans (benchmarks/act_lab.py): per token at K = 4096, 14336 and
 #                     M = 1, 16, 256, 1024, then groups of 32 at K = 4096; and the pre-kernel's GPU tests
 # act_persist (90 s)  the pre-kernel's plans at K = 4096 (where the persistent whole-row plans apply), M = 256, 1024

@@ -32,8 +32,8 @@ registers) runs at 1.22-1.60x bf16 there, where triton_w4a4 runs at 0.95-1.08x
 (``benchmarks/results/kernels_wgmma_rega_h100.md``), so the op uses it by default (``ENABLED``;
 SPECQ_W4A4_GLUON=0 turns it off). Warp-specialized configs (WS: a copy warp issues the TMA copies, the MMA
 warps hand each ring slot back through an "empty" mbarrier) cut the loop's barriers from 4 to 2 per chunk and
-its instructions from 215 to 174 but were no faster (``benchmarks/results/wgmma_ws_h100.md``: barrier stalls were 0.19 of 4.15 cycles per issued
-instruction); they stay candidates, picked at 14336 x 4096, M = 1024. Gluon kernels don't run in Triton's
+its instructions from 215 to 174 but were no faster (``benchmarks/results/wgmma_ws_h100.md``: barrier stalls
+were 0.19 of 4.15 cycles per issued instruction); they stay candidates, picked at 14336 x 4096, M = 1024. Gluon kernels don't run in Triton's
 interpreter; CPU CI compiles every candidate for sm_90 and checks the SASS and the K order's math; the GPU tests
 (``tests/test_gluon_w4a4.py``) check it against float64 and the Triton kernel, and ``benchmarks/wgmma_quick.py``
 checks and times it in one short call.
@@ -167,6 +167,7 @@ if HAVE_GLUON:
         if WS == 0:
             for j in gl.static_range(STAGES):
                 _load_chunk(j, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, STAGES)
+            # no "empty" barriers: the MMA warps refill the slots themselves (``ready`` fills the unused argument)
             _mma_tile(tile, ready, w_smem, sw_smem, off_n, out, WG, STAGES, I2F, HAS_BIAS, BLOCK_M, BLOCK_N, WS,
                       num_warps)
         else:
@@ -218,7 +219,7 @@ if HAVE_GLUON:
     def _mma_loop(acc, ctx, sw_smem, ROWS: gl.constexpr, WG: gl.constexpr, STAGES: gl.constexpr,
                   WORDS: gl.constexpr, BLOCK_N: gl.constexpr, DOT_A: gl.constexpr, WS: gl.constexpr):
         """The K loop of the MMA warps: acc + the tile's scaled int32 products over all chunks."""
-        n_chunks = ctx[8]
+        q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, I2F = ctx
         # Two register sets hold the int32 wgmma results, in turn: a wgmma zero-starts (use_acc=False) in the
         # registers of the result before last. No wgmma is in flight across the loop's back edge: the copy that
         # would carry its registers around makes ptxas serialize every wgmma (C7514). So an iteration runs four
