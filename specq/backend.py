@@ -139,6 +139,7 @@ def _pack(weight: torch.Tensor, entry: dict, mode: str, dtype: torch.dtype) -> d
     mml = MultiModeLinear(entry["in_features"], entry["out_features"], state, weight=None, bias=None,
                           layout=entry["layout"], int4_group_size=entry.get("int4_group_size"),
                           act_group_size=entry.get("act_group_size"), had_block=entry.get("had_block"),
+                          w4a4_scale_levels=entry.get("w4a4_scale_levels"),
                           dtype=dtype, device=weight.device)
     _quantize_into(mml, weight, entry, (mode,), dtype)
     packed = {name: buf for name, buf in mml.named_buffers(recurse=False)}

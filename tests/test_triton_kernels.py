@@ -41,7 +41,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-# (name, op, dtype, M, K, N, group, act_group, had_block, bias)
+# (name, op, dtype, M, K, N, group, act_group, had_block, bias[, W4A4 scale levels])
 CPU_CASES = [
     ("mxfp4_bf16_ragged", "mxfp4", "bfloat16", 5, 96, 40, 0, 0, 0, True),
     ("mxfp4_fp32", "mxfp4", "float32", 3, 64, 24, 0, 0, 0, False),
@@ -66,6 +66,11 @@ CPU_CASES = [
     ("w4a4_fp32_g32", "w4a4", "float32", 4, 64, 24, 32, 32, 0, True),
     ("w4a4_bf16_g32_h32_gemv_m2", "w4a4", "bfloat16", 2, 256, 33, 128, 32, 32, True),
     ("w4a4_bf16_largeM_tok_h64", "w4a4", "bfloat16", 70, 256, 40, 128, 0, 64, False),
+    # scale levels: the integer-level GEMM (large M, per token), the float kernels with snapped scales
+    # (per-group activations; the streaming route at 2 rows)
+    ("w4a4_bf16_largeM_tok_h64_levels16", "w4a4", "bfloat16", 70, 256, 40, 128, 0, 64, True, 16),
+    ("w4a4_bf16_g32_h32_levels16", "w4a4", "bfloat16", 17, 256, 33, 128, 32, 32, False, 16),
+    ("w4a4_bf16_tok_h32_gemv_m2_levels9", "w4a4", "bfloat16", 2, 256, 33, 128, 0, 32, True, 9),
 ]
 
 GPU_CASES = [
@@ -89,6 +94,10 @@ GPU_CASES = [
     ("w4a4_m1030_tok_h64", "w4a4", "bfloat16", 1030, 512, 260, 64, 0, 64, True),
     ("w4a4_m260_tok_h12", "w4a4", "bfloat16", 260, 1152, 520, 128, 0, 12, False),
     ("w4a4_fp32_m5_g32", "w4a4", "float32", 5, 1024, 520, 128, 32, 0, True),
+    ("w4a4_m7_tok_h128_levels16", "w4a4", "bfloat16", 7, 1152, 4099, 128, 0, 128, True, 16),
+    ("w4a4_m100_tok_levels16", "w4a4", "bfloat16", 100, 1152, 1000, 128, 0, 0, False, 16),
+    ("w4a4_m1030_tok_h64_levels16", "w4a4", "bfloat16", 1030, 512, 260, 64, 0, 64, True, 16),
+    ("w4a4_m300_g32_levels16", "w4a4", "bfloat16", 300, 1152, 1000, 128, 32, 128, False, 16),
 ]
 
 
@@ -116,7 +125,8 @@ def run_case(case, device: str, use_ops: bool) -> dict:
     from specq.formats import activation, int4, mxfp4
     from specq.kernels import ops, triton_act, triton_backend, triton_w4a4
 
-    name, op, dtype_name, M, K, N, group, act_group, had_block, has_bias = case
+    name, op, dtype_name, M, K, N, group, act_group, had_block, has_bias, *rest = case
+    levels = rest[0] if rest else 0
     dtype = getattr(torch, dtype_name)
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     x = torch.randn(M, K, generator=gen).to(dtype)
@@ -133,15 +143,15 @@ def run_case(case, device: str, use_ops: bool) -> dict:
         ref_op = lambda: ops.linear_mxfp4_op(x, p, s, b)  # noqa: E731
     else:
         p, s = int4.quantize(w.to(dtype), group)
-        w64 = int4.dequantize(p, s, torch.float64)
+        w64 = int4.dequantize(p, int4.snapped_scales(s, levels) if levels else s, torch.float64)
         if op == "w4a16":
             args = (p, s, b, group, had_block)
             fn = torch.ops.specq.linear_w4a16 if use_ops else triton_backend.linear_w4a16
             ref_op = lambda: ops.linear_w4a16_op(x, p, s, b, group, had_block)  # noqa: E731
         else:
-            args = (p, s, b, group, act_group, had_block)
+            args = (p, s, b, group, act_group, had_block, levels)
             fn = torch.ops.specq.linear_w4a4 if use_ops else triton_backend.linear_w4a4
-            ref_op = lambda: ops.linear_w4a4_op(x, p, s, b, group, act_group, had_block)  # noqa: E731
+            ref_op = lambda: ops.linear_w4a4_op(x, p, s, b, group, act_group, had_block, levels)  # noqa: E731
     dev_args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
     xd = x.to(device)
     if device != "cpu":  # poison the allocator's free memory so unwritten outputs show up as NaN
@@ -367,6 +377,36 @@ def run_w4a4_small(ag: int, index: int, m: int, k: int, device: str = "cpu") -> 
     return checks
 
 
+# W4A4 GEMM with integer scale levels (weights decoded as q * level, one int32 sum over all of K, scaled by
+# unit * sx at the end): every large-M config at 16 levels, the small-M ones (split along K, ragged K) too,
+# and fewer levels on two: (config index, levels, M, K). Output in fp32: the int32 sum is exact, so the
+# kernel must equal float64 to fp32 rounding, not just bf16's.
+W4A4_LEVELS_CASES = ([(i, 16, 70, 256) for i in range(11)] + [(i, 16, 33, 1152) for i in range(7)]
+                     + [(0, 7, 70, 256), (4, 3, 20, 1024)])
+
+
+def run_w4a4_levels(index: int, levels: int, m: int, k: int, device: str = "cpu", n: int = 40) -> dict:
+    from specq.formats import activation, int4
+    from specq.kernels import triton_w4a4
+
+    gen = torch.Generator().manual_seed(97 * index + levels + m)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=gen) * 0.05 * torch.rand(n, k // 128, 1, generator=gen).repeat_interleave(
+        128, 2).reshape(n, k)  # group scales that differ along a row
+    b = torch.randn(n, generator=gen) * 0.1
+    p, s = int4.quantize(w.bfloat16(), 128)
+    lv, unit = int4.snap_scales(s, levels)
+    q, sx = activation.quantize_int4(x, 0)
+    sx = sx.reshape(m, 1).contiguous().float()
+    ref = (q.double() * sx.double()) @ int4.dequantize(p, int4.snapped_scales(s, levels).double()).T + b.double()
+    cfgs = triton_w4a4._candidates(m, 128, 0, n, k)
+    q = triton_w4a4.to_word_order(q).contiguous()
+    q, sx, p, lv, unit, b = (t.to(device) for t in (q, sx, p, lv, unit, b))
+    out = torch.empty(m, n, dtype=torch.float32, device=device)
+    triton_w4a4.launch_w4a4(cfgs[index], q, sx, p, lv, b, out, True, 128, 0, units=unit)
+    return {"vs_float64": (_rel(out, ref), 2e-6), "levels_used": (float(int(lv.max()) != levels), 0.0)}
+
+
 # Decode attention (triton_attention): (B, Hq, Hkv, q, D, L, valid lengths per row of the batch or
 # None for no mask). Masks are causal up to each row's length, so whole blocks are skipped.
 ATTENTION_CASES = [(1, 4, 1, 1, 32, 100, [37]), (2, 6, 2, 3, 16, 70, [10, 64]), (1, 8, 2, 5, 64, 130, [129]),
@@ -479,6 +519,7 @@ def _families():
             ("mma_gemv_scales", MMA_GEMV_SCALE_CASES, run_mma_gemv_scale_range),
             ("dense", DENSE_CONFIG_CASES, run_dense_config), ("act_paths", ACT_PATH_CASES, run_act_paths),
             ("w4a4", W4A4_CONFIG_CASES, run_w4a4_config), ("w4a4_small", W4A4_SMALL_CASES, run_w4a4_small),
+            ("w4a4_levels", W4A4_LEVELS_CASES, run_w4a4_levels),
             ("attention", ATTENTION_CASES, run_attention),
             ("attention_separate", ATTENTION_CASES[:3], run_attention_separate),
             ("wq", WQ_CONFIG_CASES, run_wq_config)]

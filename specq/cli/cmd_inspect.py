@@ -54,6 +54,7 @@ def inspect_cmd(checkpoint, revision, layers, as_json):
                 lines.append(f"  {e['module']:<44} {shape:>13} {'quantize':<9} {e['int4_group_size'] or '-':>6} "
                              f"{e['act_group_size'] if e['act_group_size'] is not None else '-':>5} "
                              f"{e['had_block'] or 0:>4}"
+                             + (f"  w4a4 scale levels {e['w4a4_scale_levels']}" if e.get("w4a4_scale_levels") else "")
                              + (f"  only in {','.join(e['modes'])} (float in the other modes)" if e.get("modes")
                                 else ""))
             else:

@@ -170,3 +170,60 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype | 
     g = scales.shape[1]
     q = unpack_values(packed, dtype).reshape(n, g, k // g)
     return (q * scales.to(dtype).unsqueeze(-1)).reshape(n, k)
+
+
+# ----------------------------------------------------------------------------- integer scale levels
+# W4A4 on INT8 tensor cores: with float group scales, every 128-deep chunk's int32 dot must be
+# converted and scaled into a float accumulator (one conversion and one FMA per output per chunk,
+# the bulk of the GEMM's instructions on Hopper). If a row's group scales are integer multiples of one
+# per-row unit, s[n, g] = level[n, g] * unit[n] with level <= 16, the product q * level fits int8
+# ([-128, 112]), so the kernel can decode q * level as the weight operand and sum over all of K in
+# int32, scaling once at the end (the scheme of QServe's progressive group quantization). Snapping is
+# the draft's business: the stored scales (and W4A16, the verifier) are untouched.
+
+MAX_SCALE_LEVELS = 16  # q * level must fit int8: -8 * 16 = -128
+UNIT_BITS = 19  # units carry at most 19 significant bits, so level * unit (level <= 16) is exact in fp32
+
+
+def _check_levels(levels: int, where: str) -> None:
+    if not isinstance(levels, int) or isinstance(levels, bool) or not 1 <= levels <= MAX_SCALE_LEVELS:
+        raise ValueError(f"{where}: levels must be an int in 1..{MAX_SCALE_LEVELS} (q * level must fit int8), "
+                         f"got {levels!r}")
+
+
+def snap_scales(scales: torch.Tensor, levels: int = MAX_SCALE_LEVELS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group scales [N, G] -> ``(level uint8 [N, G] in 0..levels, unit fp32 [N])`` with
+    ``level * unit`` the nearest multiple of the row's unit to each scale; the unit is the row's
+    largest scale / levels (rounded to ``UNIT_BITS`` significant bits), so that group gets ``levels``
+    and none more. A row of zero scales gets unit 0 and levels 0."""
+    _check_snap_args(scales, levels, "int4.snap_scales")
+    level, unit = _snap(scales, levels)
+    return level.to(torch.uint8), unit
+
+
+def snapped_scales(scales: torch.Tensor, levels: int = MAX_SCALE_LEVELS, check: bool = True) -> torch.Tensor:
+    """``level * unit`` of ``snap_scales`` as fp32 [N, G] (exact): the group scales W4A4 uses.
+    ``check=False`` skips the data checks (for traced code, where they cannot run)."""
+    if check:
+        _check_snap_args(scales, levels, "int4.snapped_scales")
+    level, unit = _snap(scales, levels)
+    return (level * unit.to(torch.float64)[:, None]).to(torch.float32)
+
+
+def _check_snap_args(scales: torch.Tensor, levels: int, where: str) -> None:
+    _check_levels(levels, where)
+    if not isinstance(scales, torch.Tensor) or not scales.is_floating_point() or scales.dim() != 2:
+        raise TypeError(f"{where}: scales must be a 2-D floating-point tensor [N, G], got "
+                        f"{getattr(scales, 'dtype', type(scales).__name__)} shape {tuple(getattr(scales, 'shape', ()))}")
+    if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+        raise ValueError(f"{where}: scales must be finite and >= 0 (amax / 7 per group)")
+
+
+def _snap(scales: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(level as float64 [N, G], unit fp32 [N]): the math of snap_scales, no checks, traceable."""
+    s = scales.detach().to(torch.float64)
+    mant, exp = torch.frexp(s.amax(1) / levels)
+    unit = torch.ldexp(torch.round(mant * 2.0 ** UNIT_BITS) / 2.0 ** UNIT_BITS, exp).to(torch.float32)
+    u = unit.to(torch.float64)[:, None]
+    level = torch.where(u > 0, torch.round(s / torch.where(u > 0, u, 1.0)), 0.0).clamp(0, levels)
+    return level, unit

@@ -244,7 +244,9 @@ def _quantization_config(model, plan: dict) -> dict:
             formats["w4a16"] = dict(int4, activations="dense")
         if "w4a4" in modes:
             formats["w4a4"] = dict(int4, activations="int4-dynamic-symmetric",
-                                   act_group_sizes=sorted({e.get("act_group_size") or 0 for e in in_mode["w4a4"]}))
+                                   act_group_sizes=sorted({e.get("act_group_size") or 0 for e in in_mode["w4a4"]}),
+                                   # 0: the group scales as stored; L: snapped to multiples 0..L of a row unit
+                                   scale_levels=sorted({e.get("w4a4_scale_levels") or 0 for e in in_mode["w4a4"]}))
     blocks = sorted({e.get("had_block") or 0 for e in int4_entries})
     rotation = {"type": "hadamard", "online": True, "applies_to": ["w4a16", "w4a4"], "block_sizes": blocks,
                 "convention": "W_rot = W @ H (block-diagonal along K); y = (x @ H) @ W_rot.T"}

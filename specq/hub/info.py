@@ -30,6 +30,7 @@ def checkpoint_info(path_or_repo: str | os.PathLike, *, revision: str | None = N
         layers.append({"module": e["module"], "out_features": e["out_features"], "in_features": e["in_features"],
                        "action": e["action"], "int4_group_size": e.get("int4_group_size"),
                        "act_group_size": e.get("act_group_size"), "had_block": e.get("had_block"),
+                       "w4a4_scale_levels": e.get("w4a4_scale_levels") or 0,
                        "mxfp4_scale_rule": e.get("mxfp4_scale_rule"),
                        # quantized only in these modes (the head under lm_head_modes); None: in every one
                        "modes": e.get("modes"),

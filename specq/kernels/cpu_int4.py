@@ -75,11 +75,15 @@ def int4pack_mm(x: Tensor, weight: Tensor, scale_and_zero: Tensor, bias: Optiona
     return y if bias is None else y + bias
 
 
-def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor], group_size: int) -> Tensor:
-    """x [..., K] @ int4.dequantize(packed, scales).T + bias, through the int4pack kernel (the
-    repacked weight is cached next to the packed one)."""
-    weight, scale_and_zero = cached(packed, scales, ("int4pack_cpu", x.dtype),
-                                    lambda: repack(packed, scales, x.dtype))
+def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor], group_size: int,
+                scale_levels: int = 0) -> Tensor:
+    """x [..., K] @ int4.dequantize(packed, S(scales)).T + bias, through the int4pack kernel (the
+    repacked weight is cached next to the packed one); S: the scales, or where scale_levels > 0 W4A4's
+    snapped ones (``int4.snapped_scales``), cached apart from W4A16's repacked weight of the same copy."""
+    def build():
+        return repack(packed, int4.snapped_scales(scales, scale_levels) if scale_levels else scales, x.dtype)
+
+    weight, scale_and_zero = cached(packed, scales, ("int4pack_cpu", x.dtype, scale_levels), build)
     return int4pack_mm(x, weight, scale_and_zero, bias, group_size)
 
 
@@ -92,11 +96,13 @@ def linear_w4a16(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tenso
 
 
 def linear_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor],
-                group_size: int, act_group_size: int, had_block: int) -> Tensor:
-    _ops.check_int4_args("specq.linear_w4a4", x, packed, scales, bias, group_size, had_block, act_group_size)
+                group_size: int, act_group_size: int, had_block: int, scale_levels: int = 0) -> Tensor:
+    _ops.check_int4_args("specq.linear_w4a4", x, packed, scales, bias, group_size, had_block, act_group_size,
+                         scale_levels)
     if not usable(x, packed, scales, group_size):
-        return _ops.reference_w4a4(x, packed, scales, bias, act_group_size, had_block)
-    return int4_matmul(_ops.activation_w4a4(x, act_group_size, had_block), packed, scales, bias, group_size)
+        return _ops.reference_w4a4(x, packed, scales, bias, act_group_size, had_block, scale_levels)
+    return int4_matmul(_ops.activation_w4a4(x, act_group_size, had_block), packed, scales, bias, group_size,
+                       scale_levels)
 
 
 _ops.linear_w4a16_op.register_kernel("cpu")(linear_w4a16)

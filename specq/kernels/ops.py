@@ -19,11 +19,13 @@ Semantics (see docs/ARCHITECTURE.md and docs/formats.md):
 
     linear_mxfp4(x, packed, scales, bias)        = x @ mxfp4.dequantize(packed, scales).T + bias
     linear_w4a16(x, packed, scales, bias, g, hb) = H(x) @ int4.dequantize(packed, scales).T + bias
-    linear_w4a4(x, packed, scales, bias, g, ag, hb)
-                                                 = Q_ag(H(x)) @ int4.dequantize(packed, scales).T + bias
+    linear_w4a4(x, packed, scales, bias, g, ag, hb, L)
+                                                 = Q_ag(H(x)) @ int4.dequantize(packed, S_L(scales)).T + bias
 
-with H = block-diagonal Hadamard of block ``hb`` along K (identity when hb = 0) and Q_ag = dynamic
-symmetric INT4 fake quantization per token (ag = 0) or per group of ag along K. The weight is
+with H = block-diagonal Hadamard of block ``hb`` along K (identity when hb = 0), Q_ag = dynamic
+symmetric INT4 fake quantization per token (ag = 0) or per group of ag along K, and S_L the group
+scales as stored (L = 0) or snapped to integer multiples 0..L of a per-row unit (``int4.snapped_scales``:
+what lets the INT8 tensor-core kernel sum over all of K in int32; L <= 16). The weight is
 dequantized in x.dtype (bf16 products round like the hardware kernels do); bias must be in x.dtype.
 """
 
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from specq.formats import activation, hadamard, int4, mxfp4
-from specq.kernels.dequant_cache import dequantized
+from specq.kernels.dequant_cache import cached, dequantized
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,7 @@ def check_mxfp4_args(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[T
 
 
 def check_int4_args(op: str, x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor],
-                    group_size: int, had_block: int, act_group_size: int = 0) -> tuple[int, int]:
+                    group_size: int, had_block: int, act_group_size: int = 0, scale_levels: int = 0) -> tuple[int, int]:
     """Validate the arguments of linear_w4a16 / linear_w4a4 (``op`` names the op); returns (N, K)."""
     _check_2d(op, "packed", packed, torch.int32)
     _check_2d(op, "scales", scales, None)
@@ -117,6 +119,9 @@ def check_int4_args(op: str, x: Tensor, packed: Tensor, scales: Tensor, bias: Op
             raise ValueError(f"{op}: no Hadamard matrix of order had_block={had_block}; use 2**a, 12*2**a, 20*2**a")
     if act_group_size < 0 or (act_group_size > 0 and k % act_group_size != 0):
         raise ValueError(f"{op}: act_group_size ({act_group_size}) must be 0 (per token) or divide K ({k})")
+    if not 0 <= scale_levels <= int4.MAX_SCALE_LEVELS:
+        raise ValueError(f"{op}: scale_levels ({scale_levels}) must be 0 (the group scales as stored) or 1.."
+                         f"{int4.MAX_SCALE_LEVELS} (snapped to integer multiples of a per-row unit)")
     _check_x_and_bias(op, x, n, k, bias)
     _check_devices(op, x=x, packed=packed, scales=scales, bias=bias)
     return n, k
@@ -159,9 +164,28 @@ def reference_w4a16(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Te
     return F.linear(rotate(x, had_block), w, bias)
 
 
+def snapped_int4_scales(packed: Tensor, scales: Tensor, scale_levels: int, dtype: torch.dtype = torch.float32
+                        ) -> Tensor:
+    """The group scales linear_w4a4 multiplies with: ``scales`` (scale_levels 0) or
+    ``int4.snapped_scales(scales, scale_levels)`` (exact in fp32; rounded to ``dtype``), remembered beside
+    ``packed``."""
+    if scale_levels == 0:
+        return scales
+    return cached(packed, scales, ("snapped_scales", scale_levels, dtype),
+                  lambda: int4.snapped_scales(scales, scale_levels).to(dtype))
+
+
+def w4a4_weight(packed: Tensor, scales: Tensor, dtype: torch.dtype, scale_levels: int) -> Tensor:
+    """The dequantized weight of linear_w4a4 in ``dtype`` (cached, see dequant_cache)."""
+    if scale_levels == 0:
+        return dequantized(packed, scales, dtype, int4.dequantize)
+    return cached(packed, scales, ("dequantized_snapped", dtype, scale_levels),
+                  lambda: int4.dequantize(packed, int4.snapped_scales(scales, scale_levels), dtype))
+
+
 def reference_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor],
-                   act_group_size: int, had_block: int) -> Tensor:
-    w = dequantized(packed, scales, x.dtype, int4.dequantize)
+                   act_group_size: int, had_block: int, scale_levels: int = 0) -> Tensor:
+    w = w4a4_weight(packed, scales, x.dtype, scale_levels)
     return F.linear(activation_w4a4(x, act_group_size, had_block), w, bias)
 
 
@@ -180,14 +204,16 @@ def _(x, packed, scales, bias, group_size, had_block):
 
 @torch.library.custom_op("specq::linear_w4a4", mutates_args=())
 def linear_w4a4_op(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor],
-                   group_size: int, act_group_size: int, had_block: int) -> Tensor:
-    check_int4_args("specq.linear_w4a4", x, packed, scales, bias, group_size, had_block, act_group_size)
-    return reference_w4a4(x, packed, scales, bias, act_group_size, had_block)
+                   group_size: int, act_group_size: int, had_block: int, scale_levels: int = 0) -> Tensor:
+    check_int4_args("specq.linear_w4a4", x, packed, scales, bias, group_size, had_block, act_group_size,
+                    scale_levels)
+    return reference_w4a4(x, packed, scales, bias, act_group_size, had_block, scale_levels)
 
 
 @linear_w4a4_op.register_fake
-def _(x, packed, scales, bias, group_size, act_group_size, had_block):
-    n, _ = check_int4_args("specq.linear_w4a4", x, packed, scales, bias, group_size, had_block, act_group_size)
+def _(x, packed, scales, bias, group_size, act_group_size, had_block, scale_levels=0):
+    n, _ = check_int4_args("specq.linear_w4a4", x, packed, scales, bias, group_size, had_block, act_group_size,
+                           scale_levels)
     return _empty_out(x, n)
 
 
@@ -212,9 +238,11 @@ def _(x, weight, bias):
 # quantizer is treated as identity (straight-through), which is the usual choice and keeps the
 # draft usable inside code that runs with grad enabled.
 
-def _setup(had_block_index: Optional[int]):
+def _setup(had_block_index: Optional[int], scale_levels_index: Optional[int] = None):
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[1], inputs[2])  # packed, scales
+        levels = inputs[scale_levels_index] if scale_levels_index is not None and len(inputs) > scale_levels_index else 0
+        scales = int4.snapped_scales(inputs[2], levels) if levels else inputs[2]  # what the forward multiplied by
+        ctx.save_for_backward(inputs[1], scales)  # packed, scales
         ctx.x_dtype = inputs[0].dtype
         ctx.had_block = 0 if had_block_index is None else inputs[had_block_index]
     return setup_context
@@ -245,8 +273,8 @@ def _backward_int4(ctx, grad):
 linear_mxfp4_op.register_autograd(_backward_mxfp4, setup_context=_setup(None))
 linear_w4a16_op.register_autograd(lambda ctx, g: (*_backward_int4(ctx, g), None, None),  # + group_size, had_block
                                   setup_context=_setup(5))
-linear_w4a4_op.register_autograd(lambda ctx, g: (*_backward_int4(ctx, g), None, None, None),  # + 3 ints
-                                 setup_context=_setup(6))
+linear_w4a4_op.register_autograd(lambda ctx, g: (*_backward_int4(ctx, g), None, None, None, None),  # + 4 ints
+                                 setup_context=_setup(6, 7))
 
 
 # --------------------------------------------------------------------------- Python wrappers
@@ -273,11 +301,13 @@ def linear_w4a16(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tenso
 
 
 def linear_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor] = None,
-                group_size: Optional[int] = None, act_group_size: int = 0, had_block: int = 0) -> Tensor:
+                group_size: Optional[int] = None, act_group_size: int = 0, had_block: int = 0,
+                scale_levels: int = 0) -> Tensor:
     """Like linear_w4a16, with the rotated activation fake-quantized to INT4 (per token when
-    ``act_group_size`` is 0, else per group of that many elements along K)."""
+    ``act_group_size`` is 0, else per group of that many elements along K) and, where
+    ``scale_levels`` > 0, the group scales snapped to that many integer multiples of a per-row unit."""
     g = _default_group_size(packed, scales) if group_size is None else group_size
-    return torch.ops.specq.linear_w4a4(x, packed, scales, bias, g, act_group_size, had_block)
+    return torch.ops.specq.linear_w4a4(x, packed, scales, bias, g, act_group_size, had_block, scale_levels)
 
 
 # --------------------------------------------------------------------------- device kernels

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from specq.formats import activation, hadamard, int4
 from specq.kernels import ops as _ops
+from specq.kernels.dequant_cache import cached
 from specq.kernels import (attention_op, gluon_w4a4, triton_act, triton_attention, triton_dense_gemv, triton_w4a4,
                            triton_wq)
 
@@ -88,24 +89,23 @@ def linear_w4a16(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tenso
 
 
 def linear_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor],
-                group_size: int, act_group_size: int, had_block: int) -> Tensor:
+                group_size: int, act_group_size: int, had_block: int, scale_levels: int = 0) -> Tensor:
     n, k = _ops.check_int4_args("specq.linear_w4a4", x, packed, scales, bias, group_size, had_block,
-                                act_group_size)
+                                act_group_size, scale_levels)
+    # snapped scales (scale_levels > 0) in x.dtype, as stored scales are, for the kernels that take float scales
+    float_scales = _ops.snapped_int4_scales(packed, scales, scale_levels, x.dtype) if scale_levels else scales
     with _device_ctx(x):
         x2 = _as_2d(x)
         if not triton_w4a4.supported(group_size, act_group_size):
             _fallback(f"W4A4 with group size {group_size} and activation group {act_group_size}")
-            xr = hadamard.hadamard_transform(x2, had_block) if had_block > 0 else x2
-            xq = activation.fake_quantize_int4(xr, act_group_size)
-            y = F.linear(xq, int4.dequantize(packed, scales, x.dtype), bias)
-            return y.reshape(*x.shape[:-1], n)
+            return _ops.reference_w4a4(x, packed, scales, bias, act_group_size, had_block, scale_levels)
         if (triton_wq.streams_weights(x2, triton_wq.FORMAT_INT4, group_size)
                 and triton_act.supported(k, had_block, act_group_size)):
             # decode and verify sizes: the INT8 tensor-core kernel pads M to 16 rows and is 2-4x slower
             # than the weight-streaming kernels, so quantize x (the reference's own fake-quantized
             # activation, in x.dtype) and run the W4A16 streaming kernel on it
             xq = triton_act.fake_quantize(x2, act_group_size, had_block)
-            y = triton_wq.wq_matmul(xq, packed, scales, bias, triton_wq.FORMAT_INT4, group_size)
+            y = triton_wq.wq_matmul(xq, packed, float_scales, bias, triton_wq.FORMAT_INT4, group_size)
             return y.reshape(*x.shape[:-1], n)
         # the Gluon kernel (Hopper, large M) reads the codes in its own K order (triton_w4a4.to_wgmma_order)
         wgmma = gluon_w4a4.supported(x2.shape[0], n, k, group_size, act_group_size, x2.device)
@@ -119,9 +119,14 @@ def linear_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor
             q = triton_w4a4.to_k_order(q, order).contiguous()
             sx = sx.reshape(q.shape[0], -1).contiguous()
         if wgmma:
-            y = gluon_w4a4.w4a4_matmul(q, sx, packed, scales, bias, group_size, x.dtype)
+            y = gluon_w4a4.w4a4_matmul(q, sx, packed, float_scales, bias, group_size, x.dtype)
+        elif scale_levels and act_group_size == 0:
+            # integer levels: the INT8 dot sums all of K in int32, no rescale per weight group
+            levels, units = cached(packed, scales, ("scale_levels", scale_levels),
+                                   lambda: int4.snap_scales(scales, scale_levels))
+            y = triton_w4a4.w4a4_matmul(q, sx, packed, levels, bias, group_size, 0, x.dtype, units=units)
         else:
-            y = triton_w4a4.w4a4_matmul(q, sx, packed, scales, bias, group_size, act_group_size, x.dtype)
+            y = triton_w4a4.w4a4_matmul(q, sx, packed, float_scales, bias, group_size, act_group_size, x.dtype)
     return y.reshape(*x.shape[:-1], n)
 
 

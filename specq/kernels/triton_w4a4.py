@@ -92,6 +92,23 @@ def _decode_words(pw):
 
 
 @triton.jit
+def _decode_words_scaled(pw, lv):
+    """int32 words [R, J] of eight codes n = q + 8, int32 scale levels lv [R] (0..16) -> int8 [R, J, 2, 2, 2]
+    holding q * lv, in word order (as ``_decode_words``). The codes of a word's even (odd) elements sit in the
+    low (high) nibbles of its bytes; masked into bytes, one multiply-add per four makes each byte
+    n * lv + 128 - 8 lv = q * lv + 128, which stays in 0..240 (lv <= 16), so no byte carries into the next,
+    and flipping each byte's top bit makes it the int8 q * lv. Four instructions per eight weights more
+    than ``_decode_words``; in exchange the int32 dot of the whole K needs no rescale."""
+    c = ((128 - 8 * lv) * 0x01010101)[:, None]
+    lv = lv[:, None]
+    lo = ((pw & 0x0F0F0F0F) * lv + c) ^ -2139062144  # ^ 0x80808080
+    hi = (((pw >> 4) & 0x0F0F0F0F) * lv + c) ^ -2139062144
+    l0, l1, l2, l3 = _bytes4(lo)
+    h0, h1, h2, h3 = _bytes4(hi)
+    return _interleave8(l0, l1, l2, l3, h0, h1, h2, h3)
+
+
+@triton.jit
 def _small_i32_to_f32(d):
     """int32 |d| < 2^22 -> fp32, exactly, with an integer add and a float subtract: the int32 + fp32
     magic constant 1.5 * 2^23 puts d in the mantissa. (A plain conversion is an I2F instruction per
@@ -104,6 +121,8 @@ def _w4a4_matmul_kernel(
     q_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr,
     M, N, K, K_PER,
     stride_qm, stride_sxm, stride_wn, stride_swn, stride_ym,
+    LEVELS: tl.constexpr,  # 1: sw_ptr holds uint8 scale levels [N, K/WG] and unit_ptr fp32 units [N]: the dot
+    unit_ptr,              # sums all of K in int32 (weights decoded as q * level), scaled once at the end
     WG: tl.constexpr,      # weight group size along K
     AG: tl.constexpr,      # activation group size along K; 0 = one scale per token
     SUB_K: tl.constexpr,   # K per int32 dot: divides WG and AG
@@ -123,8 +142,10 @@ def _w4a4_matmul_kernel(
     rn = offs_n % N
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc_i = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     KSTEP: tl.constexpr = SUB_K * N_SUB
     k_lo = 0
     k_hi = K
@@ -143,24 +164,39 @@ def _w4a4_matmul_kernel(
                 a = tl.load(q_ptr + rm[:, None] * stride_qm + offs_k[None, :], mask=(offs_k < K)[None, :], other=0)
                 pw = tl.load(w_ptr + rn[:, None] * stride_wn + offs_w[None, :],
                              mask=(offs_w < K // 8)[None, :], other=0)
-            wv = tl.reshape(_decode_words(pw), (BLOCK_N, SUB_K))  # int8, word order
-            sw = tl.load(sw_ptr + rn * stride_swn + kk // WG, mask=(kk < K) & (rn >= 0), other=0.0).to(tl.float32)
-            if SWAP:
-                d = _small_i32_to_f32(tl.dot(wv, tl.trans(a), out_dtype=tl.int32))  # [BLOCK_N, BLOCK_M]
-                if AG > 0:
-                    sx = tl.load(sx_ptr + rm * stride_sxm + kk // AG, mask=(kk < K) & (rm >= 0), other=0.0)
-                    acc += d * (sw[:, None] * sx[None, :])
+            if LEVELS:
+                lv = tl.load(sw_ptr + rn * stride_swn + kk // WG, mask=(kk < K) & (rn >= 0), other=0).to(tl.int32)
+                wv = tl.reshape(_decode_words_scaled(pw, lv), (BLOCK_N, SUB_K))  # int8 q * level, word order
+                if SWAP:
+                    acc_i = tl.dot(wv, tl.trans(a), acc_i, out_dtype=tl.int32)
                 else:
-                    acc += d * sw[:, None]
+                    acc_i = tl.dot(a, tl.trans(wv), acc_i, out_dtype=tl.int32)
             else:
-                d = _small_i32_to_f32(tl.dot(a, tl.trans(wv), out_dtype=tl.int32))
-                if AG > 0:
-                    sx = tl.load(sx_ptr + rm * stride_sxm + kk // AG, mask=(kk < K) & (rm >= 0), other=0.0)
-                    acc += d * (sx[:, None] * sw[None, :])
+                wv = tl.reshape(_decode_words(pw), (BLOCK_N, SUB_K))  # int8, word order
+                sw = tl.load(sw_ptr + rn * stride_swn + kk // WG, mask=(kk < K) & (rn >= 0), other=0.0).to(tl.float32)
+                if SWAP:
+                    d = _small_i32_to_f32(tl.dot(wv, tl.trans(a), out_dtype=tl.int32))  # [BLOCK_N, BLOCK_M]
+                    if AG > 0:
+                        sx = tl.load(sx_ptr + rm * stride_sxm + kk // AG, mask=(kk < K) & (rm >= 0), other=0.0)
+                        acc += d * (sw[:, None] * sx[None, :])
+                    else:
+                        acc += d * sw[:, None]
                 else:
-                    acc += d * sw[None, :]
+                    d = _small_i32_to_f32(tl.dot(a, tl.trans(wv), out_dtype=tl.int32))
+                    if AG > 0:
+                        sx = tl.load(sx_ptr + rm * stride_sxm + kk // AG, mask=(kk < K) & (rm >= 0), other=0.0)
+                        acc += d * (sx[:, None] * sw[None, :])
+                    else:
+                        acc += d * sw[None, :]
+    if LEVELS:  # per-token activations only: y = sx[m] * unit[n] * sum over K of codes * q * level
+        unit = tl.load(unit_ptr + rn).to(tl.float32)
+        sx_tok = tl.load(sx_ptr + offs_m * stride_sxm, mask=m_mask, other=0.0)
+        if SWAP:
+            acc = acc_i.to(tl.float32) * unit[:, None] * sx_tok[None, :]
+        else:
+            acc = acc_i.to(tl.float32) * sx_tok[:, None] * unit[None, :]
     # the decoded weights were 16 * q: the 1/16 (exact) joins the per-token scale
-    if AG == 0:
+    elif AG == 0:
         sx_tok = tl.load(sx_ptr + offs_m * stride_sxm, mask=m_mask, other=0.0) * 0.0625
         acc *= sx_tok[None, :] if SWAP else sx_tok[:, None]
     else:
@@ -266,8 +302,11 @@ def _candidates(m: int, wg: int, ag: int, n: int = 1 << 30, k: int = 0) -> list[
 
 
 def w4a4_matmul(q: torch.Tensor, sx: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
-                bias: Optional[torch.Tensor], group: int, act_group: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """q int8 [M, K] in word order (``to_word_order``), sx fp32 [M, K/act_group or 1] -> [M, N] in out_dtype."""
+                bias: Optional[torch.Tensor], group: int, act_group: int, out_dtype: torch.dtype,
+                units: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q int8 [M, K] in word order (``to_word_order``), sx fp32 [M, K/act_group or 1] -> [M, N] in out_dtype.
+    With ``units`` (fp32 [N]; per-token activations only), ``scales`` are uint8 scale levels [N, K/group]
+    (``int4.snap_scales``): the weight is q * level * unit."""
     M, K = q.shape
     N = packed.shape[0]
     y = torch.empty((M, N), device=q.device, dtype=out_dtype)
@@ -277,23 +316,28 @@ def w4a4_matmul(q: torch.Tensor, sx: torch.Tensor, packed: torch.Tensor, scales:
     scales = scales.contiguous()
     b_arg = bias if bias is not None else sx
 
-    def launch(cfg: Config, out=y):
-        launch_w4a4(cfg, q, sx, packed, scales, b_arg, out, bias is not None, group, act_group)
+    if units is not None and (act_group != 0 or scales.dtype != torch.uint8):
+        raise ValueError("triton_w4a4: scale levels (units given) need per-token activations and uint8 levels")
 
-    key = (group, act_group, m_bucket(M), N, K, out_dtype, bias is not None, q.device.index)
+    def launch(cfg: Config, out=y):
+        launch_w4a4(cfg, q, sx, packed, scales, b_arg, out, bias is not None, group, act_group, units)
+
+    key = (group, act_group, m_bucket(M), N, K, out_dtype, bias is not None, units is not None, q.device.index)
     cfg = _CACHE.pick(key, _candidates(M, group, act_group, N, K), launch)
     launch(cfg)
     return y
 
 
-def launch_w4a4(cfg: Config, q, sx, packed, scales, b_arg, out, has_bias: bool, group: int, act_group: int) -> None:
+def launch_w4a4(cfg: Config, q, sx, packed, scales, b_arg, out, has_bias: bool, group: int, act_group: int,
+                units: Optional[torch.Tensor] = None) -> None:
     """One run of the kernel at config ``cfg`` into ``out`` [M, N] (b_arg: the bias, or any tensor), with
-    split-K's fp32 partials and their reduce where cfg["SPLIT_K"] > 1."""
+    split-K's fp32 partials and their reduce where cfg["SPLIT_K"] > 1; ``units``: see w4a4_matmul."""
     M, K = q.shape
     N = packed.shape[0]
 
     def run(grid, dst, k_per, even_k):
         _w4a4_matmul_kernel[grid](q, sx, packed, scales, b_arg, dst, M, N, K, k_per,
                                   q.stride(0), sx.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
+                                  LEVELS=units is not None, unit_ptr=units if units is not None else sx,
                                   EVEN_K=even_k, WG=group, AG=act_group, HAS_BIAS=has_bias, **cfg.kwargs())
     launch_split_k(cfg, M, N, K, out, b_arg, has_bias, run)

@@ -43,7 +43,7 @@ from specq.passes.find_weight_matmuls import LINEAR_TARGETS
 _LINEAR = ((1,), 2, 3)
 _MXFP4 = ((1, 2), 3, 4)
 _W4A16 = ((1, 2), 3, 6)
-_W4A4 = ((1, 2), 3, 7)
+_W4A4 = ((1, 2), 3, 8)
 
 
 def _layouts() -> dict:

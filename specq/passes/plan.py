@@ -32,6 +32,10 @@ Recipe keys (all optional except `name`; a recipe may name a `base` recipe whose
     int4_min_group_size: int      below this, the matmul is kept instead
     int4_clip_ratio: null|float|search
     act_group_size: int           W4A4 activation group (0 = per token); falls back like the INT4 group
+    w4a4_scale_levels: int        0 (W4A4 uses the INT4 group scales as stored) or 1..16: W4A4 snaps each
+                                  row's group scales to integer multiples 0..L of one unit, so the INT8
+                                  tensor-core kernel sums all of K in int32 (int4.snap_scales; W4A16 and
+                                  the stored copy are unchanged)
     had_block: int|"full"         block of the online Hadamard rotation of INT4 modes (0 = none)
     lm_head_modes: [mode, ...]    quantized modes ("mxfp4", "w4a16", "w4a4") in which the output head
                                   (a module named lm_head, embed_out or output_layer: HEAD_PATTERN) runs
@@ -56,6 +60,7 @@ import re
 import yaml
 
 from specq.formats import hadamard
+from specq.formats.int4 import MAX_SCALE_LEVELS
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +76,14 @@ MXFP4_SCALE_RULES = ("floor", "mse", "act_mse")
 PLAN_VERSION = 1
 
 _FORMAT_KEYS = ("mxfp4_scale_rule", "int4_group_size", "int4_min_group_size", "int4_clip_ratio",
-                "act_group_size", "had_block")
+                "act_group_size", "had_block", "w4a4_scale_levels")
 _RECIPE_KEYS = set(_FORMAT_KEYS) | {"name", "base", "description", "keep", "keep_tied_to_embedding",
                                     "lm_head_modes", "overrides", "model_types"}
 
 _BUILTIN_DEFAULTS = {
     "keep": [], "keep_tied_to_embedding": True, "mxfp4_scale_rule": "floor", "int4_group_size": 128,
     "int4_min_group_size": 32, "int4_clip_ratio": None, "act_group_size": 32, "had_block": 64,
-    "lm_head_modes": [], "overrides": [],
+    "w4a4_scale_levels": 0, "lm_head_modes": [], "overrides": [],
 }
 
 
@@ -170,6 +175,10 @@ def _validate_recipe(r: dict) -> None:
             raise ValueError(f"{where}: {k} must be a positive multiple of 8, got {r[k]!r}")
     if not isinstance(r["act_group_size"], int) or r["act_group_size"] < 0:
         raise ValueError(f"{where}: act_group_size must be an int >= 0 (0 = per token), got {r['act_group_size']!r}")
+    sl = r["w4a4_scale_levels"]
+    if not isinstance(sl, int) or isinstance(sl, bool) or not 0 <= sl <= MAX_SCALE_LEVELS:
+        raise ValueError(f"{where}: w4a4_scale_levels must be an int in 0..{MAX_SCALE_LEVELS} (0 = the group scales "
+                         f"as stored), got {sl!r}")
     hb = r["had_block"]
     if not (hb == "full" or (isinstance(hb, int) and hb >= 0)):
         raise ValueError(f"{where}: had_block must be an int >= 0 (0 = no rotation) or 'full', got {hb!r}")
@@ -328,6 +337,8 @@ def decide(m: dict, recipe: dict, modes: tuple[str, ...]) -> dict:
                                   + (f"group {a2}" if a2 else "per-token scales"))
             a = a2
         entry["act_group_size"] = a
+        if cfg["w4a4_scale_levels"]:  # absent (0) keeps plans written before the key existed unchanged
+            entry["w4a4_scale_levels"] = cfg["w4a4_scale_levels"]
     return entry
 
 

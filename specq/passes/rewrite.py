@@ -18,7 +18,7 @@ after, mode="w4a4"::
 
     %p      = get_attr[target=specq_packed_0_int4_packed]
     %s      = get_attr[target=specq_packed_0_int4_scales]
-    %linear = call_function[target=specq.linear_w4a4.default](args = (%mul_3, %p, %s, None, 64, 32, 64))
+    %linear = call_function[target=specq.linear_w4a4.default](args = (%mul_3, %p, %s, None, 64, 32, 64, 0))
 
 GPT-2's `addmm(b, x2d, W[in,out])` becomes `linear_<mode>(x2d, packed, scales, b, ...)` (the packed
 weight is always [out, in]); `matmul(x, W)` / `matmul(x, W.T)` become the op with bias None.
@@ -100,7 +100,7 @@ def rewrite_weight_matmuls(gm: fx.GraphModule, plan: dict, packed: dict[str, dic
                 args = (x, *attrs, bias, int(e["int4_group_size"]), int(e["had_block"] or 0))
             else:
                 args = (x, *attrs, bias, int(e["int4_group_size"]), int(e["act_group_size"] or 0),
-                        int(e["had_block"] or 0))
+                        int(e["had_block"] or 0), int(e.get("w4a4_scale_levels") or 0))
             new = gm.graph.call_function(op, args)
         new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "val", "example_value",
                                                                         "stack_trace", "source_fn_stack")})

@@ -40,6 +40,7 @@ def _settings(module: nn.Module) -> tuple:
                     if isinstance(t := getattr(module, name, None), torch.Tensor))
     return (type(module), module.in_features, getattr(module, "int4_group_size", None),
             getattr(module, "act_group_size", None), getattr(module, "had_block", None),
+            getattr(module, "w4a4_scale_levels", None),
             getattr(module, "bias", None) is None, tensors)
 
 

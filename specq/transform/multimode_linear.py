@@ -43,7 +43,7 @@ class MultiModeLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, state: ModeState, *, weight=None, bias=None,
                  layout: str = "out_in", int4_group_size: int | None = None, act_group_size: int | None = None,
                  had_block: int | None = None, dtype: torch.dtype = torch.float32, device=None,
-                 quant_modes=None):
+                 quant_modes=None, w4a4_scale_levels: int | None = None):
         super().__init__()
         if layout not in ("out_in", "in_out"):
             raise ValueError(f"layout must be 'out_in' (nn.Linear) or 'in_out' (Conv1D), got {layout!r}")
@@ -53,6 +53,8 @@ class MultiModeLinear(nn.Module):
         self.int4_group_size = int(int4_group_size or 0)
         self.act_group_size = int(act_group_size or 0)
         self.had_block = int(had_block or 0)
+        # W4A4's group scales snapped to integer multiples 0..L of a per-row unit (0: as stored; see int4.snap_scales)
+        self.w4a4_scale_levels = int(w4a4_scale_levels or 0)
         self.dtype = dtype
         # a plain attribute, not a submodule: shared by all MultiModeLinears of the model
         self.__dict__["_mode_state"] = state
@@ -112,7 +114,8 @@ class MultiModeLinear(nn.Module):
                                                 self.int4_group_size, self.had_block)
         if mode == "w4a4":
             return torch.ops.specq.linear_w4a4(x, self.int4_packed, self.int4_scales, self.bias,
-                                               self.int4_group_size, self.act_group_size, self.had_block)
+                                               self.int4_group_size, self.act_group_size, self.had_block,
+                                               self.w4a4_scale_levels)
         raise ValueError(f"MultiModeLinear: unknown mode {mode!r}")
 
     def weight_bytes(self, mode: str) -> int:
@@ -138,4 +141,6 @@ class MultiModeLinear(nn.Module):
             s += f", layout={self.layout}"
         if self.int4_group_size:
             s += f", int4_group_size={self.int4_group_size}, act_group_size={self.act_group_size}, had_block={self.had_block}"
+            if self.w4a4_scale_levels:
+                s += f", w4a4_scale_levels={self.w4a4_scale_levels}"
         return s

@@ -155,7 +155,8 @@ def apply_plan(model: nn.Module, plan: dict, quantize: bool = True, modes=None,
         new = MultiModeLinear(
             e["in_features"], e["out_features"], state, weight=weight if needs_float else None, bias=bias,
             layout=e["layout"], int4_group_size=e.get("int4_group_size"), act_group_size=e.get("act_group_size"),
-            had_block=e.get("had_block"), dtype=dtype, device=weight.device, quant_modes=quant_modes)
+            had_block=e.get("had_block"), dtype=dtype, device=weight.device, quant_modes=quant_modes,
+            w4a4_scale_levels=e.get("w4a4_scale_levels"))
         if quantize:
             _quantize_into(new, weight, e, quant_modes, dtype, (importance or {}).get(e["module"]))
         parent_name, _, child = e["module"].rpartition(".")
