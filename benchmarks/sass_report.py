@@ -128,32 +128,36 @@ def mma_gemv_kernel(fmt: str, tiles: int, kw: int, nb: int = 1, prefetch: int = 
     return k, 2 * tiles * 32  # 16 * TILES rows x 128 K per warp step = 2 * TILES rows x 32 K per thread
 
 
-def w4a4_kernel(block_m: int, block_n: int, warps: int, stages: int, swap: int):
+def w4a4_kernel(block_m: int, block_n: int, warps: int, stages: int, swap: int, levels: bool = False):
     """The W4A4 GEMM (triton_w4a4) for sm_90 at one tile config (per-token scales, groups of 128), and its
     weights per thread per 128-deep K chunk."""
     from specq.kernels import triton_w4a4 as w
     sig = {"q_ptr": "*i8", "sx_ptr": "*fp32", "w_ptr": "*i32", "sw_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
            "M": "i32", "N": "i32", "K": "i32", "K_PER": "i32", "stride_qm": "i32", "stride_sxm": "i32",
-           "stride_wn": "i32", "stride_swn": "i32", "stride_ym": "i32"}
-    const = {"WG": 128, "AG": 0, "SUB_K": 128, "N_SUB": 1, "HAS_BIAS": False, "BLOCK_M": block_m,
+           "stride_wn": "i32", "stride_swn": "i32", "stride_ym": "i32", "unit_ptr": "*fp32"}
+    if levels:
+        sig["sw_ptr"] = "*u8"
+    const = {"LEVELS": levels, "WG": 128, "AG": 0, "SUB_K": 128, "N_SUB": 1, "HAS_BIAS": False, "BLOCK_M": block_m,
              "BLOCK_N": block_n, "GROUP_M": 8, "EVEN_K": True, "SWAP": swap, "SPLIT_K": 1}
     divisible = [a for a in sig if a not in ("M", "sx_ptr")]
     k = compile_sm90(w._w4a4_matmul_kernel, sig, const, divisible, warps, stages)
     return k, block_n * 128 / (32 * warps)
 
 
-def gluon_w4a4_kernel(cfg):
+def gluon_w4a4_kernel(cfg, levels: bool = False):
     """The pipelined Gluon W4A4 GEMM (gluon_w4a4) for sm_90 at one candidate config (per-token scales, weight
-    groups of 128, bias)."""
+    groups of 128, bias); ``levels``: the integer-level form (uint8 scale levels, ``gluon_w4a4._level_candidates``)."""
     from specq.kernels import gluon_w4a4 as g
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     sig = {"q_desc": f"tensordesc<i8[{bm}, {g.CHUNK_K}],{g.CODES_SMEM!r}>",
            "w_desc": f"tensordesc<i32[{bn}, {g.CHUNK_K // 8}],{g.WORDS_SMEM!r}>",
            "sx_ptr": "*fp32", "sw_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32",
-           "K": "i32", "stride_sxm": "i32", "stride_swn": "i32", "stride_ym": "i32"}
-    const = {"WG": 128, "NG": 32, "HAS_BIAS": True, "STAGES": cfg["STAGES"], "I2F": cfg["I2F"], "WS": cfg["WS"],
+           "K": "i32", "stride_sxm": "i32", "stride_swn": "i32", "stride_ym": "i32", "unit_ptr": "*fp32"}
+    if levels:
+        sig["sw_ptr"] = "*u8"
+    const = {"LEVELS": levels, "WG": 128, "NG": 32, "HAS_BIAS": True, "STAGES": cfg["STAGES"], "I2F": cfg["I2F"], "WS": cfg["WS"],
              "num_warps": cfg.num_warps}
-    divisible = ["sx_ptr", "sw_ptr", "b_ptr", "y_ptr", "N", "K", "stride_swn", "stride_ym"]
+    divisible = ["sx_ptr", "sw_ptr", "b_ptr", "y_ptr", "N", "K", "stride_swn", "stride_ym", "unit_ptr"]
     return compile_sm90(g._w4a4_wgmma_kernel, sig, const, divisible, cfg.num_warps, maxnreg=g.max_registers(cfg))
 
 
@@ -192,26 +196,31 @@ def main(argv=None) -> int:
     ap.add_argument("--swap", type=int, default=1)
     ap.add_argument("--gluon", type=int, default=None, metavar="INDEX",
                     help="the Gluon W4A4 GEMM at this candidate instead")
+    ap.add_argument("--levels", action="store_true",
+                    help="with --w4a4 / --gluon: the integer-level form (uint8 scale levels; --gluon INDEX then "
+                         "indexes gluon_w4a4._level_candidates())")
     args = ap.parse_args(argv)
     if args.gluon is not None:
         from specq.kernels import gluon_w4a4 as g
-        cfg = g._candidates()[args.gluon]
-        k = gluon_w4a4_kernel(cfg)
+        cfg = (g._level_candidates() if args.levels else g._candidates())[args.gluon]
+        k = gluon_w4a4_kernel(cfg, levels=args.levels)
         sass = sass_of(k)
         ops = loop_histogram(sass, "IGMMA", predicated=True)
-        chunks = sum(n for op, n in ops.items() if op.startswith("IGMMA")) // 4  # 4 wgmma k-steps per chunk
+        # 4 wgmma k-steps per chunk and 128 tokens (the integer-level form takes 256 as two wgmma groups)
+        per_chunk = 4 * max(1, cfg["BLOCK_M"] // 128) if args.levels else 4
+        chunks = sum(n for op, n in ops.items() if op.startswith("IGMMA")) // per_chunk
         spills = len(re.findall(r"\b(?:STL|LDL)\b", sass))
-        print(f"== gluon w4a4 candidate {args.gluon} {dict(cfg.meta)} warps={cfg.num_warps}: {registers(k)} registers, "
+        print(f"== gluon w4a4 {'level ' if args.levels else ''}candidate {args.gluon} {dict(cfg.meta)} warps={cfg.num_warps}: {registers(k)} registers, "
               f"{spills} spill instructions, K loop of {chunks} chunks: {sum(ops.values()) / max(chunks, 1):.0f} "
               f"instructions and {ops['BAR.SYNC.DEFER_BLOCKING'] / max(chunks, 1):.1f} barriers per chunk")
         _print_top(ops, args.top)
         return 0
     if args.w4a4:
-        k, per_thread = w4a4_kernel(args.bm, args.bn, args.warps, args.stages, args.swap)
+        k, per_thread = w4a4_kernel(args.bm, args.bn, args.warps, args.stages, args.swap, args.levels)
         ops = loop_histogram(sass_of(k), "IGMMA")
         total = sum(ops.values())
         print(f"== w4a4 BLOCK_M={args.bm} BLOCK_N={args.bn} warps={args.warps} stages={args.stages} "
-              f"SWAP={args.swap}: {registers(k)} registers, {total} loop instructions per 128-deep chunk, "
+              f"SWAP={args.swap}{' levels' if args.levels else ''}: {registers(k)} registers, {total} loop instructions per 128-deep chunk, "
               f"{per_thread:.0f} weights per thread")
         _print_top(ops, args.top)
         return 0

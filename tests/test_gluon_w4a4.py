@@ -38,10 +38,85 @@ def _config_ids():
 
 
 N_CANDIDATES = 11
+N_LEVEL_CANDIDATES = 6
+
+
+def _level_ids():
+    try:
+        from specq.kernels.gluon_w4a4 import _level_candidates
+    except ImportError:
+        return [str(i) for i in range(N_LEVEL_CANDIDATES)]
+    return [f"{i}-{c['BLOCK_N']}x{c['BLOCK_M']}-s{c['STAGES']}-w{c.num_warps}" for i, c in enumerate(_level_candidates())]
 
 
 def test_candidate_count():
     assert len(_gluon()._candidates()) == N_CANDIDATES
+    assert len(_gluon()._level_candidates()) == N_LEVEL_CANDIDATES
+
+
+def _ptxas_log(sass_report, kernel) -> str:
+    out = subprocess.run([sass_report.PTXAS, "-v", "--gpu-name", "sm_90a", "-o", os.devnull, "-"],
+                         input=kernel.asm["ptx"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("index", range(N_LEVEL_CANDIDATES), ids=_level_ids())
+def test_integer_level_kernel_compiles_for_sm90_without_rescale(sass_report, index):
+    """The integer-level form of every level candidate compiles for sm_90 with no spills and no serialized
+    wgmma; its K loop issues one wgmma group per 128 tokens per chunk (4 IGMMA each), leaves the newest in
+    flight (DEPBAR.LE 1 per group), accumulates in one int32 register set per group and converts nothing
+    to float: the rescale is gone from the loop."""
+    g = _gluon()
+    sr = sass_report
+    cfg = g._level_candidates()[index]
+    kernel = sr.gluon_w4a4_kernel(cfg, levels=True)
+    log = _ptxas_log(sr, kernel)
+    assert "C7514" not in log, log
+    assert re.search(r"\b0 bytes spill stores", log), log
+    groups = max(1, cfg["BLOCK_M"] // 128)
+    sass = sr.sass_of(kernel)
+    loop = sr.loop_histogram(sass, "IGMMA", predicated=True)
+    assert sum(n for op, n in loop.items() if op.startswith("IGMMA")) == 4 * groups, loop
+    assert re.search(rf"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x{groups}\b", sass), "the newest wgmmas are not left in flight"
+    assert len({m.group(1) for m in re.finditer(r"IGMMA\.\S+\s+(R\d+),", sass)}) == groups
+    assert not any(op.startswith(("I2F", "FFMA", "FADD", "FMUL")) for op in loop), loop
+
+
+def test_integer_level_loop_is_leaner_than_the_rescaling_one(sass_report):
+    """Same tile (128 tokens x 64 weight rows, 4 warps, 4 stages): dropping the per-chunk rescale (and its
+    wait) more than pays for the longer decode (q * level: a multiply-add and a LOP3 per four weights more)."""
+    g = _gluon()
+    sr = sass_report
+    plain = next(c for c in g._candidates() if (c["BLOCK_M"], c["BLOCK_N"], c["STAGES"], c.num_warps, c["WS"]) ==
+                 (128, 64, 4, 4, 0))
+    levels = g._level_candidates()[0]
+    assert (levels["BLOCK_M"], levels["BLOCK_N"], levels["STAGES"], levels.num_warps) == (128, 64, 4, 4)
+    count = [sum(sr.loop_histogram(sr.sass_of(sr.gluon_w4a4_kernel(c, levels=lv)), "IGMMA", predicated=True).values())
+             for c, lv in ((plain, False), (levels, True))]
+    chunks = [4, 1]  # the rescaling loop runs four chunks per iteration
+    per_chunk = [n / c for n, c in zip(count, chunks)]
+    assert per_chunk[1] < 0.8 * per_chunk[0], per_chunk
+
+
+def test_scaled_decode_bytes_are_q_times_level():
+    """The integer-level decode, in int64 on the CPU: per byte, n * level + 128 - 8 level never carries into
+    the next byte (level <= 16), and with its top bit flipped each byte is the int8 q * level, even codes in
+    ``lo`` and odd ones in ``hi`` (the order of the plain decode, so the codes' K order is unchanged)."""
+    from specq.formats import int4
+
+    gen = torch.Generator().manual_seed(11)
+    p, _ = int4.quantize(torch.randn(16, 64, generator=gen), 32)
+    q = int4.unpack(p).to(torch.int64).reshape(16, 8, 8)  # [rows, word, element]
+    w = p.to(torch.int64) & 0xFFFFFFFF
+    for level in range(17):
+        c = ((128 - 8 * level) * 0x01010101) & 0xFFFFFFFF
+        lo = (((w & 0x0F0F0F0F) * level + c) & 0xFFFFFFFF) ^ 0x80808080
+        hi = ((((w >> 4) & 0x0F0F0F0F) * level + c) & 0xFFFFFFFF) ^ 0x80808080
+        for word, parity in ((lo, 0), (hi, 1)):
+            byte = torch.stack([(word >> (8 * b)) & 0xFF for b in range(4)], -1)
+            value = byte - 256 * (byte >= 128)
+            assert torch.equal(value, q[:, :, parity::2] * level), level
 
 
 @pytest.mark.parametrize("index", range(N_CANDIDATES), ids=_config_ids())
@@ -148,6 +223,60 @@ def test_gpu_wgmma_kernel_matches_float64_and_triton(index, m, k, n):
     tri = triton_w4a4.w4a4_matmul(qw, sx, p, s, b, 128, 0, torch.bfloat16)
     # the same int32 chunk dots, scaled in the same order: equal up to bf16 rounding of the output
     assert torch.allclose(out.float(), tri.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("index", range(N_LEVEL_CANDIDATES), ids=_level_ids())
+@pytest.mark.parametrize("m,k,n", GPU_CASES, ids=[f"{m}x{k}x{n}" for m, k, n in GPU_CASES])
+def test_gpu_integer_level_kernel_matches_float64_and_triton(index, m, k, n):
+    """The integer-level form (not yet enabled by default: gluon_w4a4.LEVELS_ENABLED) against float64 with
+    the snapped scales, and against the Triton kernel's integer path (the same exact int32 sums, so equal up
+    to the fp32 rounding of the final scaling)."""
+    _hopper()
+    g = _gluon()
+    from specq.formats import activation, int4
+    from specq.kernels import triton_w4a4
+
+    gen = torch.Generator().manual_seed(m + k + n + index)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=gen) * 0.05 * torch.rand(n, k // 128, 1, generator=gen).repeat_interleave(
+        128, 2).reshape(n, k)
+    b = (torch.randn(n, generator=gen) * 0.1).to(torch.bfloat16)
+    p, s = int4.quantize(w.bfloat16(), 128)
+    lv, unit = int4.snap_scales(s, 16)
+    q, sx = activation.quantize_int4(x, 0)
+    sx = sx.reshape(m, 1).float()
+    ref = (q.double() * sx.double()) @ int4.dequantize(p, int4.snapped_scales(s, 16).double()).T + b.double()
+    qg, qw, sx, p, lv, unit, b = (t.cuda() for t in (triton_w4a4.to_wgmma_order(q).contiguous(),
+                                                     triton_w4a4.to_word_order(q).contiguous(), sx, p, lv, unit, b))
+    out = torch.empty(m, n, dtype=torch.float32, device="cuda")
+    g.launch_wgmma(g._level_candidates()[index], qg, sx, p, lv, b, out, True, 128, units=unit)
+    rel = ((out.double().cpu() - ref).norm() / ref.norm()).item()
+    assert rel < 1e-6, rel
+    tri = triton_w4a4.w4a4_matmul(qw, sx, p, lv, b, 128, 0, torch.float32, units=unit)
+    assert torch.allclose(out, tri, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_op_runs_the_integer_level_kernel_when_enabled(monkeypatch):
+    """With scale levels and LEVELS_ENABLED, torch.ops.specq.linear_w4a4 at 256 rows takes the integer-level
+    Gluon form and equals the reference op with the snapped scales."""
+    _hopper()
+    g = _gluon()
+    monkeypatch.setattr(g, "ENABLED", True)
+    monkeypatch.setattr(g, "LEVELS_ENABLED", True)
+    import specq.kernels.ops  # noqa: F401
+    from specq.formats import int4
+    from specq.kernels import ops
+
+    w = torch.randn(384, 1024, device="cuda") * 0.05
+    p, s = int4.quantize(w.bfloat16(), 128)
+    x = torch.randn(2, 128, 1024, device="cuda", dtype=torch.bfloat16)
+    g._CACHE.best.clear()
+    y = torch.ops.specq.linear_w4a4(x, p, s, None, 128, 0, 128, 16)
+    assert any(key[-2] is True for key in g._CACHE.best), "the integer-level form did not run"  # key: units given
+    ref = ops.reference_w4a4(x, p, s, None, 0, 128, 16).double()
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
 
 
 @pytest.mark.gpu

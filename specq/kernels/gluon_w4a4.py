@@ -76,6 +76,17 @@ if HAVE_GLUON:
         return gl.inline_asm_elementwise(DECODE_ASM, "=r,=r,r", [pw], dtype=(gl.int32, gl.int32), is_pure=True,
                                          pack=1)
 
+    @gluon.jit
+    def _decode_words_scaled(pw, lv):
+        """int32 words of eight codes n = q + 8 and their rows' scale levels lv (int32 [rows, 1], 0..16) ->
+        (lo, hi) int32 words of four int8 ``q * lv`` each, even and odd codes as ``_decode_words``: masked into
+        bytes, one multiply-add makes each byte q * lv + 128 (0..240: no carry into the next byte), and flipping
+        the top bits makes them the int8 q * lv (``triton_w4a4._decode_words_scaled``)."""
+        c = (128 - 8 * lv) * 0x01010101
+        lo = ((pw & 0x0F0F0F0F) * lv + c) ^ -2139062144  # ^ 0x80808080
+        hi = (((pw >> 4) & 0x0F0F0F0F) * lv + c) ^ -2139062144
+        return lo, hi
+
     @gluon.constexpr_function
     def _words_layout(num_warps):
         """The packed words [16 * num_warps, BK / 8] as DOT_A wants them (see ``_decode_chunk``): registers hold
@@ -97,6 +108,21 @@ if HAVE_GLUON:
         s = i % STAGES
         mbarrier.wait(ready.index(s), (i // STAGES) & 1)
         lo, hi = _decode_words(w_smem.index(s).load(WORDS))
+        return _to_operand(lo, hi, DOT_A, BLOCK_N)
+
+    @gluon.jit
+    def _decode_chunk_levels(i, w_smem, lv, ready, STAGES: gl.constexpr, WORDS: gl.constexpr, DOT_A: gl.constexpr,
+                             BLOCK_N: gl.constexpr):
+        """``_decode_chunk`` with scale levels (lv: int32 [BLOCK_N, 1] in WORDS, the chunk's group): the A
+        operand holds q * level."""
+        s = i % STAGES
+        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+        lo, hi = _decode_words_scaled(w_smem.index(s).load(WORDS), lv)
+        return _to_operand(lo, hi, DOT_A, BLOCK_N)
+
+    @gluon.jit
+    def _to_operand(lo, hi, DOT_A: gl.constexpr, BLOCK_N: gl.constexpr):
+        """Decoded words (lo, hi: int32 [BLOCK_N, 16] in WORDS) -> the wgmma's int8 A operand [BLOCK_N, BK]."""
         # [rows, word 4t + s] -> [rows, s, h, t] (h: lo / hi), then each word's four bytes along K
         x = gl.permute(gl.join(gl.reshape(lo, [BLOCK_N, 4, 4]), gl.reshape(hi, [BLOCK_N, 4, 4])), [0, 2, 3, 1])
         x = gl.join(x, x)
@@ -119,6 +145,8 @@ if HAVE_GLUON:
     def _w4a4_wgmma_kernel(
         q_desc, w_desc, sx_ptr, sw_ptr, b_ptr, y_ptr,
         M, N, K, stride_sxm, stride_swn, stride_ym,
+        unit_ptr,             # LEVELS: fp32 units [N] (else unused)
+        LEVELS: gl.constexpr,  # sw_ptr holds uint8 scale levels [N, K / WG]: one int32 sum over K, no rescale
         WG: gl.constexpr,     # weight group size along K (a multiple of BK)
         NG: gl.constexpr,     # weight groups held in shared memory: a power of two >= K / WG
         HAS_BIAS: gl.constexpr,
@@ -154,7 +182,7 @@ if HAVE_GLUON:
         for c in gl.static_range(NG // SW_PART):
             sg = c * SW_PART + gl.arange(0, SW_PART, layout=gl.SliceLayout(1, SWL))
             part = gl.load(sw_ptr + sn[None, :] * stride_swn + sg[:, None],
-                           mask=(sn < N)[None, :] & (sg < n_groups)[:, None], other=0.0)
+                           mask=(sn < N)[None, :] & (sg < n_groups)[:, None], other=0)
             sw_smem.slice(c * SW_PART, SW_PART).store(part)
         gl.thread_barrier()
         # read back a group (row) at a time: the same bytes seen as rows of a one-dimensional layout
@@ -162,14 +190,14 @@ if HAVE_GLUON:
                                        gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
 
         n_chunks = (K + BK - 1) // BK
-        out = (sx_ptr, b_ptr, y_ptr, M, N, stride_sxm, stride_ym)
+        out = (sx_ptr, b_ptr, y_ptr, unit_ptr, M, N, stride_sxm, stride_ym)
         tile = (q_desc, w_desc, q_smem, ready, off_m, n_chunks)
         if WS == 0:
             for j in gl.static_range(STAGES):
                 _load_chunk(j, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, STAGES)
             # no "empty" barriers: the MMA warps refill the slots themselves (``ready`` fills the unused argument)
             _mma_tile(tile, ready, w_smem, sw_smem, off_n, out, WG, STAGES, I2F, HAS_BIAS, BLOCK_M, BLOCK_N, WS,
-                      num_warps)
+                      LEVELS, num_warps)
         else:
             # a slot is free again once the MMA warps are done with it (their arrive on ``empty``)
             empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -177,7 +205,7 @@ if HAVE_GLUON:
                 mbarrier.init(empty.index(s), count=1)
             gl.warp_specialize([
                 (_mma_tile, (tile, empty, w_smem, sw_smem, off_n, out, WG, STAGES, I2F, HAS_BIAS, BLOCK_M, BLOCK_N,
-                             WS, num_warps)),
+                             WS, LEVELS, num_warps)),
                 (_copy_loop, (q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, STAGES))],
                 [1], [24])
             for s in gl.static_range(STAGES):
@@ -188,31 +216,53 @@ if HAVE_GLUON:
     @gluon.jit
     def _mma_tile(tile, empty, w_smem, sw_smem, off_n, out, WG: gl.constexpr, STAGES: gl.constexpr,
                   I2F: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                  WS: gl.constexpr, num_warps: gl.constexpr):
-        """The MMA warps' work on the tile: the K loop, then the scaled, biased output stored."""
+                  WS: gl.constexpr, LEVELS: gl.constexpr, num_warps: gl.constexpr):
+        """The MMA warps' work on the tile: the K loop, then the scaled, biased output stored. The integer-level
+        form takes up to 256 tokens as two wgmmas of 128 (the widest int8 wgmma Triton emits) per decoded chunk."""
         q_desc, w_desc, q_smem, ready, off_m, n_chunks = tile
-        sx_ptr, b_ptr, y_ptr, M, N, stride_sxm, stride_ym = out
+        sx_ptr, b_ptr, y_ptr, unit_ptr, M, N, stride_sxm, stride_ym = out
+        TOK: gl.constexpr = BLOCK_M if BLOCK_M <= 128 else 128  # tokens per wgmma
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, BLOCK_M, 32])
+                                                      instr_shape=[16, TOK, 32])
         ROWS: gl.constexpr = gl.SliceLayout(1, MMA)  # per weight row (n)
-        COLS: gl.constexpr = gl.SliceLayout(0, MMA)  # per token (m)
         DOT_A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=4)
         WORDS: gl.constexpr = _words_layout(num_warps)
         ctx = (q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, I2F)
-        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
-        acc = _mma_loop(acc, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, DOT_A, WS)
-
         rn = off_n + gl.arange(0, BLOCK_N, layout=ROWS)
-        rm = off_m + gl.arange(0, BLOCK_M, layout=COLS)
-        # the decoded weights were 16 q: the exact 1/16 joins the per-token scale
-        acc = acc * (gl.load(sx_ptr + rm * stride_sxm, mask=rm < M, other=0.0) * 0.0625)[None, :]
+        if LEVELS:
+            unit = gl.load(unit_ptr + rn, mask=rn < N, other=0.0)
+            if BLOCK_M > 128:
+                acc0, acc1 = _levels_loop_pair(ctx, sw_smem, WG, STAGES, WORDS, BLOCK_N, TOK, DOT_A, MMA)
+                _epilogue(acc0.to(gl.float32) * unit[:, None], off_m, off_n, out, 1.0, HAS_BIAS, MMA, num_warps)
+                _epilogue(acc1.to(gl.float32) * unit[:, None], off_m + TOK, off_n, out, 1.0, HAS_BIAS, MMA,
+                          num_warps)
+            else:
+                acc = _levels_loop(ctx, sw_smem, WG, STAGES, WORDS, BLOCK_N, TOK, DOT_A, MMA)
+                _epilogue(acc.to(gl.float32) * unit[:, None], off_m, off_n, out, 1.0, HAS_BIAS, MMA, num_warps)
+        else:
+            acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
+            acc = _mma_loop(acc, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, DOT_A, WS)
+            # the decoded weights were 16 q: the exact 1/16 joins the per-token scale
+            _epilogue(acc, off_m, off_n, out, 0.0625, HAS_BIAS, MMA, num_warps)
+
+    @gluon.jit
+    def _epilogue(acc, off_m, off_n, out, SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, MMA: gl.constexpr,
+                  num_warps: gl.constexpr):
+        """acc [rows, tokens] (weight rows from off_n, tokens from off_m) times the tokens' scales and SCALE,
+        plus the bias, stored into y[m, n]."""
+        sx_ptr, b_ptr, y_ptr, unit_ptr, M, N, stride_sxm, stride_ym = out
+        BLOCK_N: gl.constexpr = acc.shape[0]
+        TOK: gl.constexpr = acc.shape[1]
+        rn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+        rm = off_m + gl.arange(0, TOK, layout=gl.SliceLayout(0, MMA))
+        acc = acc * (gl.load(sx_ptr + rm * stride_sxm, mask=rm < M, other=0.0) * SCALE)[None, :]
         if HAS_BIAS:
             acc = acc + gl.load(b_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)[:, None]
         # store y[m, n] with n fastest: 16-byte stores along each output row
         OUT: gl.constexpr = gl.BlockedLayout([8, 1], [BLOCK_N // 8, 32 // (BLOCK_N // 8)], [1, num_warps], [0, 1])
         res = gl.convert_layout(acc.to(y_ptr.dtype.element_ty), OUT)
         on = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, OUT))
-        om = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, OUT))
+        om = off_m + gl.arange(0, TOK, layout=gl.SliceLayout(0, OUT))
         gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], res, mask=(on < N)[:, None] & (om < M)[None, :])
 
     @gluon.jit
@@ -240,6 +290,55 @@ if HAVE_GLUON:
             tok0, sw0 = _issue(i, fa, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, DOT_A)
             acc, fa = _finish(i, tok0, sw0, acc, 0, ctx, STAGES, WS)
         return acc
+
+    @gluon.jit
+    def _levels_loop(ctx, lv_smem, WG: gl.constexpr, STAGES: gl.constexpr, WORDS: gl.constexpr,
+                     BLOCK_N: gl.constexpr, TOK: gl.constexpr, DOT_A: gl.constexpr, MMA: gl.constexpr):
+        """The K loop with scale levels: every chunk's wgmma adds q * level times the codes into one int32
+        accumulator, so no result is read until the end. A chunk's wgmma runs under the next chunk's decode;
+        once it is done (the wait leaves one wgmma, the newest, in flight) its A registers and ring slot are
+        free, and the slot is refilled. Same ring and prologue as the rescaling loop (single partition)."""
+        q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, I2F = ctx
+        acc = gl.zeros([BLOCK_N, TOK], gl.int32, layout=MMA)
+        for i in range(n_chunks):
+            a_op = _decode_chunk_levels(i, w_smem, _chunk_levels(i, lv_smem, WG, WORDS), ready, STAGES, WORDS,
+                                        DOT_A, BLOCK_N)
+            acc = warpgroup_mma(a_op, q_smem.index(i % STAGES).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(1, deps=(acc, ))
+            _refill_previous(i, ctx, STAGES)
+        return warpgroup_mma_wait(0, deps=(acc, ))
+
+    @gluon.jit
+    def _levels_loop_pair(ctx, lv_smem, WG: gl.constexpr, STAGES: gl.constexpr, WORDS: gl.constexpr,
+                          BLOCK_N: gl.constexpr, TOK: gl.constexpr, DOT_A: gl.constexpr, MMA: gl.constexpr):
+        """``_levels_loop`` for 2 * TOK tokens: each decoded chunk feeds two wgmmas (the ring slot's first and
+        second TOK rows of codes) into two accumulators; the wait leaves the newest two in flight."""
+        q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, I2F = ctx
+        acc0 = gl.zeros([BLOCK_N, TOK], gl.int32, layout=MMA)
+        acc1 = gl.zeros([BLOCK_N, TOK], gl.int32, layout=MMA)
+        for i in range(n_chunks):
+            a_op = _decode_chunk_levels(i, w_smem, _chunk_levels(i, lv_smem, WG, WORDS), ready, STAGES, WORDS,
+                                        DOT_A, BLOCK_N)
+            codes = q_smem.index(i % STAGES)
+            acc0 = warpgroup_mma(a_op, codes.slice(0, TOK).permute((1, 0)), acc0, is_async=True)
+            acc1 = warpgroup_mma(a_op, codes.slice(TOK, TOK).permute((1, 0)), acc1, is_async=True)
+            acc0, acc1 = warpgroup_mma_wait(2, deps=(acc0, acc1))
+            _refill_previous(i, ctx, STAGES)
+        acc0, acc1 = warpgroup_mma_wait(0, deps=(acc0, acc1))
+        return acc0, acc1
+
+    @gluon.jit
+    def _chunk_levels(i, lv_smem, WG: gl.constexpr, WORDS: gl.constexpr):
+        """Chunk i's scale levels, int32 [rows, 1] in the packed words' layout (each row's decode takes its own)."""
+        return gl.expand_dims(lv_smem.index((i * BK) // WG).load(gl.SliceLayout(1, WORDS)).to(gl.int32), 1)
+
+    @gluon.jit
+    def _refill_previous(i, ctx, STAGES: gl.constexpr):
+        """After chunk i - 1's wgmmas are done: once every warp is past it, its ring slot takes chunk i - 1 + STAGES."""
+        q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, I2F = ctx
+        if i > 0:
+            gl.thread_barrier()
+            _load_chunk(i - 1 + STAGES, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, STAGES)
 
     @gluon.jit
     def _copy_loop(q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, STAGES: gl.constexpr):
@@ -302,6 +401,11 @@ _CACHE = ConfigCache("w4a4_wgmma")
 # On by default since its register-A form ran on the H100 (2026-12-07: correct, 1.22-1.60x bf16 at M = 256 /
 # 1024 where triton_w4a4 is 0.95-1.08x); SPECQ_W4A4_GLUON=0 keeps W4A4 on the Triton kernel.
 ENABLED = os.environ.get("SPECQ_W4A4_GLUON", "1") not in ("", "0")
+# The integer-level form (scale levels, ``_levels_loop``) compiles for sm_90 and its SASS is checked on the CPU,
+# but it has not yet run on a GPU: off until it has (SPECQ_W4A4_GLUON_LEVELS=1 turns it on; the
+# benchmarks/gpu_check.sh step wgmma_levels tests and times it). Meanwhile scale levels on Hopper take the
+# rescaling form above with the snapped scales.
+LEVELS_ENABLED = os.environ.get("SPECQ_W4A4_GLUON_LEVELS", "0") not in ("", "0")
 
 
 def supported(m: int, n: int, k: int, group: int, act_group: int, device: torch.device) -> bool:
@@ -334,6 +438,17 @@ def _candidates() -> list[Config]:
             for bm, bn, st, nw, i2f, ws in raw]
 
 
+def _level_candidates() -> list[Config]:
+    """Configs of the integer-level form (single partition). With one int32 accumulator and no fp32 one a
+    thread holds half the registers of the rescaling form, so tiles may take 256 tokens (the wgmma's widest
+    N), which decodes each weight chunk once per 256 tokens instead of 128. (tokens, weight rows, ring
+    stages, warps); shared memory per stage: tokens x 128 B of codes + rows x 64 B of words."""
+    # 128 x 64 at 3 stages: 130 registers and 62 KB, three programs per SM
+    raw = [(128, 64, 4, 4), (128, 64, 3, 4), (256, 64, 3, 4), (256, 64, 2, 4), (128, 128, 4, 8), (256, 128, 3, 8)]
+    return [Config.make(num_warps=nw, num_stages=1, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, I2F=1, WS=0)
+            for bm, bn, st, nw in raw]
+
+
 def max_registers(cfg: Config) -> Optional[int]:
     """The register cap of a warp-specialized config (None otherwise): its MMA warps plus the copy warp's
     warpgroup (warps are given registers by the warpgroup) as many times per SM as its tiles fit, i.e. two
@@ -352,9 +467,12 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 def w4a4_matmul(q: torch.Tensor, sx: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
-                bias: Optional[torch.Tensor], group: int, out_dtype: torch.dtype) -> torch.Tensor:
+                bias: Optional[torch.Tensor], group: int, out_dtype: torch.dtype,
+                units: Optional[torch.Tensor] = None) -> torch.Tensor:
     """q int8 [M, K] in the wgmma K order (``triton_w4a4.to_wgmma_order``), sx fp32 [M, 1] per-token scales,
-    packed int32 [N, K/8], scales [N, K/group] -> [M, N] in out_dtype. The shape must be ``supported``."""
+    packed int32 [N, K/8], scales [N, K/group] -> [M, N] in out_dtype. The shape must be ``supported``. With
+    ``units`` (fp32 [N]), ``scales`` are uint8 scale levels (``int4.snap_scales``): the weight is
+    q * level * unit, summed over K in int32 (the integer-level form)."""
     M, K = q.shape
     N = packed.shape[0]
     y = torch.empty((M, N), device=q.device, dtype=out_dtype)
@@ -362,15 +480,16 @@ def w4a4_matmul(q: torch.Tensor, sx: torch.Tensor, packed: torch.Tensor, scales:
     b_arg = bias if bias is not None else sx
 
     def launch(cfg: Config):
-        launch_wgmma(cfg, q, sx, packed, scales, b_arg, y, bias is not None, group)
+        launch_wgmma(cfg, q, sx, packed, scales, b_arg, y, bias is not None, group, units)
 
-    key = (group, m_bucket(M), N, K, out_dtype, bias is not None, q.device.index)
-    launch(_CACHE.pick(key, _candidates(), launch))
+    key = (group, m_bucket(M), N, K, out_dtype, bias is not None, units is not None, q.device.index)
+    launch(_CACHE.pick(key, _level_candidates() if units is not None else _candidates(), launch))
     return y
 
 
-def launch_wgmma(cfg: Config, q, sx, packed, scales, b_arg, out, has_bias: bool, group: int) -> None:
-    """One run of the kernel at config ``cfg`` into ``out`` [M, N]."""
+def launch_wgmma(cfg: Config, q, sx, packed, scales, b_arg, out, has_bias: bool, group: int,
+                 units: Optional[torch.Tensor] = None) -> None:
+    """One run of the kernel at config ``cfg`` into ``out`` [M, N] (``units``: see w4a4_matmul)."""
     M, K = q.shape
     N = packed.shape[0]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
@@ -378,6 +497,7 @@ def launch_wgmma(cfg: Config, q, sx, packed, scales, b_arg, out, has_bias: bool,
     w_desc = TensorDescriptor(packed, [N, K // 8], [packed.stride(0), 1], [bn, CHUNK_K // 8], WORDS_SMEM)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _w4a4_wgmma_kernel[grid](q_desc, w_desc, sx, scales, b_arg, out, M, N, K, sx.stride(0), scales.stride(0),
-                             out.stride(0), WG=group, NG=_groups_held(K, group), HAS_BIAS=has_bias,
+                             out.stride(0), units if units is not None else sx, LEVELS=units is not None, WG=group,
+                             NG=_groups_held(K, group), HAS_BIAS=has_bias,
                              STAGES=cfg["STAGES"], I2F=cfg["I2F"], WS=cfg["WS"], num_warps=cfg.num_warps,
                              maxnreg=max_registers(cfg))

@@ -118,12 +118,15 @@ def linear_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor
             q, sx = activation.quantize_int4(xr, act_group_size)
             q = triton_w4a4.to_k_order(q, order).contiguous()
             sx = sx.reshape(q.shape[0], -1).contiguous()
-        if wgmma:
-            y = gluon_w4a4.w4a4_matmul(q, sx, packed, float_scales, bias, group_size, x.dtype)
-        elif scale_levels and act_group_size == 0:
-            # integer levels: the INT8 dot sums all of K in int32, no rescale per weight group
+        # integer levels (per-token activations): the INT8 dot sums all of K in int32, no rescale per weight group
+        integer = bool(scale_levels) and act_group_size == 0 and (not wgmma or gluon_w4a4.LEVELS_ENABLED)
+        if integer:
             levels, units = cached(packed, scales, ("scale_levels", scale_levels),
                                    lambda: int4.snap_scales(scales, scale_levels))
+        if wgmma:
+            y = (gluon_w4a4.w4a4_matmul(q, sx, packed, levels, bias, group_size, x.dtype, units=units) if integer
+                 else gluon_w4a4.w4a4_matmul(q, sx, packed, float_scales, bias, group_size, x.dtype))
+        elif integer:
             y = triton_w4a4.w4a4_matmul(q, sx, packed, levels, bias, group_size, 0, x.dtype, units=units)
         else:
             y = triton_w4a4.w4a4_matmul(q, sx, packed, float_scales, bias, group_size, act_group_size, x.dtype)
