@@ -28,6 +28,9 @@
 # act_persist (90 s)  the pre-kernel's plans at K = 4096 (where the persistent whole-row plans apply), M = 256, 1024
 # wgmma_op    (100 s) the whole W4A4 op (pre-kernel in the wgmma K order + Gluon GEMM, the default on Hopper)
 #                     and its pre-kernel against bf16 at M = 256, 1024
+# wgmma_levels (330 s) the integer-level W4A4 kernels (scale levels 16; Gluon form switched on with
+#                     SPECQ_W4A4_GLUON_LEVELS=1): their GPU tests (Gluon and Triton), then timed alone and as
+#                     the whole op against the rescaling ones and bf16 at M = 256, 1024 on the 8B shapes
 # Results land in $OUT (fetched by the device tool); copy the ones worth keeping to benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -106,8 +109,15 @@ torch.cuda.synchronize()"
       step wgmma_ws_1024 90 python benchmarks/wgmma_quick.py --configs 5,7,8,9,10
       step wgmma_ws_256 90 python benchmarks/wgmma_quick.py --m 256 --configs 4,5,8,10
       grep -hE "^time|^  " "$OUT/wgmma_ws_1024.log" "$OUT/wgmma_ws_256.log" ;;
+    wgmma_levels) export SPECQ_W4A4_GLUON_LEVELS=1
+      step levels_tests 150 python -m pytest -q -x tests/test_gluon_w4a4.py tests/test_triton_kernels.py \
+        -k "gpu and (integer_level or levels)"
+      step levels_kernels 180 python benchmarks/kernels.py \
+        --kinds bf16,w4a4-wgmma,w4a4-wgmma-L16,w4a4-gemm-L16,w4a4/tok+h,w4a4/tok+h+L16 --ms 256,1024 \
+        --out "$OUT/kernels_levels.md" --json "$OUT/kernels_levels.json"
+      grep -E "^\| (bf16|w4a4)" "$OUT/kernels_levels.md" ;;
     gpu_w4a4) step gpu_w4a4 240 python -m pytest -q -x tests/test_triton_kernels.py -k "gpu and (w4a4 or act)" ;;
-    *) echo "unknown step '$1' (gpu_tests gpu_w4a4 wgmma wgmma_quick wgmma_ws act_persist wgmma_tests wgmma_op wgmma_ncu act_lab kernels kernels_m12 gemv_lab e2e_8b w4a4_large w4a4_quick)"; return 2 ;;
+    *) echo "unknown step '$1' (gpu_tests gpu_w4a4 wgmma wgmma_quick wgmma_ws wgmma_levels act_persist wgmma_tests wgmma_op wgmma_ncu act_lab kernels kernels_m12 gemv_lab e2e_8b w4a4_large w4a4_quick)"; return 2 ;;
   esac
 }
 [ $# -eq 0 ] && set -- gpu_tests e2e_8b kernels_m12

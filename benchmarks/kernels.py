@@ -18,6 +18,10 @@ it times (median, CUDA-graph replays, so launch overhead is what a captured deco
                  (per token), to separate it from the rotation + quantization pre-kernels
 - ``w4a4-wgmma`` the same for the pipelined Gluon kernel (``gluon_w4a4``, Hopper, M > 128), which the op
                  runs there instead of the Triton one
+- ``w4a4/tok+h+L16``  ``w4a4/tok+h`` with scale levels 16 (the group scales snapped to integer multiples
+                 of a per-row unit, ``int4.snap_scales``): the integer-level kernels, no rescale per group
+                 (on Hopper the Gluon form only with SPECQ_W4A4_GLUON_LEVELS=1)
+- ``w4a4-gemm-L16``, ``w4a4-wgmma-L16``  the integer-level forms of the two GEMMs alone
 - ``w4a4-act``   those pre-kernels alone (Hadamard 128 + per-token INT4 codes; bytes: x read, codes
                  written; the TFLOP/s column counts the matmul it feeds)
 
@@ -99,6 +103,9 @@ def make_weights(kind: str, n: int, k: int, device):
         p, s = mxfp4.quantize(w)
         return (p, s), p.numel() + s.numel()
     p, s = int4.quantize(w, 128)
+    if kind == "int4-levels":  # the packed weights, uint8 scale levels and fp32 units the level GEMMs read
+        lv, unit = int4.snap_scales(s, 16)
+        return (p, lv, unit), p.numel() * 4 + lv.numel() + unit.numel() * 4
     return (p, s), p.numel() * 4 + s.numel() * s.element_size()
 
 
@@ -119,6 +126,8 @@ def call(kind: str, x: torch.Tensor, wts: tuple):
         return torch.ops.specq.linear_w4a4(x, wts[0], wts[1], None, 128, 0, 128)
     if kind == "w4a4/g32+h":
         return torch.ops.specq.linear_w4a4(x, wts[0], wts[1], None, 128, 32, 128)
+    if kind == "w4a4/tok+h+L16":
+        return torch.ops.specq.linear_w4a4(x, wts[0], wts[1], None, 128, 0, 128, 16)
     if kind == "w4a4-act":
         from specq.kernels import triton_act
 
@@ -133,11 +142,22 @@ def call(kind: str, x: torch.Tensor, wts: tuple):
 
         q, sx = x
         return gluon_w4a4.w4a4_matmul(q, sx, wts[0], wts[1], None, 128, torch.bfloat16)
+    if kind == "w4a4-gemm-L16":
+        from specq.kernels import triton_w4a4
+
+        q, sx = x
+        return triton_w4a4.w4a4_matmul(q, sx, wts[0], wts[1], None, 128, 0, torch.bfloat16, units=wts[2])
+    if kind == "w4a4-wgmma-L16":
+        from specq.kernels import gluon_w4a4
+
+        q, sx = x
+        return gluon_w4a4.w4a4_matmul(q, sx, wts[0], wts[1], None, 128, torch.bfloat16, units=wts[2])
     raise ValueError(kind)
 
 
-KINDS = ["bf16", "dense", "tinygemm", "mxfp4", "w4a16", "w4a16+h", "w4a4/tok+h", "w4a4/g32+h", "w4a4-gemm",
-         "w4a4-wgmma", "w4a4-act"]
+KINDS = ["bf16", "dense", "tinygemm", "mxfp4", "w4a16", "w4a16+h", "w4a4/tok+h", "w4a4/g32+h", "w4a4/tok+h+L16",
+         "w4a4-gemm", "w4a4-wgmma", "w4a4-gemm-L16", "w4a4-wgmma-L16", "w4a4-act"]
+PRE_QUANTIZED = ("w4a4-gemm", "w4a4-wgmma", "w4a4-gemm-L16", "w4a4-wgmma-L16")  # GEMMs timed on ready codes
 
 
 def tuned_configs() -> dict:
@@ -154,18 +174,18 @@ def run(shapes, ms, kinds, copy_bw, bf16_rate, log=print):
     rows = []
     for k, n in shapes:
         for kind in kinds:
-            wkind = "int4" if kind.startswith("w4") else kind
+            wkind = ("int4-levels" if kind.endswith("-L16") else "int4") if kind.startswith("w4") else kind
             one, nbytes = make_weights(wkind, n, k, dev)
             copies = max(1, min(64, math.ceil(L2_FLUSH_BYTES / nbytes)))
             wsets = [one] + [make_weights(wkind, n, k, dev)[0] for _ in range(copies - 1)]
             for m in ms:
                 x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-                if kind in ("w4a4-gemm", "w4a4-wgmma"):
+                if kind in PRE_QUANTIZED:
                     from specq.formats import activation
                     from specq.kernels import triton_w4a4
 
                     q, sx = activation.quantize_int4(x, 0)
-                    order = triton_w4a4.ORDER_WORDS if kind == "w4a4-gemm" else triton_w4a4.ORDER_WGMMA
+                    order = triton_w4a4.ORDER_WGMMA if "wgmma" in kind else triton_w4a4.ORDER_WORDS
                     x = (triton_w4a4.to_k_order(q, order).contiguous(), sx.reshape(m, 1).contiguous())
                 try:
                     def fn():
@@ -178,7 +198,7 @@ def run(shapes, ms, kinds, copy_bw, bf16_rate, log=print):
                 if kind == "w4a4-act":  # x read, codes written (the scales are negligible)
                     moved = m * k * 3
                 else:
-                    moved = nbytes + m * k * (1 if kind in ("w4a4-gemm", "w4a4-wgmma") else 2) + m * n * 2
+                    moved = nbytes + m * k * (1 if kind in PRE_QUANTIZED else 2) + m * n * 2
                 row = dict(kind=kind, K=k, N=n, M=m, us=t * 1e6, GBps=moved / t / 1e9,
                            pct_bw=100 * moved / t / copy_bw, TFLOPs=2 * m * n * k / t / 1e12,
                            pct_mm=100 * 2 * m * n * k / t / bf16_rate, weight_bytes=nbytes)
@@ -207,7 +227,7 @@ def goal_summary(by: dict) -> str:
                 slow = [f"M={m} ({v:.2f}x)" for m, v in sp if v < 1]
                 out.append(f"| {k}x{n} | {kind} faster than tinygemm at every M<=64 | "
                            f"{'slower at ' + ', '.join(slow) if slow else 'all faster'} | {'no' if slow else 'yes'} |")
-        for kind in ("w4a4/tok+h", "w4a4/g32+h"):
+        for kind in ("w4a4/tok+h", "w4a4/g32+h", "w4a4/tok+h+L16"):
             sp = [(m, by[("bf16", k, n, m)]["us"] / by[(kind, k, n, m)]["us"]) for m in measured
                   if m >= 256 and (kind, k, n, m) in by and ("bf16", k, n, m) in by]
             if sp:
