@@ -67,6 +67,34 @@ def test_snap_scales_rejects_bad_input_with_the_fix():
         int4.snap_scales(s.to(torch.int32), 16)
 
 
+@pytest.mark.parametrize("levels", [16, 5])
+def test_activation_levels_match_float64(levels):
+    """Activation groups with scale levels against float64: t = token amax / 7 / levels, v = round(group
+    scale / t), codes = clamp(round(x / (v t)), -8, 7); the int8 values are code * v; fake = code * v * t."""
+    gen = torch.Generator().manual_seed(levels)
+    x = torch.randn(4, 3, 256, generator=gen) * torch.rand(4, 3, 8, 1, generator=gen).repeat_interleave(
+        32, -1).reshape(4, 3, 256) * 5
+    x[1, 2] = 0  # an all-zero token
+    values, unit = activation.quantize_int4_levels(x, 32, levels)
+    assert values.dtype == torch.int8 and unit.shape == (4, 3, 1)
+    x64 = x.double().reshape(4, 3, 8, 32)
+    gs = (x64.abs().amax(-1) / 7).float().double()  # group scales, rounded to float32 as the kernels hold them
+    t = (gs.amax(-1, keepdim=True) / levels).float().double()
+    v = torch.where(t > 0, torch.round(gs / torch.where(t > 0, t, 1.0)), 0.0).clamp(0, levels)
+    snapped = (v * t).float().double()
+    code = torch.where(snapped[..., None] > 0, torch.round(x64 / torch.where(snapped > 0, snapped, 1.0)[..., None]),
+                       0.0).clamp(-8, 7)
+    assert torch.equal(values.double(), (code * v[..., None]).reshape(4, 3, 256))
+    assert torch.equal(unit.double(), t)
+    assert int(values.abs().max()) <= 8 * levels and torch.all(v.amax(-1)[t.squeeze(-1) > 0] == levels)
+    fake = activation.fake_quantize_int4(x, 32, levels)
+    assert torch.allclose(fake.double(), (code * snapped[..., None]).reshape(4, 3, 256), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="per-token scales"):
+        activation.fake_quantize_int4(x, 0, 16)
+    with pytest.raises(ValueError, match="levels must be an int in 0..16"):
+        activation.fake_quantize_int4(x, 32, 17)
+
+
 def _weights(n=48, k=256, group=64, seed=3):
     gen = torch.Generator().manual_seed(seed)
     # group magnitudes that differ along a row, so snapping moves them
@@ -82,7 +110,7 @@ def test_w4a4_op_with_scale_levels_matches_float64(act_group, had_block):
     b = torch.randn(48, generator=torch.Generator().manual_seed(2))
     got = ops.linear_w4a4(x, p, s, b, act_group_size=act_group, had_block=had_block, scale_levels=16)
     xr = hadamard.hadamard_transform(x.double(), had_block) if had_block else x.double()
-    xq = activation.fake_quantize_int4(xr.float(), act_group).double()
+    xq = activation.fake_quantize_int4(xr.float(), act_group, 16 if act_group else 0).double()
     want = xq @ int4.dequantize(p, int4.snapped_scales(s, 16).double()).T + b.double()
     assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
     plain = ops.linear_w4a4(x, p, s, b, act_group_size=act_group, had_block=had_block)

@@ -71,6 +71,8 @@ CPU_CASES = [
     ("w4a4_bf16_largeM_tok_h64_levels16", "w4a4", "bfloat16", 70, 256, 40, 128, 0, 64, True, 16),
     ("w4a4_bf16_g32_h32_levels16", "w4a4", "bfloat16", 17, 256, 33, 128, 32, 32, False, 16),
     ("w4a4_bf16_tok_h32_gemv_m2_levels9", "w4a4", "bfloat16", 2, 256, 33, 128, 0, 32, True, 9),
+    ("w4a4_bf16_largeM_g32_h64_levels16", "w4a4", "bfloat16", 70, 256, 40, 128, 32, 64, False, 16),
+    ("w4a4_fp32_g32_gemv_m3_levels16", "w4a4", "float32", 3, 256, 24, 128, 32, 0, True, 16),
 ]
 
 GPU_CASES = [
@@ -98,6 +100,7 @@ GPU_CASES = [
     ("w4a4_m100_tok_levels16", "w4a4", "bfloat16", 100, 1152, 1000, 128, 0, 0, False, 16),
     ("w4a4_m1030_tok_h64_levels16", "w4a4", "bfloat16", 1030, 512, 260, 64, 0, 64, True, 16),
     ("w4a4_m300_g32_levels16", "w4a4", "bfloat16", 300, 1152, 1000, 128, 32, 128, False, 16),
+    ("w4a4_m600_g32_h128_levels16", "w4a4", "bfloat16", 600, 14336, 520, 128, 32, 128, True, 16),
 ]
 
 
@@ -169,24 +172,31 @@ def run_case(case, device: str, use_ops: bool) -> dict:
         xr = triton_act.rotate(x2, had_block) if had_block > 0 else x2
         if had_block > 0:
             checks["rotation_vs_float64"] = (_rel(xr, _rot64(x, had_block)), tol)
-        q, sx = triton_act.quantize(x2, act_group, had_block)
+        act_levels = levels if act_group else 0  # grouped activations snap their scales too
+        q, sx = triton_act.quantize(x2, act_group, had_block, levels=act_levels)
         # on the CPU: PyTorch's CUDA division by a Python scalar multiplies by the reciprocal, which
         # moves amax / 7 by an ulp now and then and breaks exact ties differently; the op's definition
         # (and the kernel) divide.
-        q_ref, s_ref = activation.quantize_int4(xr.cpu(), act_group)
+        if act_levels:  # values code * v, one unit per token; a code one step off moves a value by v
+            q_ref, s_ref = activation.quantize_int4_levels(xr.cpu(), act_group, act_levels)
+            step = float(act_levels)
+        else:
+            q_ref, s_ref = activation.quantize_int4(xr.cpu(), act_group)
+            step = 1.0
         q, sx = triton_w4a4.from_word_order(q.cpu()), sx.cpu()
         diff = (q.int() - q_ref.int()).abs()
         checks["act_codes_mismatch_frac"] = (float((diff > 0).float().mean()), max(1e-3, 2.0 / diff.numel()))
-        checks["act_codes_max_step"] = (float(diff.max()), 1.0)
+        checks["act_codes_max_step"] = (float(diff.max()), step)
         checks["act_scales"] = (_rel(sx, s_ref.reshape(sx.shape)), 1e-6)
         # the fake-quantized activation (the GEMV route of W4A4 at decode sizes) against the
         # reference's fake quantization of the kernel's own rotated x
-        fq = triton_act.fake_quantize(x2, act_group, had_block).cpu()
+        fq = triton_act.fake_quantize(x2, act_group, had_block, levels=act_levels).cpu()
         # (limits: the interpreter truncates fp32 -> bf16 where the GPU rounds; a rare tie may move one
         # INT4 code by a step on the GPU)
         fq_limit = 1e-2 if (device == "cpu" and dtype == torch.bfloat16) else 5e-3
-        checks["fake_quant_vs_reference"] = (_rel(fq, activation.fake_quantize_int4(xr.cpu(), act_group)), fq_limit)
-        ag = act_group if act_group > 0 else K
+        checks["fake_quant_vs_reference"] = (
+            _rel(fq, activation.fake_quantize_int4(xr.cpu(), act_group, act_levels)), fq_limit)
+        ag = act_group if act_group > 0 and not act_levels else K
         xq64 = (q.double().cpu().reshape(M, K // ag, ag) * sx.double().cpu().reshape(M, -1, 1)).reshape(M, K)
         checks["vs_float64_same_codes"] = (_rel(y, xq64 @ w64.T + b64), tol)
     if device == "cpu":
@@ -512,11 +522,44 @@ def run_act_paths(m: int, k: int, ag: int, hb: int, dtype: str, device: str = "c
             "codes_vs_reference_max_step": (float(diff.max()), 1.0)}
 
 
+# Activation groups with scale levels (activation.quantize_int4_levels): every plan, against the reference's
+# values and units and against each other, bit for bit (M, K, group, Hadamard block, dtype, levels)
+ACT_LEVEL_CASES = [(17, 256, 32, 32, "bfloat16", 16), (3, 640, 32, 128, "bfloat16", 16),
+                   (5, 4096, 32, 128, "bfloat16", 16), (4, 1152, 64, 64, "float32", 7)]
+
+
+def run_act_levels(m: int, k: int, ag: int, hb: int, dtype: str, levels: int, device: str = "cpu") -> dict:
+    from specq.formats import activation
+    from specq.kernels import triton_act, triton_w4a4
+
+    gen = torch.Generator().manual_seed(m + k + levels)
+    x = (torch.randn(m, k, generator=gen) * torch.rand(m, 1, generator=gen) * 4).to(getattr(torch, dtype)).to(device)
+    xr = (triton_act.rotate(x, hb) if hb > 0 else x).cpu()
+    v_ref, t_ref = activation.quantize_int4_levels(xr, ag, levels)
+    npad = 1 << (-(-k // triton_act._chunk(k, hb, ag)) - 1).bit_length()
+    seg = min(4, npad)
+    plans = ("rows", "chunks", triton_act.LoopPlan(rows=16 // seg, seg=seg, warps=4, stages=2),
+             triton_act.PersistentPlan(rows=max(1, 16 // npad), warps=4, stages=2, programs_per_sm=2))
+    checks = {}
+    first = None
+    for plan in plans:
+        q, t = triton_act.quantize(x, ag, hb, plan=plan, levels=levels)
+        q, t = q.cpu(), t.cpu()
+        first = first or (q, t)
+        name = plan if isinstance(plan, str) else type(plan).__name__
+        diff = (triton_w4a4.from_word_order(q).int() - v_ref.int()).abs()
+        checks[f"{name}_values_mismatch_frac"] = (float((diff > 0).float().mean()), max(1e-3, 2.0 / diff.numel()))
+        checks[f"{name}_units"] = (_rel(t, t_ref), 1e-6)
+        checks[f"{name}_equals_rows"] = (float(not (torch.equal(q, first[0]) and torch.equal(t, first[1]))), 0.0)
+    return checks
+
+
 # the families of interpreter checks besides CPU_CASES: (report key prefix, cases, check function)
 def _families():
     return [("gemv", GEMV_CONFIG_CASES, run_gemv_config), ("gemv_strided", GEMV_STRIDE_CASES, run_gemv_strided),
             ("mma_gemv", MMA_GEMV_CASES, run_mma_gemv),
             ("mma_gemv_scales", MMA_GEMV_SCALE_CASES, run_mma_gemv_scale_range),
+            ("act_levels", ACT_LEVEL_CASES, run_act_levels),
             ("dense", DENSE_CONFIG_CASES, run_dense_config), ("act_paths", ACT_PATH_CASES, run_act_paths),
             ("w4a4", W4A4_CONFIG_CASES, run_w4a4_config), ("w4a4_small", W4A4_SMALL_CASES, run_w4a4_small),
             ("w4a4_levels", W4A4_LEVELS_CASES, run_w4a4_levels),

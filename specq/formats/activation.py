@@ -6,6 +6,14 @@ the last dim; ``q = clamp(round_half_even(x / scale), -8, 7)``. No clipping happ
 scale), so every element is within scale / 2 of its reconstruction. All arithmetic is float32 (or
 float64 for float64 input) so bf16 activations do not lose bits in the division.
 
+Scale levels (``levels`` > 0 with ``group_size`` > 0, W4A4's ``scale_levels``): each group's scale is
+snapped to an integer multiple ``v`` in 0..levels of one per-token unit ``t = (amax / 7) / levels``
+(amax of the whole token; ``v = round_half_even(group scale / t)``, the largest group gets ``levels``),
+and the codes are taken against ``v * t`` (clamped to [-8, 7]: a group rounded down may clip). Then
+``code * v`` fits int8 ([-128, 112]) and the whole token has one scale ``t``, which is what lets the
+INT8 GEMM sum all of K in int32 (see int4.snap_scales for the weights' side). Measured on the default
+model: groups of 32 with levels keep most of their agreement over per-token scales (docs/formats.md).
+
 There is no data-dependent control flow (no checks on values), so these functions trace cleanly.
 Special values: a NaN or inf in a token (group) makes its scale NaN or inf, and the whole token
 (group) reconstructs as NaN, so the problem shows up instead of hiding as a wrong finite number.
@@ -37,16 +45,57 @@ def _grouped(x: torch.Tensor, group_size: int, where: str) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], k // group_size, group_size)
 
 
-def _quantize(x: torch.Tensor, group_size: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _div(a: torch.Tensor, b) -> torch.Tensor:
+    """a / b correctly rounded to a's dtype on every device: via float64 (some backends, CUDA, divide by a
+    Python scalar as a multiplication by its rounded reciprocal, off by an ulp now and then; the tables
+    divided here are [tokens, groups], tiny)."""
+    return (a.to(torch.float64) / b).to(a.dtype)
+
+
+def _quantize(x: torch.Tensor, group_size: int, where: str, levels: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     xg = _grouped(x, group_size, where).to(work)
-    # amax / 7 via float64: some backends (CUDA) divide by a Python scalar as a multiplication by
-    # its rounded reciprocal, which is off by an ulp now and then; in float64 the result rounds to
-    # the correctly rounded float32 quotient on every device (the table is [tokens, groups], tiny).
-    scale = (xg.abs().amax(-1, keepdim=True).to(torch.float64) / QMAX).to(work)
+    scale = _div(xg.abs().amax(-1, keepdim=True).to(work), QMAX)
+    if levels and group_size:
+        scale, _ = _snap_group_scales(scale, levels)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(xg / safe).clamp(QMIN, QMAX)
     return q, scale
+
+
+def _snap_group_scales(scale: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group scales [..., G, 1] -> (v * t [..., G, 1], v [..., G, 1]) with t = max scale / levels per token and
+    v = round_half_even(scale / t) in 0..levels (0 where t is 0). The max of correctly rounded amax / 7
+    is the correctly rounded max amax / 7, so t is (token amax / 7) / levels, as the kernels compute it."""
+    t = _div(scale.amax(-2, keepdim=True), levels)
+    safe = torch.where(t > 0, t, torch.ones_like(t))
+    v = torch.where(t > 0, torch.round(scale / safe), torch.zeros_like(scale)).clamp(0, levels)
+    return v * t, v
+
+
+def _check_levels(levels: int, group_size: int, where: str) -> None:
+    if not isinstance(levels, int) or isinstance(levels, bool) or not 0 <= levels <= 16:
+        raise ValueError(f"{where}: levels must be an int in 0..16 (0 = float group scales), got {levels!r}")
+    if levels and not group_size:
+        raise ValueError(f"{where}: levels apply to group scales; per-token scales (group_size=0) take none")
+
+
+def quantize_int4_levels(x: torch.Tensor, group_size: int, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (values int8 [..., K] = code * v in [-128, 112], unit float32 [..., 1]): groups of
+    ``group_size`` with scale levels (module docstring); ``values * unit`` is ``fake_quantize_int4(x,
+    group_size, levels)`` before rounding to x.dtype."""
+    where = "activation.quantize_int4_levels"
+    _check_levels(levels, group_size, where)
+    if not levels:
+        raise ValueError(f"{where}: levels must be 1..16 here (use quantize_int4 for float group scales)")
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xg = _grouped(x, group_size, where).to(work)
+    scale = _div(xg.abs().amax(-1, keepdim=True).to(work), QMAX)
+    snapped, v = _snap_group_scales(scale, levels)
+    safe = torch.where(snapped > 0, snapped, torch.ones_like(snapped))
+    q = torch.nan_to_num(torch.round(xg / safe).clamp(QMIN, QMAX), nan=0.0)
+    unit = _div(scale.amax(-2), levels)  # [..., 1]
+    return (q * torch.nan_to_num(v, nan=0.0)).to(torch.int8).reshape(x.shape), unit.to(torch.float32)
 
 
 def quantize_int4(x: torch.Tensor, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +109,9 @@ def quantize_int4(x: torch.Tensor, group_size: int = 0) -> tuple[torch.Tensor, t
     return q, scale.squeeze(-1).to(torch.float32)
 
 
-def fake_quantize_int4(x: torch.Tensor, group_size: int = 0) -> torch.Tensor:
-    """dequantize(quantize_int4(x)) in x.dtype (NaN and inf propagate as NaN to their token/group)."""
-    q, scale = _quantize(x, group_size, "activation.fake_quantize_int4")
+def fake_quantize_int4(x: torch.Tensor, group_size: int = 0, levels: int = 0) -> torch.Tensor:
+    """dequantize(quantize_int4(x)) in x.dtype (NaN and inf propagate as NaN to their token/group); with
+    ``levels`` (groups only), the group scales snapped to levels of a per-token unit (module docstring)."""
+    _check_levels(levels, group_size, "activation.fake_quantize_int4")
+    q, scale = _quantize(x, group_size, "activation.fake_quantize_int4", levels)
     return (q * scale).reshape(x.shape).to(x.dtype)

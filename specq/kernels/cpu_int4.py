@@ -101,8 +101,8 @@ def linear_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor
                          scale_levels)
     if not usable(x, packed, scales, group_size):
         return _ops.reference_w4a4(x, packed, scales, bias, act_group_size, had_block, scale_levels)
-    return int4_matmul(_ops.activation_w4a4(x, act_group_size, had_block), packed, scales, bias, group_size,
-                       scale_levels)
+    return int4_matmul(_ops.activation_w4a4(x, act_group_size, had_block, scale_levels), packed, scales, bias,
+                       group_size, scale_levels)
 
 
 _ops.linear_w4a16_op.register_kernel("cpu")(linear_w4a16)

@@ -118,7 +118,7 @@ def _linear_w4a16(x, packed, scales, bias, group_size, had_block):
 def _linear_w4a4(x, packed, scales, bias, group_size, act_group_size, had_block, scale_levels=0):
     if not _on_cpu(x):
         return NotImplemented
-    xq = activation.fake_quantize_int4(_rotate(x, had_block), act_group_size)
+    xq = activation.fake_quantize_int4(_rotate(x, had_block), act_group_size, scale_levels if act_group_size else 0)
     if scale_levels:  # computed from the scales input: freezing folds it with the weight
         scales = int4.snapped_scales(scales, scale_levels, check=False)
     return _int4(x, xq, packed, scales, bias, group_size)

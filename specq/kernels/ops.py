@@ -25,7 +25,9 @@ Semantics (see docs/ARCHITECTURE.md and docs/formats.md):
 with H = block-diagonal Hadamard of block ``hb`` along K (identity when hb = 0), Q_ag = dynamic
 symmetric INT4 fake quantization per token (ag = 0) or per group of ag along K, and S_L the group
 scales as stored (L = 0) or snapped to integer multiples 0..L of a per-row unit (``int4.snapped_scales``:
-what lets the INT8 tensor-core kernel sum over all of K in int32; L <= 16). The weight is
+what lets the INT8 tensor-core kernel sum over all of K in int32; L <= 16). With L > 0 and activation
+groups (ag > 0), Q_ag snaps the activation group scales the same way to a per-token unit
+(``activation.fake_quantize_int4(..., levels=L)``). The weight is
 dequantized in x.dtype (bf16 products round like the hardware kernels do); bias must be in x.dtype.
 """
 
@@ -151,9 +153,11 @@ def rotate(x: Tensor, had_block: int) -> Tensor:
     return hadamard.hadamard_transform(x, had_block) if had_block > 0 else x
 
 
-def activation_w4a4(x: Tensor, act_group_size: int, had_block: int) -> Tensor:
-    """Q_ag(H(x)) in x.dtype: what linear_w4a4 multiplies the INT4 weight with."""
-    return activation.fake_quantize_int4(rotate(x, had_block), act_group_size)
+def activation_w4a4(x: Tensor, act_group_size: int, had_block: int, scale_levels: int = 0) -> Tensor:
+    """Q_ag(H(x)) in x.dtype: what linear_w4a4 multiplies the INT4 weight with (scale levels apply to
+    activation groups too; per-token scales have none to snap)."""
+    levels = scale_levels if act_group_size else 0
+    return activation.fake_quantize_int4(rotate(x, had_block), act_group_size, levels)
 
 
 # The reference bodies (after the argument checks), public so that device kernels can fall back to
@@ -186,7 +190,7 @@ def w4a4_weight(packed: Tensor, scales: Tensor, dtype: torch.dtype, scale_levels
 def reference_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor],
                    act_group_size: int, had_block: int, scale_levels: int = 0) -> Tensor:
     w = w4a4_weight(packed, scales, x.dtype, scale_levels)
-    return F.linear(activation_w4a4(x, act_group_size, had_block), w, bias)
+    return F.linear(activation_w4a4(x, act_group_size, had_block, scale_levels), w, bias)
 
 
 @torch.library.custom_op("specq::linear_w4a16", mutates_args=())

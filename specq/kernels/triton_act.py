@@ -80,6 +80,7 @@ def _act_prep_kernel(
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     FAKE: tl.constexpr = False,  # quantize modes: write q * scale in x's dtype to y instead of q, s
     ORDER: tl.constexpr = 8,  # the codes' K order (_word_order)
+    LV: tl.constexpr = 0,  # MODE 3 with groups of AG and scale levels (_quantize_store); 0: per token
 ):
     pid_m = tl.program_id(0)
     c = tl.program_id(1)
@@ -113,9 +114,10 @@ def _act_prep_kernel(
                              mask=m_mask[:, None] & (offs_a < n_chunks)[None, :], other=0.0)
                 scale = tl.math.div_rn(tl.max(am, axis=1), 7.0)  # [BLOCK_M]
                 _quantize_store(r3, scale, offs_m, offs_k[None, :], c, mk_mask[:, None, :], y_ptr, q_ptr, s_ptr, M,
-                                K, stride_ym, stride_qm, stride_sm, x_dtype, BLOCK_M, 1, CH, CHP, 0, FAKE, ORDER)
+                                K, stride_ym, stride_qm, stride_sm, x_dtype, BLOCK_M, 1, CH, CHP,
+                                AG if LV > 0 else 0, FAKE, ORDER, LV)
                 if not FAKE:
-                    tl.store(s_ptr + offs_m * stride_sm, scale, mask=m_mask & (c == 0))
+                    tl.store(s_ptr + offs_m * stride_sm, _token_scale(scale, LV), mask=m_mask & (c == 0))
 
 
 @triton.jit
@@ -131,10 +133,12 @@ def _rotate_rows(x, h, inv_norm, R: tl.constexpr, NP: tl.constexpr, CHP: tl.cons
 @triton.jit
 def _quantize_store(r, scale, rows, offs_k, chunk0, mask, y_ptr, q_ptr, s_ptr, M, K, stride_ym, stride_qm,
                     stride_sm, x_dtype, R: tl.constexpr, NP: tl.constexpr, CH: tl.constexpr, CHP: tl.constexpr,
-                    AG: tl.constexpr, FAKE: tl.constexpr, ORDER: tl.constexpr):
+                    AG: tl.constexpr, FAKE: tl.constexpr, ORDER: tl.constexpr, LV: tl.constexpr = 0):
     """Quantizes rotated chunks r [R, NP, CHP] (chunk indices chunk0 + 0..NP-1 of rows ``rows``; offs_k their
     columns) and stores the codes in the GEMM's K order with their group scales, or (FAKE) codes * scales in
-    x's dtype. AG == 0: per token, by ``scale`` [R] (the caller stores it); else per group of AG."""
+    x's dtype. AG == 0: per token, by ``scale`` [R] (the caller stores it); else per group of AG. LV > 0 (with
+    AG > 0): scale levels: each group scale snapped to v * t, v in 0..LV, t = scale / LV per token (``scale``:
+    the token's amax / 7), and the stored values are the int8 code * v (the caller stores t)."""
     if AG == 0:
         safe = tl.where(scale > 0, scale, 1.0)
         qv = _round_clamp_int4(tl.math.div_rn(r, safe[:, None, None]))
@@ -143,22 +147,36 @@ def _quantize_store(r, scale, rows, offs_k, chunk0, mask, y_ptr, q_ptr, s_ptr, M
         NG: tl.constexpr = CHP // AG
         r4 = tl.reshape(r, (R, NP, NG, AG))
         gscale = tl.math.div_rn(tl.max(tl.abs(r4), axis=3), 7.0)  # [R, NP, NG]
+        if LV > 0:  # as activation._snap_group_scales
+            t = tl.math.div_rn(scale, LV * 1.0)[:, None, None]
+            ratio = tl.math.div_rn(gscale, tl.where(t > 0, t, 1.0))
+            v = tl.minimum(tl.maximum((ratio + 12582912.0) - 12582912.0, 0.0), LV * 1.0)  # round half to even
+            v = tl.where(t > 0, v, 0.0)
+            gscale = v * t
         safe = tl.where(gscale > 0, gscale, 1.0)
         q4 = _round_clamp_int4(tl.math.div_rn(r4, safe[:, :, :, None]))
-        qv = tl.reshape(q4, (R, NP, CHP))
         fq = tl.reshape(q4.to(tl.float32) * gscale[:, :, :, None], (R, NP, CHP))
+        if LV > 0:
+            q4 = (q4.to(tl.float32) * v[:, :, :, None]).to(tl.int8)  # code * v: [-128, 112]
+        qv = tl.reshape(q4, (R, NP, CHP))
     if FAKE:
         tl.store(y_ptr + rows[:, None, None] * stride_ym + offs_k[None, :, :], fq.to(x_dtype), mask=mask)
     else:
         qw = tl.reshape(_word_order(tl.reshape(qv, (R * NP, CHP)), R * NP, CHP, ORDER), (R, NP, CHP))
         tl.store(q_ptr + rows[:, None, None] * stride_qm + offs_k[None, :, :], qw, mask=mask)
-        if AG > 0:
+        if AG > 0 and LV == 0:
             offs_g = tl.arange(0, NG)
             chunk = chunk0 + tl.arange(0, NP)
             g_idx = chunk[:, None] * (CH // AG) + offs_g[None, :]  # [NP, NG]
             g_mask = (offs_g < CH // AG)[None, :] & (chunk[:, None] * CH + offs_g[None, :] * AG < K)
             tl.store(s_ptr + rows[:, None, None] * stride_sm + g_idx[None, :, :], gscale,
                      mask=(rows < M)[:, None, None] & g_mask[None, :, :])
+
+
+@triton.jit
+def _token_scale(scale, LV: tl.constexpr):
+    """What a token's scale slot holds: amax / 7 (per token), or with scale levels the unit (amax / 7) / LV."""
+    return tl.math.div_rn(scale, LV * 1.0) if LV > 0 else scale
 
 
 @triton.jit
@@ -185,15 +203,17 @@ def _quantize_whole_rows(
     x, h, offs_k, mask, rows, y_ptr, q_ptr, s_ptr, M, K, stride_ym, stride_qm, stride_sm, inv_norm,
     CH: tl.constexpr, CHP: tl.constexpr, NP: tl.constexpr, R: tl.constexpr, AG: tl.constexpr,
     ROTATE: tl.constexpr, FAKE: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, ORDER: tl.constexpr,
+    LV: tl.constexpr = 0,
 ):
     """Rotation + INT4 quantization of whole rows (``_load_whole_rows``): the [R * NP, CHP] tile is rotated
-    by one dot with h, so a per-token amax needs no second pass over x. AG: activation group (0 = per token)."""
+    by one dot with h, so a per-token amax needs no second pass over x. AG: activation group (0 = per token);
+    LV: scale levels of the groups (``_quantize_store``)."""
     r = _rotate_rows(x, h, inv_norm, R, NP, CHP, ROTATE, DOT_FP32, IEEE)
-    scale = tl.math.div_rn(tl.max(tl.max(tl.abs(r), axis=2), axis=1), 7.0)  # [R], used when AG == 0
+    scale = tl.math.div_rn(tl.max(tl.max(tl.abs(r), axis=2), axis=1), 7.0)  # [R], per token or for the levels
     _quantize_store(r, scale, rows, offs_k, 0, mask, y_ptr, q_ptr, s_ptr, M, K, stride_ym, stride_qm, stride_sm,
-                    x.dtype, R, NP, CH, CHP, AG, FAKE, ORDER)
-    if AG == 0 and not FAKE:
-        tl.store(s_ptr + rows * stride_sm, scale, mask=rows < M)
+                    x.dtype, R, NP, CH, CHP, AG, FAKE, ORDER, LV)
+    if (AG == 0 or LV > 0) and not FAKE:
+        tl.store(s_ptr + rows * stride_sm, _token_scale(scale, LV), mask=rows < M)
 
 
 @triton.jit
@@ -202,7 +222,7 @@ def _act_rows_kernel(
     M, K, stride_xm, stride_ym, stride_qm, stride_sm, inv_norm,
     CH: tl.constexpr, CHP: tl.constexpr, NP: tl.constexpr, R: tl.constexpr, AG: tl.constexpr,
     ROTATE: tl.constexpr, FAKE: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-    ORDER: tl.constexpr = 8,
+    ORDER: tl.constexpr = 8, LV: tl.constexpr = 0,
 ):
     """R whole rows per program, in one launch. x is loaded before the rotation tile, as in the kernel timed
     on the H100 (the other order compiles to different SASS)."""
@@ -210,7 +230,7 @@ def _act_rows_kernel(
     x, offs_k, mask = _load_whole_rows(x_ptr, rows, M, K, stride_xm, CH, CHP, NP)
     _quantize_whole_rows(x, _rotation(h_ptr, CHP, ROTATE), offs_k, mask, rows, y_ptr, q_ptr, s_ptr, M, K,
                          stride_ym, stride_qm, stride_sm, inv_norm, CH, CHP, NP, R, AG, ROTATE, FAKE, DOT_FP32,
-                         IEEE, ORDER)
+                         IEEE, ORDER, LV)
 
 
 @triton.jit
@@ -219,7 +239,7 @@ def _act_persistent_kernel(
     M, K, stride_xm, stride_ym, stride_qm, stride_sm, inv_norm,
     CH: tl.constexpr, CHP: tl.constexpr, NP: tl.constexpr, R: tl.constexpr, AG: tl.constexpr,
     ROTATE: tl.constexpr, FAKE: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-    ORDER: tl.constexpr, STAGES: tl.constexpr,
+    ORDER: tl.constexpr, STAGES: tl.constexpr, LV: tl.constexpr = 0,
 ):
     """The whole-row kernel on a fixed grid: each program loads the rotation tile once (not once per block of
     R rows) and walks the blocks pid, pid + grid, ..., the next block's loads pipelined STAGES deep."""
@@ -228,7 +248,7 @@ def _act_persistent_kernel(
         rows = block * R + tl.arange(0, R)
         x, offs_k, mask = _load_whole_rows(x_ptr, rows, M, K, stride_xm, CH, CHP, NP)
         _quantize_whole_rows(x, h, offs_k, mask, rows, y_ptr, q_ptr, s_ptr, M, K, stride_ym, stride_qm, stride_sm,
-                             inv_norm, CH, CHP, NP, R, AG, ROTATE, FAKE, DOT_FP32, IEEE, ORDER)
+                             inv_norm, CH, CHP, NP, R, AG, ROTATE, FAKE, DOT_FP32, IEEE, ORDER, LV)
 
 
 @triton.jit
@@ -236,11 +256,12 @@ def _act_loop_kernel(
     x_ptr, h_ptr, y_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_ym, stride_qm, stride_sm, inv_norm, n_seg,
     CH: tl.constexpr, CHP: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr, AG: tl.constexpr,
     ROTATE: tl.constexpr, FAKE: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-    ORDER: tl.constexpr, STAGES: tl.constexpr,
+    ORDER: tl.constexpr, STAGES: tl.constexpr, LV: tl.constexpr = 0,
 ):
     """The same for rows of any length, in one launch: R rows per program walk their row in segments of
-    SEG chunks (a [R * SEG, CHP] dot each), loads pipelined STAGES deep. Per token, a first walk finds the
-    row's amax and a second (its x mostly still in L1/L2) quantizes; per group, one walk does both."""
+    SEG chunks (a [R * SEG, CHP] dot each), loads pipelined STAGES deep. Per token (and per group with scale
+    levels, whose unit is the token's), a first walk finds the row's amax and a second (its x mostly still in
+    L1/L2) quantizes; per group, one walk does both."""
     rows = tl.program_id(0) * R + tl.arange(0, R)
     offs_c = tl.arange(0, CHP)
     seg_k = tl.arange(0, SEG)[:, None] * CH + offs_c[None, :]  # [SEG, CHP]
@@ -248,7 +269,7 @@ def _act_loop_kernel(
     x_rows = x_ptr + rows[:, None, None] * stride_xm
     h = _rotation(h_ptr, CHP, ROTATE)
     scale = tl.zeros((R,), dtype=tl.float32)
-    if AG == 0:
+    if AG == 0 or LV > 0:
         amax = tl.zeros((R,), dtype=tl.float32)
         for i in tl.range(0, n_seg, num_stages=STAGES):
             offs_k = i * SEG * CH + seg_k
@@ -258,14 +279,14 @@ def _act_loop_kernel(
             amax = tl.maximum(amax, tl.max(tl.max(tl.abs(r), axis=2), axis=1))
         scale = tl.math.div_rn(amax, 7.0)
         if not FAKE:
-            tl.store(s_ptr + rows * stride_sm, scale, mask=rows < M)
+            tl.store(s_ptr + rows * stride_sm, _token_scale(scale, LV), mask=rows < M)
     for i in tl.range(0, n_seg, num_stages=STAGES):
         offs_k = i * SEG * CH + seg_k
         mask = c_mask & (offs_k < K)[None, :, :]
         x = tl.load(x_rows + offs_k[None, :, :], mask=mask, other=0.0)
         r = _rotate_rows(x, h, inv_norm, R, SEG, CHP, ROTATE, DOT_FP32, IEEE)
         _quantize_store(r, scale, rows, offs_k, i * SEG, mask, y_ptr, q_ptr, s_ptr, M, K, stride_ym, stride_qm,
-                        stride_sm, x_ptr.dtype.element_ty, R, SEG, CH, CHP, AG, FAKE, ORDER)
+                        stride_sm, x_ptr.dtype.element_ty, R, SEG, CH, CHP, AG, FAKE, ORDER, LV)
 
 
 ROWS_MAX_TILE = 32768  # elements of one program's [R * NP, CHP] tile
@@ -328,7 +349,8 @@ def _common_args(x2, had_block, act_group, y, q, s) -> tuple[int, int, tuple]:
     return ch, chp, args
 
 
-def _launch(x2, mode, had_block, act_group, y=None, q=None, s=None, amax=None, n_chunks=1, fake=False, order=8):
+def _launch(x2, mode, had_block, act_group, y=None, q=None, s=None, amax=None, n_chunks=1, fake=False, order=8,
+            levels=0):
     M, K = x2.shape
     ch, chp, args = _common_args(x2, had_block, act_group, y, q, s)
     block_m = 16 if M <= 16 else (32 if chp > 128 else 64)
@@ -336,7 +358,7 @@ def _launch(x2, mode, had_block, act_group, y=None, q=None, s=None, amax=None, n
     _act_prep_kernel[grid](
         *args, amax if amax is not None else x2, amax.stride(0) if amax is not None else 0, n_chunks,
         CH=ch, CHP=chp, NCP=next_pow2(n_chunks), AG=max(act_group, 1), ROTATE=had_block > 0, MODE=mode,
-        BLOCK_M=block_m, FAKE=fake, ORDER=order, num_warps=8 if chp > 128 else 4, num_stages=1,
+        BLOCK_M=block_m, FAKE=fake, ORDER=order, LV=levels, num_warps=8 if chp > 128 else 4, num_stages=1,
         **dot_flags(x2.dtype))
     return ch
 
@@ -356,22 +378,22 @@ def _rows_layout(K: int, had_block: int, act_group: int,
     return (ch, npad, rows) if fits else None
 
 
-def _launch_rows(x2, layout, had_block, act_group, y=None, q=None, s=None, fake=False, order=8):
+def _launch_rows(x2, layout, had_block, act_group, y=None, q=None, s=None, fake=False, order=8, levels=0):
     ch, npad, rows = layout
     _, chp, args = _common_args(x2, had_block, act_group, y, q, s)
     _act_rows_kernel[(triton.cdiv(x2.shape[0], rows),)](
         *args, CH=ch, CHP=chp, NP=npad, R=rows, AG=act_group, ROTATE=had_block > 0, FAKE=fake, ORDER=order,
-        num_warps=4 if rows * npad * chp <= 8192 else 8, num_stages=1, **dot_flags(x2.dtype))
+        LV=levels, num_warps=4 if rows * npad * chp <= 8192 else 8, num_stages=1, **dot_flags(x2.dtype))
 
 
-def _launch_loop(x2, plan, had_block, act_group, y=None, q=None, s=None, fake=False, order=8):
+def _launch_loop(x2, plan, had_block, act_group, y=None, q=None, s=None, fake=False, order=8, levels=0):
     """The looped kernel at plan = LoopPlan(rows, seg, warps, stages)."""
     M, K = x2.shape
     ch, chp, args = _common_args(x2, had_block, act_group, y, q, s)
     _act_loop_kernel[(triton.cdiv(M, plan.rows),)](
         *args, triton.cdiv(triton.cdiv(K, ch), plan.seg),
         CH=ch, CHP=chp, SEG=plan.seg, R=plan.rows, AG=act_group, ROTATE=had_block > 0, FAKE=fake, ORDER=order,
-        STAGES=plan.stages, num_warps=plan.warps, num_stages=1, **dot_flags(x2.dtype))
+        STAGES=plan.stages, LV=levels, num_warps=plan.warps, num_stages=1, **dot_flags(x2.dtype))
 
 
 def _processors(device: torch.device) -> int:
@@ -379,14 +401,15 @@ def _processors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _launch_persistent(x2, layout, plan, had_block, act_group, y=None, q=None, s=None, fake=False, order=8):
+def _launch_persistent(x2, layout, plan, had_block, act_group, y=None, q=None, s=None, fake=False, order=8,
+                       levels=0):
     """The persistent whole-row kernel at plan = PersistentPlan(...) and layout = _rows_layout(..., plan.rows)."""
     ch, npad, rows = layout
     _, chp, args = _common_args(x2, had_block, act_group, y, q, s)
     programs = min(triton.cdiv(x2.shape[0], rows), plan.programs_per_sm * _processors(x2.device))
     _act_persistent_kernel[(programs,)](
         *args, CH=ch, CHP=chp, NP=npad, R=rows, AG=act_group, ROTATE=had_block > 0, FAKE=fake, ORDER=order,
-        STAGES=plan.stages, num_warps=plan.warps, num_stages=1, **dot_flags(x2.dtype))
+        STAGES=plan.stages, LV=levels, num_warps=plan.warps, num_stages=1, **dot_flags(x2.dtype))
 
 
 def rotate(x2: torch.Tensor, had_block: int) -> torch.Tensor:
@@ -443,58 +466,69 @@ def _default_plan(M: int, K: int, had_block: int, act_group: int):
     return "chunks" if M < CHUNKS_MAX_M else LONG_ROWS_PLAN
 
 
-def _run(x2, act_group, had_block, plan, y=None, q=None, s=None, fake=False, order=8):
+def _run(x2, act_group, had_block, plan, y=None, q=None, s=None, fake=False, order=8, levels=0):
     """Runs the pre-kernel(s) of ``plan`` ("rows", "chunks", a LoopPlan or a PersistentPlan) into y (fake) or
-    q, s."""
+    q, s; ``levels``: scale levels of the activation groups (act_group > 0)."""
     M, K = x2.shape
     plan = plan or _default_plan(M, K, had_block, act_group)
+    kw = dict(y=y, q=q, s=s, fake=fake, order=order, levels=levels)
     if isinstance(plan, LoopPlan):
         if plan.rows * plan.seg < 16:
             raise ValueError(f"{plan}: rows * seg must be >= 16 (the rotation's dot needs 16 tile rows)")
-        _launch_loop(x2, plan, had_block, act_group, y=y, q=q, s=s, fake=fake, order=order)
+        _launch_loop(x2, plan, had_block, act_group, **kw)
     elif isinstance(plan, PersistentPlan):
         layout = _rows_layout(K, had_block, act_group, plan.rows)
         if layout is None:
             raise ValueError(f"{plan}: {plan.rows} rows of K = {K} do not fit one program's tile (at most "
                              f"{ROWS_MAX_CHUNKS} chunks a row and {ROWS_MAX_TILE} elements) or make fewer than the "
                              f"16 tile rows the rotation's dot needs")
-        _launch_persistent(x2, layout, plan, had_block, act_group, y=y, q=q, s=s, fake=fake, order=order)
+        _launch_persistent(x2, layout, plan, had_block, act_group, **kw)
     elif plan == "rows":
         layout = _rows_layout(K, had_block, act_group)
         if layout is None:
             raise ValueError(f"rows of K = {K} do not fit one program's tile; use the 'chunks' or a loop plan")
-        _launch_rows(x2, layout, had_block, act_group, y=y, q=q, s=s, fake=fake, order=order)
-    elif act_group > 0:
-        _launch(x2, MODE_QUANT_GROUP, had_block, act_group, y=y, q=q, s=s, fake=fake, order=order)
-    else:
-        n_chunks = triton.cdiv(K, _chunk(K, had_block, 0))
+        _launch_rows(x2, layout, had_block, act_group, **kw)
+    elif act_group > 0 and not levels:
+        _launch(x2, MODE_QUANT_GROUP, had_block, act_group, **kw)
+    else:  # per token, or groups with levels (their unit is the token's): amax per chunk, then quantize
+        n_chunks = triton.cdiv(K, _chunk(K, had_block, act_group))
         amax = torch.empty((M, n_chunks), device=x2.device, dtype=torch.float32)
-        _launch(x2, MODE_AMAX, had_block, 0, amax=amax, n_chunks=n_chunks)
-        _launch(x2, MODE_QUANT_TOKEN, had_block, 0, y=y, q=q, s=s, amax=amax, n_chunks=n_chunks, fake=fake,
-                order=order)
+        _launch(x2, MODE_AMAX, had_block, act_group, amax=amax, n_chunks=n_chunks)
+        _launch(x2, MODE_QUANT_TOKEN, had_block, act_group, amax=amax, n_chunks=n_chunks, **kw)
+
+
+def _check_levels(act_group: int, levels: int) -> None:
+    if levels and not act_group:
+        raise ValueError("scale levels apply to activation groups; per-token scales (act_group 0) take none")
+    if not 0 <= levels <= 16:
+        raise ValueError(f"levels must be 0..16, got {levels}")
 
 
 def quantize(x2: torch.Tensor, act_group: int, had_block: int, order: int = 8,
-             plan=None) -> tuple[torch.Tensor, torch.Tensor]:
+             plan=None, levels: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """x2 [M, K] -> (q int8 [M, K], scales float32 [M, K/act_group] or [M, 1]) of the rotated x2, q in the
     W4A4 GEMM's K order (``triton_w4a4.to_k_order(codes, order)``: 8 for the Triton GEMM, 128 for the Gluon
-    one; the scales keep K's order). ``plan``: which kernel (``_run``; default ``_default_plan``)."""
+    one; the scales keep K's order). ``plan``: which kernel (``_run``; default ``_default_plan``). With
+    ``levels`` (act_group > 0): ``activation.quantize_int4_levels``, q the int8 code * v and one unit per
+    token [M, 1], which the per-token GEMMs take as they are."""
     M, K = x2.shape
+    _check_levels(act_group, levels)
     if not supported(K, had_block, act_group, codes=True, order=order):
         raise ValueError(f"W4A4 activation codes come in blocks of {order} along K: K = {K} with Hadamard block "
                          f"{had_block} and activation group {act_group} does not tile them; use the reference op")
     q = torch.empty((M, K), device=x2.device, dtype=torch.int8)
-    s = torch.empty((M, K // act_group if act_group > 0 else 1), device=x2.device, dtype=torch.float32)
+    s = torch.empty((M, K // act_group if act_group > 0 and not levels else 1), device=x2.device, dtype=torch.float32)
     if M > 0:
-        _run(x2, act_group, had_block, plan, q=q, s=s, order=order)
+        _run(x2, act_group, had_block, plan, q=q, s=s, order=order, levels=levels)
     return q, s
 
 
-def fake_quantize(x2: torch.Tensor, act_group: int, had_block: int, plan=None) -> torch.Tensor:
+def fake_quantize(x2: torch.Tensor, act_group: int, had_block: int, plan=None, levels: int = 0) -> torch.Tensor:
     """x2 [M, K] -> dequantize(quantize_int4(rotate(x2))) in x2.dtype, like
-    ``activation.fake_quantize_int4(hadamard_transform(x2))`` (the W4A4 reference's activation).
-    Used where the matmul after it is a weight-only kernel (W4A4 at decode sizes)."""
+    ``activation.fake_quantize_int4(hadamard_transform(x2), act_group, levels)`` (the W4A4 reference's
+    activation). Used where the matmul after it is a weight-only kernel (W4A4 at decode sizes)."""
+    _check_levels(act_group, levels)
     y = torch.empty_like(x2)
     if x2.shape[0] > 0:
-        _run(x2, act_group, had_block, plan, y=y, fake=True)
+        _run(x2, act_group, had_block, plan, y=y, fake=True, levels=levels)
     return y

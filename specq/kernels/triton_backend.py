@@ -94,6 +94,7 @@ def linear_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor
                                 act_group_size, scale_levels)
     # snapped scales (scale_levels > 0) in x.dtype, as stored scales are, for the kernels that take float scales
     float_scales = _ops.snapped_int4_scales(packed, scales, scale_levels, x.dtype) if scale_levels else scales
+    act_levels = scale_levels if act_group_size else 0  # activation groups snap too; per-token scales have none
     with _device_ctx(x):
         x2 = _as_2d(x)
         if not triton_w4a4.supported(group_size, act_group_size):
@@ -104,30 +105,38 @@ def linear_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor
             # decode and verify sizes: the INT8 tensor-core kernel pads M to 16 rows and is 2-4x slower
             # than the weight-streaming kernels, so quantize x (the reference's own fake-quantized
             # activation, in x.dtype) and run the W4A16 streaming kernel on it
-            xq = triton_act.fake_quantize(x2, act_group_size, had_block)
+            xq = triton_act.fake_quantize(x2, act_group_size, had_block, levels=act_levels)
             y = triton_wq.wq_matmul(xq, packed, float_scales, bias, triton_wq.FORMAT_INT4, group_size)
             return y.reshape(*x.shape[:-1], n)
-        # the Gluon kernel (Hopper, large M) reads the codes in its own K order (triton_w4a4.to_wgmma_order)
-        wgmma = gluon_w4a4.supported(x2.shape[0], n, k, group_size, act_group_size, x2.device)
+        # With scale levels the GEMM sums all of K in int32 (weights q * level; grouped activations come as
+        # code * v with one unit per token, so the GEMM sees per-token activations either way). The Gluon
+        # kernel (Hopper, large M) takes that only where its integer form is on; otherwise it runs its rescaling
+        # form on the snapped scales (per-token activations) or the Triton kernel's integer path serves.
+        integer = bool(scale_levels)
+        gemm_act_group = 0 if integer else act_group_size
+        wgmma = gluon_w4a4.supported(x2.shape[0], n, k, group_size, gemm_act_group, x2.device)
+        if wgmma and integer and not gluon_w4a4.LEVELS_ENABLED:
+            integer = act_group_size > 0  # grouped activations need the integer form: Triton's
+            wgmma = not integer
         order = triton_w4a4.ORDER_WGMMA if wgmma else triton_w4a4.ORDER_WORDS
         if triton_act.supported(k, had_block, act_group_size, codes=True, order=order):
-            q, sx = triton_act.quantize(x2, act_group_size, had_block, order)
+            q, sx = triton_act.quantize(x2, act_group_size, had_block, order, levels=act_levels)
         else:
             _fallback(f"activation quantization with had_block {had_block}, group {act_group_size}")
             xr = hadamard.hadamard_transform(x2, had_block) if had_block > 0 else x2
-            q, sx = activation.quantize_int4(xr, act_group_size)
+            q, sx = (activation.quantize_int4_levels(xr, act_group_size, act_levels) if act_levels
+                     else activation.quantize_int4(xr, act_group_size))
             q = triton_w4a4.to_k_order(q, order).contiguous()
             sx = sx.reshape(q.shape[0], -1).contiguous()
-        # integer levels (per-token activations): the INT8 dot sums all of K in int32, no rescale per weight group
-        integer = bool(scale_levels) and act_group_size == 0 and (not wgmma or gluon_w4a4.LEVELS_ENABLED)
         if integer:
             levels, units = cached(packed, scales, ("scale_levels", scale_levels),
                                    lambda: int4.snap_scales(scales, scale_levels))
-        if wgmma:
-            y = (gluon_w4a4.w4a4_matmul(q, sx, packed, levels, bias, group_size, x.dtype, units=units) if integer
-                 else gluon_w4a4.w4a4_matmul(q, sx, packed, float_scales, bias, group_size, x.dtype))
-        elif integer:
-            y = triton_w4a4.w4a4_matmul(q, sx, packed, levels, bias, group_size, 0, x.dtype, units=units)
+            if wgmma:
+                y = gluon_w4a4.w4a4_matmul(q, sx, packed, levels, bias, group_size, x.dtype, units=units)
+            else:
+                y = triton_w4a4.w4a4_matmul(q, sx, packed, levels, bias, group_size, 0, x.dtype, units=units)
+        elif wgmma:
+            y = gluon_w4a4.w4a4_matmul(q, sx, packed, float_scales, bias, group_size, x.dtype)
         else:
             y = triton_w4a4.w4a4_matmul(q, sx, packed, float_scales, bias, group_size, act_group_size, x.dtype)
     return y.reshape(*x.shape[:-1], n)
