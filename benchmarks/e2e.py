@@ -77,6 +77,23 @@ def parse_step_shape(text: str, parser) -> tuple:
     parser.error(f"--step-shapes: {text!r} is not MODE:Q or round:DRAFT:TARGET:GAMMA (modes {', '.join(MODES)})")
 
 
+def recipe_with(model, settings: list, parser) -> dict | None:
+    """The model's recipe with KEY=VALUE overrides (values parsed as YAML), or None (the recipe as is)."""
+    if not settings:
+        return None
+    import yaml
+
+    from specq.passes.plan import load_recipe
+
+    rec = load_recipe(None, getattr(getattr(model, "config", None), "model_type", None))
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or key not in rec:
+            parser.error(f"--recipe-set {item!r}: expected KEY=VALUE with KEY one of {sorted(rec)}")
+        rec[key] = yaml.safe_load(value)
+    return rec
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="default | llama3-8b-shape | tiny | Hub id / dir / .gguf")
@@ -100,6 +117,9 @@ def main(argv=None):
     p.add_argument("--lm-head-modes", default=None,
                    help="quantized modes whose output head runs quantized, e.g. mxfp4 (recipe key lm_head_modes; "
                         "default: the recipe's, a float head)")
+    p.add_argument("--recipe-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the model's recipe (YAML value), e.g. w4a4_scale_levels=16 or "
+                        "act_group_size=0; repeatable")
     p.add_argument("--step-shapes", default=None,
                    help="time only these steps, comma-separated MODE:Q or round:DRAFT:TARGET:GAMMA "
                         "(e.g. w4a16:1,w4a4:1,w4a16:5,round:w4a4:w4a16:4); default: every mode at q=1, "
@@ -150,7 +170,8 @@ def main(argv=None):
         import specq
 
         lm_head = [m for m in (args.lm_head_modes or "").split(",") if m]
-        specq.transform(model, modes=tuple(modes), lm_head_modes=lm_head or None)
+        specq.transform(model, modes=tuple(modes), lm_head_modes=lm_head or None,
+                        recipe=recipe_with(model, args.recipe_set, p))
     transform_s = time.perf_counter() - t0
     log(f"[e2e] transform {modes} in {transform_s:.1f} s")
     ids = bench.make_prompt(model, tok, args.prompt_len, batch=args.batch)
@@ -208,7 +229,8 @@ def main(argv=None):
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 command="python benchmarks/e2e.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
                 batch=args.batch, per_row=per_row, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                gamma=gamma, transform_s=transform_s, compile=args.compile, lm_head_modes=args.lm_head_modes)
+                gamma=gamma, transform_s=transform_s, compile=args.compile, lm_head_modes=args.lm_head_modes,
+                recipe_set=args.recipe_set)
     md = [f"# End-to-end decoding: {args.model}", "",
           f"- device: {device_name}; torch {torch.__version__}; dtype {args.dtype}; date {meta['date']}",
           f"- command: `{meta['command']}`",

@@ -190,3 +190,17 @@ def test_e2e_lm_head_modes_reach_the_transform(tmp_path):
     data = json.loads((tmp_path / "e2e_head.json").read_text())
     assert "output head quantized in mxfp4" in md and data["meta"]["lm_head_modes"] == "mxfp4"
     assert data["rows"][0]["tokens_per_s"] and data["rows"][0]["error"] is None
+
+
+def test_e2e_recipe_set_reaches_the_transform(tmp_path):
+    """--recipe-set KEY=VALUE overrides the model's recipe (here QSpec on W4A4 with scale levels, greedy and
+    lossless: --strict) and is recorded in the JSON; an unknown key is refused."""
+    e2e = _e2e()
+    e2e.main(["--model", "tiny", "--device", "cpu", "--dtype", "float32", "--rows", "ar_w4a16,qspec",
+              "--new-tokens", "8", "--prompt-len", "8", "--strict", "--recipe-set", "w4a4_scale_levels=16",
+              "--recipe-set", "act_group_size=32", "--out", str(tmp_path), "--tag", "levels"])
+    data = json.loads((tmp_path / "e2e_levels.json").read_text())
+    assert data["meta"]["recipe_set"] == ["w4a4_scale_levels=16", "act_group_size=32"]
+    with pytest.raises(SystemExit):
+        e2e.main(["--model", "tiny", "--device", "cpu", "--rows", "qspec", "--recipe-set", "no_such_key=1",
+                  "--out", str(tmp_path)])
