@@ -28,8 +28,9 @@
 # act_persist (90 s)  the pre-kernel's plans at K = 4096 (where the persistent whole-row plans apply), M = 256, 1024
 # wgmma_op    (100 s) the whole W4A4 op (pre-kernel in the wgmma K order + Gluon GEMM, the default on Hopper)
 #                     and its pre-kernel against bf16 at M = 256, 1024
-# wgmma_levels (330 s) the integer-level W4A4 kernels (scale levels 16; Gluon form switched on with
-#                     SPECQ_W4A4_GLUON_LEVELS=1): their GPU tests (Gluon and Triton), then timed alone and as
+# wgmma_levels (420 s) the integer-level W4A4 kernels (scale levels 16; Gluon form switched on with
+#                     SPECQ_W4A4_GLUON_LEVELS=1): their GPU tests (Gluon and Triton), each Gluon level candidate
+#                     timed at 4096 x 4096, M = 1024 (wgmma_quick --levels), then all of them timed alone and as
 #                     the whole op against the rescaling ones and bf16 at M = 256, 1024 on the 8B shapes
 # Results land in $OUT (fetched by the device tool); copy the ones worth keeping to benchmarks/results/.
 set -uo pipefail
@@ -112,6 +113,8 @@ torch.cuda.synchronize()"
     wgmma_levels) export SPECQ_W4A4_GLUON_LEVELS=1
       step levels_tests 150 python -m pytest -q -x tests/test_gluon_w4a4.py tests/test_triton_kernels.py \
         -k "gpu and (integer_level or levels)"
+      step levels_quick 90 python benchmarks/wgmma_quick.py --levels --configs 0,1,2,3,4,5
+      grep -hE "^time|^  |WRONG" "$OUT/levels_quick.log"
       step levels_kernels 180 python benchmarks/kernels.py \
         --kinds bf16,w4a4-wgmma,w4a4-wgmma-L16,w4a4-gemm-L16,w4a4/tok+h,w4a4/tok+h+L16 --ms 256,1024 \
         --out "$OUT/kernels_levels.md" --json "$OUT/kernels_levels.json"

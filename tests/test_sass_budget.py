@@ -84,3 +84,26 @@ def test_w4a4_k_loop_decodes_three_instructions_per_word(sass_report, bm, bn, wa
     assert ops["SGXT"] == 0 and ops["PRMT"] <= 2, ops
     assert not any(op.startswith(("LDL", "STL")) for op in ops), f"spills: {ops}"
     assert sr.registers(kernel) <= max_regs
+
+
+# The same K loop with scale levels (weights decoded as q * level, one int32 sum over K): (tile, budget,
+# registers at most). 2026-12-07: 156-168 instructions and 96-134 registers, against 303-315 and 124-205
+# for the rescaling loop: the per-chunk conversion and FMA are gone, the decode costs two IMAD and a LOP3
+# per word more.
+W4A4_LEVEL_BUDGETS = [(128, 128, 8, 3, 165, 140), (128, 64, 4, 4, 175, 140), (64, 64, 4, 3, 165, 104)]
+
+
+@pytest.mark.parametrize("bm,bn,warps,stages,budget,max_regs", W4A4_LEVEL_BUDGETS,
+                         ids=[f"{bm}x{bn}-w{w}" for bm, bn, w, *_ in W4A4_LEVEL_BUDGETS])
+def test_w4a4_level_k_loop_has_no_rescale(sass_report, bm, bn, warps, stages, budget, max_regs):
+    sr = sass_report
+    kernel, weights_per_thread = sr.w4a4_kernel(bm, bn, warps, stages, swap=1, levels=True)
+    ops = sr.loop_histogram(sr.sass_of(kernel))
+    total = sum(ops.values())
+    assert total <= budget, f"{total} loop instructions > {budget}: {ops}"
+    assert ops["IGMMA.64"] == 4, ops
+    assert not any(op.startswith(("I2F", "FADD", "FFMA", "FMUL")) for op in ops), f"float math in the loop: {ops}"
+    words = weights_per_thread / 8
+    assert ops["IMAD"] >= 2 * words, ops  # the multiply-add per four weights
+    assert not any(op.startswith(("LDL", "STL")) for op in ops), f"spills: {ops}"
+    assert sr.registers(kernel) <= max_regs
