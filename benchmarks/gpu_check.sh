@@ -116,7 +116,8 @@ torch.cuda.synchronize()"
       step levels_quick 90 python benchmarks/wgmma_quick.py --levels --configs 0,1,2,3,4,5
       grep -hE "^time|^  |WRONG" "$OUT/levels_quick.log"
       step levels_kernels 180 python benchmarks/kernels.py \
-        --kinds bf16,w4a4-wgmma,w4a4-wgmma-L16,w4a4-gemm-L16,w4a4/tok+h,w4a4/tok+h+L16 --ms 256,1024 \
+        --kinds bf16,w4a4-wgmma,w4a4-wgmma-L16,w4a4-gemm-L16,w4a4/tok+h,w4a4/tok+h+L16,w4a4/g32+h+L16 \
+        --ms 256,1024 \
         --out "$OUT/kernels_levels.md" --json "$OUT/kernels_levels.json"
       grep -E "^\| (bf16|w4a4)" "$OUT/kernels_levels.md" ;;
     gpu_w4a4) step gpu_w4a4 240 python -m pytest -q -x tests/test_triton_kernels.py -k "gpu and (w4a4 or act)" ;;

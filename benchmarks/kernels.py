@@ -21,6 +21,8 @@ it times (median, CUDA-graph replays, so launch overhead is what a captured deco
 - ``w4a4/tok+h+L16``  ``w4a4/tok+h`` with scale levels 16 (the group scales snapped to integer multiples
                  of a per-row unit, ``int4.snap_scales``): the integer-level kernels, no rescale per group
                  (on Hopper the Gluon form only with SPECQ_W4A4_GLUON_LEVELS=1)
+- ``w4a4/g32+h+L16``  ``w4a4/g32+h`` with scale levels 16 (activation groups snapped to a per-token unit
+                 too, so the same integer GEMM serves)
 - ``w4a4-gemm-L16``, ``w4a4-wgmma-L16``  the integer-level forms of the two GEMMs alone
 - ``w4a4-act``   those pre-kernels alone (Hadamard 128 + per-token INT4 codes; bytes: x read, codes
                  written; the TFLOP/s column counts the matmul it feeds)
@@ -128,6 +130,8 @@ def call(kind: str, x: torch.Tensor, wts: tuple):
         return torch.ops.specq.linear_w4a4(x, wts[0], wts[1], None, 128, 32, 128)
     if kind == "w4a4/tok+h+L16":
         return torch.ops.specq.linear_w4a4(x, wts[0], wts[1], None, 128, 0, 128, 16)
+    if kind == "w4a4/g32+h+L16":
+        return torch.ops.specq.linear_w4a4(x, wts[0], wts[1], None, 128, 32, 128, 16)
     if kind == "w4a4-act":
         from specq.kernels import triton_act
 
@@ -156,7 +160,7 @@ def call(kind: str, x: torch.Tensor, wts: tuple):
 
 
 KINDS = ["bf16", "dense", "tinygemm", "mxfp4", "w4a16", "w4a16+h", "w4a4/tok+h", "w4a4/g32+h", "w4a4/tok+h+L16",
-         "w4a4-gemm", "w4a4-wgmma", "w4a4-gemm-L16", "w4a4-wgmma-L16", "w4a4-act"]
+         "w4a4/g32+h+L16", "w4a4-gemm", "w4a4-wgmma", "w4a4-gemm-L16", "w4a4-wgmma-L16", "w4a4-act"]
 PRE_QUANTIZED = ("w4a4-gemm", "w4a4-wgmma", "w4a4-gemm-L16", "w4a4-wgmma-L16")  # GEMMs timed on ready codes
 
 
@@ -227,7 +231,7 @@ def goal_summary(by: dict) -> str:
                 slow = [f"M={m} ({v:.2f}x)" for m, v in sp if v < 1]
                 out.append(f"| {k}x{n} | {kind} faster than tinygemm at every M<=64 | "
                            f"{'slower at ' + ', '.join(slow) if slow else 'all faster'} | {'no' if slow else 'yes'} |")
-        for kind in ("w4a4/tok+h", "w4a4/g32+h", "w4a4/tok+h+L16"):
+        for kind in ("w4a4/tok+h", "w4a4/g32+h", "w4a4/tok+h+L16", "w4a4/g32+h+L16"):
             sp = [(m, by[("bf16", k, n, m)]["us"] / by[(kind, k, n, m)]["us"]) for m in measured
                   if m >= 256 and (kind, k, n, m) in by and ("bf16", k, n, m) in by]
             if sp:
