@@ -111,7 +111,7 @@ torch.cuda.synchronize()"
       step wgmma_ws_256 90 python benchmarks/wgmma_quick.py --m 256 --configs 4,5,8,10
       grep -hE "^time|^  " "$OUT/wgmma_ws_1024.log" "$OUT/wgmma_ws_256.log" ;;
     wgmma_levels) export SPECQ_W4A4_GLUON_LEVELS=1
-      step levels_tests 150 python -m pytest -q -x tests/test_gluon_w4a4.py tests/test_triton_kernels.py \
+      step levels_tests 150 python -m pytest -q tests/test_gluon_w4a4.py tests/test_triton_kernels.py \
         -k "gpu and (integer_level or levels)"
       step levels_quick 90 python benchmarks/wgmma_quick.py --levels --configs 0,1,2,3,4,5
       grep -hE "^time|^  |WRONG" "$OUT/levels_quick.log"
