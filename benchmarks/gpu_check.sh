@@ -32,6 +32,8 @@
 #                     SPECQ_W4A4_GLUON_LEVELS=1): their GPU tests (Gluon and Triton), each Gluon level candidate
 #                     timed at 4096 x 4096, M = 1024 (wgmma_quick --levels), then all of them timed alone and as
 #                     the whole op against the rescaling ones and bf16 at M = 256, 1024 on the 8B shapes
+# e2e_levels  (300 s) the 8B-shape W4A4 draft step (and W4A16's) at batch 32, scale levels 0 and 16 (default recipe:
+#                     activation groups of 32), eager steps in CUDA graphs
 # Results land in $OUT (fetched by the device tool); copy the ones worth keeping to benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -120,8 +122,14 @@ torch.cuda.synchronize()"
         --ms 256,1024 \
         --out "$OUT/kernels_levels.md" --json "$OUT/kernels_levels.json"
       grep -E "^\| (bf16|w4a4)" "$OUT/kernels_levels.md" ;;
+    e2e_levels) for L in 0 16; do  # the 8B-shape W4A4 draft step at batch 32 (32 rows per linear), levels off / on
+        step e2e_levels_$L 150 python benchmarks/e2e.py --model llama3-8b-shape --batch 32 --rows ar_w4a16 \
+          --new-tokens 4 --compile none --steps --steps-compile none --step-batches 32 --step-shapes w4a16:1,w4a4:1 \
+          --recipe-set w4a4_scale_levels=$L --out "$OUT" --tag llama3_8b_shape_b32_levels$L
+      done
+      grep -hE "^\| (w4a16|w4a4) q" "$OUT"/e2e_llama3_8b_shape_b32_levels*.md ;;
     gpu_w4a4) step gpu_w4a4 240 python -m pytest -q -x tests/test_triton_kernels.py -k "gpu and (w4a4 or act)" ;;
-    *) echo "unknown step '$1' (gpu_tests gpu_w4a4 wgmma wgmma_quick wgmma_ws wgmma_levels act_persist wgmma_tests wgmma_op wgmma_ncu act_lab kernels kernels_m12 gemv_lab e2e_8b w4a4_large w4a4_quick)"; return 2 ;;
+    *) echo "unknown step '$1' (gpu_tests gpu_w4a4 wgmma wgmma_quick wgmma_ws wgmma_levels e2e_levels act_persist wgmma_tests wgmma_op wgmma_ncu act_lab kernels kernels_m12 gemv_lab e2e_8b w4a4_large w4a4_quick)"; return 2 ;;
   esac
 }
 [ $# -eq 0 ] && set -- gpu_tests e2e_8b kernels_m12
