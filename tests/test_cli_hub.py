@@ -196,3 +196,19 @@ def test_rerun_after_interrupted_push_resumes(tiny_dir, tmp_path, monkeypatch):
         assert hub.commit_count("me/resume") == 2
         assert len(hub.lfs_puts) == len(set(hub.lfs_puts)) >= 3  # every LFS object sent exactly once
         assert first <= set(hub.lfs_puts)
+
+
+def test_convert_with_w4a4_scale_levels(tiny_dir, tmp_path):
+    """--w4a4-scale-levels reaches the plan, the checkpoint's format metadata and `specq inspect`; out of range
+    is refused by click before any work."""
+    out = tmp_path / "levels"
+    r = run("convert", tiny_dir, "--modes", "w4a16,w4a4", "--w4a4-scale-levels", "16", "--out", out, "--no-eval",
+            "--quiet")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["formats"]["w4a4"]["scale_levels"] == [16]
+    assert all(e.get("w4a4_scale_levels") == 16 for e in cfg["plan"]["matmuls"] if e["action"] == "quantize")
+    r = run("inspect", out)
+    assert r.exit_code == 0 and "w4a4 scale levels 16" in r.output, r.output
+    r = run("convert", tiny_dir, "--w4a4-scale-levels", "17", "--out", tmp_path / "bad", "--no-eval")
+    assert r.exit_code != 0 and "17" in r.output and not (tmp_path / "bad").exists()

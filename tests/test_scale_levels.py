@@ -200,3 +200,10 @@ def test_fused_sibling_graph_keeps_scale_levels():
     got = gm(*args)
     for g, w in zip(got, want):
         assert torch.allclose(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_transform_argument_overrides_the_recipe():
+    mm = specq.transform(make_tiny_model("llama"), modes=("w4a4",), w4a4_scale_levels=9)
+    assert all(m.w4a4_scale_levels == 9 for _, m in multimode_linears(mm))
+    with pytest.raises(ValueError, match="specq.transform: w4a4_scale_levels must be an int in 0..16"):
+        specq.transform(make_tiny_model("llama"), modes=("w4a4",), w4a4_scale_levels=20)

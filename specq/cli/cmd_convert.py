@@ -39,6 +39,10 @@ def fail(e: BaseException, quiet: bool = False):
               help="Comma-separated quantized modes (mxfp4, w4a16, w4a4) in which the output head (lm_head) "
                    "runs quantized; it stays float in the others, bf16 always [default: the recipe's "
                    "lm_head_modes, i.e. a float head in every mode]. E.g. mxfp4 for faster MXFP4 drafts.")
+@click.option("--w4a4-scale-levels", "w4a4_scale_levels", type=click.IntRange(0, 16), default=None,
+              help="W4A4 snaps its weight and activation group scales to integer multiples 0..N of one unit per "
+                   "row / token, so INT8 tensor cores sum all of K in int32 (16: the finest; 0: off) "
+                   "[default: the recipe's w4a4_scale_levels, 0].")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output directory [default: ./<model name>-specq, unless only --push-to-hub is given].")
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO", default=None,
@@ -50,7 +54,8 @@ def fail(e: BaseException, quiet: bool = False):
               help="Measure perplexity and draft agreement per mode (specq eval) for the model card.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or status lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-def convert(model, modes, recipe, lm_head_modes, out, push_to_hub, private, dtype, do_eval, quiet, as_json):
+def convert(model, modes, recipe, lm_head_modes, w4a4_scale_levels, out, push_to_hub, private, dtype, do_eval, quiet,
+            as_json):
     """Convert MODEL (Hub id, local dir or .gguf; none = embedded default model) to a specq checkpoint."""
     modes = parse_modes(modes)
     lm_head_modes = parse_lm_head_modes(lm_head_modes, modes)
@@ -77,7 +82,8 @@ def convert(model, modes, recipe, lm_head_modes, out, push_to_hub, private, dtyp
     from specq.hub.convert import convert as run
 
     try:
-        result = run(model, modes=modes, recipe=recipe, lm_head_modes=lm_head_modes, out=out,
+        result = run(model, modes=modes, recipe=recipe, lm_head_modes=lm_head_modes,
+                     w4a4_scale_levels=w4a4_scale_levels, out=out,
                      push_to_hub=push_to_hub, private=private,
                      dtype=dtype, evaluate=do_eval, progress=not quiet, on_stage=on_stage)
         bar.set_description_str("specq convert: done", refresh=False)

@@ -36,7 +36,8 @@ class ConvertResult:
 
 
 def convert(model: str | None = None, *, modes=("bf16", "mxfp4", "w4a16", "w4a4"), recipe=None,
-            lm_head_modes=None, out: str | os.PathLike | None = None, push_to_hub: str | None = None,
+            lm_head_modes=None, w4a4_scale_levels: int | None = None, out: str | os.PathLike | None = None,
+            push_to_hub: str | None = None,
             private: bool = False, token: str | None = None, endpoint: str | None = None, dtype="bfloat16",
             evaluate: bool = True, eval_kwargs: dict | None = None, progress: bool = True,
             on_stage=None) -> ConvertResult:
@@ -45,6 +46,7 @@ def convert(model: str | None = None, *, modes=("bf16", "mxfp4", "w4a16", "w4a4"
     out: where to write it (None with push_to_hub: a temporary folder, removed after the push).
     evaluate: measure perplexity and draft agreement per mode with specq.evaluation for the card.
     lm_head_modes: quantized modes in which the output head runs quantized (specq.transform's argument).
+    w4a4_scale_levels: W4A4's integer scale levels (specq.transform's argument; None: the recipe's).
     """
     import specq
     from specq.hub.checkpoint import bytes_per_mode, read_checkpoint_meta, save_pretrained
@@ -59,7 +61,8 @@ def convert(model: str | None = None, *, modes=("bf16", "mxfp4", "w4a16", "w4a4"
     stage("loading")
     base, tokenizer = specq.load(model, dtype=dtype)
     stage("quantizing")
-    mm = specq.transform(base, modes=tuple(modes), recipe=recipe, lm_head_modes=lm_head_modes)
+    mm = specq.transform(base, modes=tuple(modes), recipe=recipe, lm_head_modes=lm_head_modes,
+                         w4a4_scale_levels=w4a4_scale_levels)
     eval_results = None
     if evaluate:
         stage("evaluating")

@@ -165,6 +165,14 @@ def load_recipe(recipe=None, model_type: str | None = None) -> dict:
     return out
 
 
+def validate_w4a4_scale_levels(value, where: str = "w4a4_scale_levels") -> int:
+    """The recipe key w4a4_scale_levels, checked: an int in 0..16."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SCALE_LEVELS:
+        raise ValueError(f"{where}: w4a4_scale_levels must be an int in 0..{MAX_SCALE_LEVELS} (0 = the group scales "
+                         f"as stored), got {value!r}")
+    return value
+
+
 def _validate_recipe(r: dict) -> None:
     where = f"recipe {r.get('name')!r}"
     if r["mxfp4_scale_rule"] not in MXFP4_SCALE_RULES:
@@ -175,10 +183,7 @@ def _validate_recipe(r: dict) -> None:
             raise ValueError(f"{where}: {k} must be a positive multiple of 8, got {r[k]!r}")
     if not isinstance(r["act_group_size"], int) or r["act_group_size"] < 0:
         raise ValueError(f"{where}: act_group_size must be an int >= 0 (0 = per token), got {r['act_group_size']!r}")
-    sl = r["w4a4_scale_levels"]
-    if not isinstance(sl, int) or isinstance(sl, bool) or not 0 <= sl <= MAX_SCALE_LEVELS:
-        raise ValueError(f"{where}: w4a4_scale_levels must be an int in 0..{MAX_SCALE_LEVELS} (0 = the group scales "
-                         f"as stored), got {sl!r}")
+    validate_w4a4_scale_levels(r["w4a4_scale_levels"], where)
     hb = r["had_block"]
     if not (hb == "full" or (isinstance(hb, int) and hb >= 0)):
         raise ValueError(f"{where}: had_block must be an int >= 0 (0 = no rotation) or 'full', got {hb!r}")

@@ -18,6 +18,7 @@ from specq.formats import hadamard, int4, mxfp4
 from specq.passes.capture import capture
 from specq.passes.find_weight_matmuls import find_weight_matmuls
 from specq.passes.plan import (INT4_MODES, MODES, entry_modes, load_recipe, make_plan, validate_lm_head_modes,
+                               validate_w4a4_scale_levels,
                                validate_modes)
 from specq.transform import calibration
 from specq.transform.modes import STATE_ATTR, ModeState
@@ -40,7 +41,8 @@ def _model_dtype(model) -> torch.dtype:
 
 
 def transform(model: nn.Module, modes=MODES, recipe=None, input_ids: torch.Tensor | None = None,
-              calibration_ids: torch.Tensor | None = None, lm_head_modes=None) -> nn.Module:
+              calibration_ids: torch.Tensor | None = None, lm_head_modes=None,
+              w4a4_scale_levels: int | None = None) -> nn.Module:
     """Make every planned weight matmul of `model` a MultiModeLinear (in place) and return `model`.
 
     modes: which of ("bf16", "mxfp4", "w4a16", "w4a4") to keep; only their tensors are stored
@@ -53,6 +55,8 @@ def transform(model: nn.Module, modes=MODES, recipe=None, input_ids: torch.Tenso
     lm_head_modes: None (the recipe's `lm_head_modes`, [] by default) or quantized modes of `modes`
     (e.g. ["mxfp4"]) in which the output head runs quantized; it stays the exact float matmul in every
     other mode (bf16 always). Overrides the recipe's key. A tied head gets its own packed copy.
+    w4a4_scale_levels: None (the recipe's key, 0 by default) or 0..16: W4A4 snaps its weight and activation
+    group scales to integer multiples of one unit per row / token (docs/formats.md). Overrides the recipe's key.
     """
     modes = validate_modes(modes)
     if not isinstance(model, nn.Module):
@@ -67,6 +71,8 @@ def transform(model: nn.Module, modes=MODES, recipe=None, input_ids: torch.Tenso
         if absent:
             raise ValueError(f"lm_head_modes {rec['lm_head_modes']}: mode(s) {absent} are not among the modes being "
                              f"built {modes}; add them to modes or drop them from lm_head_modes")
+    if w4a4_scale_levels is not None:
+        rec["w4a4_scale_levels"] = validate_w4a4_scale_levels(w4a4_scale_levels, "specq.transform")
     captured = capture(model, input_ids)
     matmuls = find_weight_matmuls(captured.gm, captured.param_names, captured.aliases, captured.shapes)
     if not matmuls:
