@@ -33,7 +33,14 @@ registers) runs at 1.22-1.60x bf16 there, where triton_w4a4 runs at 0.95-1.08x
 SPECQ_W4A4_GLUON=0 turns it off). Warp-specialized configs (WS: a copy warp issues the TMA copies, the MMA
 warps hand each ring slot back through an "empty" mbarrier) cut the loop's barriers from 4 to 2 per chunk and
 its instructions from 215 to 174 but were no faster (``benchmarks/results/wgmma_ws_h100.md``: barrier stalls
-were 0.19 of 4.15 cycles per issued instruction); they stay candidates, picked at 14336 x 4096, M = 1024. Gluon kernels don't run in Triton's
+were 0.19 of 4.15 cycles per issued instruction); they stay candidates, picked at 14336 x 4096, M = 1024.
+
+Integer-level form (``LEVELS``; W4A4 scale levels, ``int4.snap_scales``): the weight scales are integer levels of
+one unit per row, so chunk i decodes q * level (``_decode_words_scaled``) and its wgmma adds into the single
+int32 accumulator that every chunk shares (``_levels_loop``): no conversion or FMA per chunk, no result read
+before the end, half the registers (130 instead of 254 on the 128 x 64 tile), so 256-token tiles fit (two
+wgmmas of 128 per decoded chunk, ``_levels_loop_pair``). Compiled and SASS-checked on the CPU; not yet run on a
+GPU, hence off there until it has (``LEVELS_ENABLED``). Gluon kernels don't run in Triton's
 interpreter; CPU CI compiles every candidate for sm_90 and checks the SASS and the K order's math; the GPU tests
 (``tests/test_gluon_w4a4.py``) check it against float64 and the Triton kernel, and ``benchmarks/wgmma_quick.py``
 checks and times it in one short call.

@@ -38,6 +38,12 @@ holds an SM and nothing overlaps its rescale with its MMA (each chunk's wgmma is
 rescale reads it). The autotuner picked 64 x 128 tiles of 4 warps (204 registers, two programs per SM)
 on the H100; tiles with three or four programs per SM are among the candidates since (not yet timed).
 
+With W4A4 scale levels (``LEVELS``, per-token activations or grouped ones snapped to a per-token unit: see
+``int4.snap_scales`` and ``activation.quantize_int4_levels``) the weights decode as q * level
+(``_decode_words_scaled``) and one int32 dot sums all of K: no rescale, 168 instead of 315 loop instructions
+and 134 instead of 205 registers on the 128 x 64 tile (``sass_report.py --w4a4 --levels``; interpreter-tested,
+not yet timed on a GPU).
+
 Measured on the H100 (``benchmarks/results/kernels_w4a4_fp8_vs_int8_h100.md``, 2026-12-07): at M = 1024 the GEMM
 alone is 1.01-1.08x bf16 F.linear on the 8B shapes, up from 0.83-0.92x; the loop is not bound by its
 instruction count but by each chunk's serial chain (LDS, decode, STS, barrier, LDSM, wgmma, wait,
