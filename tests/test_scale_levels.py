@@ -207,3 +207,24 @@ def test_transform_argument_overrides_the_recipe():
     assert all(m.w4a4_scale_levels == 9 for _, m in multimode_linears(mm))
     with pytest.raises(ValueError, match="specq.transform: w4a4_scale_levels must be an int in 0..16"):
         specq.transform(make_tiny_model("llama"), modes=("w4a4",), w4a4_scale_levels=20)
+
+
+def test_gpu_backend_level_cache_is_keyed_by_storage_not_object():
+    """Compiled steps pass fused sibling weights as fresh views of one storage on every call: the derived
+    levels must be found again for a new view object of the same scales, and recomputed once the scales are
+    written in place. (The cache lives in the CUDA backend; its logic is plain torch, so it runs here.)"""
+    pytest.importorskip("triton")
+    from specq.kernels import triton_backend
+
+    _, s = _weights()
+    base = s.clone()
+    first = triton_backend._scale_levels(base[:24], 16, "levels", torch.float32)
+    again = triton_backend._scale_levels(base.as_strided((24, s.shape[1]), base.stride()), 16, "levels", torch.float32)
+    assert again is first  # the same cached tensors for a new view object
+    lv, unit = first
+    assert torch.equal(lv, int4.snap_scales(base[:24], 16)[0]) and torch.equal(unit, int4.snap_scales(base[:24], 16)[1])
+    base[:24] *= 2  # written in place: derived again
+    fresh = triton_backend._scale_levels(base[:24], 16, "levels", torch.float32)
+    assert fresh is not first and torch.equal(fresh[1], int4.snap_scales(base[:24], 16)[1])
+    snapped = triton_backend._scale_levels(base[:24], 16, "snapped", torch.bfloat16)
+    assert snapped.dtype == torch.bfloat16 and torch.equal(snapped, int4.snapped_scales(base[:24], 16).bfloat16())

@@ -191,12 +191,15 @@ def _check_levels(levels: int, where: str) -> None:
                          f"got {levels!r}")
 
 
-def snap_scales(scales: torch.Tensor, levels: int = MAX_SCALE_LEVELS) -> tuple[torch.Tensor, torch.Tensor]:
+def snap_scales(scales: torch.Tensor, levels: int = MAX_SCALE_LEVELS, check: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Group scales [N, G] -> ``(level uint8 [N, G] in 0..levels, unit fp32 [N])`` with
     ``level * unit`` the nearest multiple of the row's unit to each scale; the unit is the row's
     largest scale / levels (rounded to ``UNIT_BITS`` significant bits), so that group gets ``levels``
-    and none more. A row of zero scales gets unit 0 and levels 0."""
-    _check_snap_args(scales, levels, "int4.snap_scales")
+    and none more. A row of zero scales gets unit 0 and levels 0. ``check=False`` skips the data checks
+    (they read values back to the host: no sync in a CUDA graph capture)."""
+    if check:
+        _check_snap_args(scales, levels, "int4.snap_scales")
     level, unit = _snap(scales, levels)
     return level.to(torch.uint8), unit
 

@@ -168,23 +168,14 @@ def reference_w4a16(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Te
     return F.linear(rotate(x, had_block), w, bias)
 
 
-def snapped_int4_scales(packed: Tensor, scales: Tensor, scale_levels: int, dtype: torch.dtype = torch.float32
-                        ) -> Tensor:
-    """The group scales linear_w4a4 multiplies with: ``scales`` (scale_levels 0) or
-    ``int4.snapped_scales(scales, scale_levels)`` (exact in fp32; rounded to ``dtype``), remembered beside
-    ``packed``."""
-    if scale_levels == 0:
-        return scales
-    return cached(packed, scales, ("snapped_scales", scale_levels, dtype),
-                  lambda: int4.snapped_scales(scales, scale_levels).to(dtype))
-
-
 def w4a4_weight(packed: Tensor, scales: Tensor, dtype: torch.dtype, scale_levels: int) -> Tensor:
     """The dequantized weight of linear_w4a4 in ``dtype`` (cached, see dequant_cache)."""
     if scale_levels == 0:
         return dequantized(packed, scales, dtype, int4.dequantize)
+    # (the scale checks read values back to the host: not on CUDA, where that would break a graph capture)
     return cached(packed, scales, ("dequantized_snapped", dtype, scale_levels),
-                  lambda: int4.dequantize(packed, int4.snapped_scales(scales, scale_levels), dtype))
+                  lambda: int4.dequantize(packed, int4.snapped_scales(scales, scale_levels, check=not scales.is_cuda),
+                                          dtype))
 
 
 def reference_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor],

@@ -25,6 +25,7 @@ block over 256 columns, ...) fall back to the same math in PyTorch, so every val
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 from typing import Optional
@@ -35,7 +36,6 @@ from torch import Tensor
 
 from specq.formats import activation, hadamard, int4
 from specq.kernels import ops as _ops
-from specq.kernels.dequant_cache import cached
 from specq.kernels import (attention_op, gluon_w4a4, triton_act, triton_attention, triton_dense_gemv, triton_w4a4,
                            triton_wq)
 
@@ -88,12 +88,51 @@ def linear_w4a16(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tenso
     return y.reshape(*x.shape[:-1], n)
 
 
+# Scale levels derived from a weight's stored scales (int4.snap_scales), kept per scales tensor. Keyed by
+# the tensor's geometry, not its Python object: compiled steps pass fused sibling weights as fresh as_strided
+# views of one storage on every call. Each entry holds a reference to the scales it was derived from, so
+# their storage cannot be freed and its address reused by another weight while the entry exists.
+_LEVELS_CACHE: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_LEVELS_CACHE_SIZE = 4096
+
+
+def _version(t: Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors carry no version counter; they cannot be written in place
+        return -1
+
+
+def _scale_levels(scales: Tensor, scale_levels: int, what: str, dtype: torch.dtype):
+    """``what`` = "levels": (uint8 levels, fp32 units) of ``int4.snap_scales``; "snapped": the snapped scales
+    in ``dtype``. Derived without host syncs; during a CUDA graph capture a miss is computed in the graph
+    and not kept (the capture records those kernels instead of running them)."""
+    key = (scales.data_ptr(), tuple(scales.shape), scales.stride(), scales.dtype, scales.device, scale_levels, what,
+           dtype)
+    version = _version(scales)
+    hit = _LEVELS_CACHE.get(key)
+    if hit is not None and hit[1] == version:
+        _LEVELS_CACHE.move_to_end(key)
+        return hit[2]
+    with torch.no_grad():
+        if what == "levels":
+            value = int4.snap_scales(scales, scale_levels, check=False)
+        else:
+            value = int4.snapped_scales(scales, scale_levels, check=False).to(dtype)
+    if not (scales.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _LEVELS_CACHE[key] = (scales, version, value)
+        if len(_LEVELS_CACHE) > _LEVELS_CACHE_SIZE:
+            _LEVELS_CACHE.popitem(last=False)
+    return value
+
+
 def linear_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor],
                 group_size: int, act_group_size: int, had_block: int, scale_levels: int = 0) -> Tensor:
     n, k = _ops.check_int4_args("specq.linear_w4a4", x, packed, scales, bias, group_size, had_block,
                                 act_group_size, scale_levels)
-    # snapped scales (scale_levels > 0) in x.dtype, as stored scales are, for the kernels that take float scales
-    float_scales = _ops.snapped_int4_scales(packed, scales, scale_levels, x.dtype) if scale_levels else scales
+    def float_scales():  # snapped (scale_levels > 0) in x.dtype, as stored ones are, for kernels taking float scales
+        return _scale_levels(scales, scale_levels, "snapped", x.dtype) if scale_levels else scales
+
     act_levels = scale_levels if act_group_size else 0  # activation groups snap too; per-token scales have none
     with _device_ctx(x):
         x2 = _as_2d(x)
@@ -106,7 +145,7 @@ def linear_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor
             # than the weight-streaming kernels, so quantize x (the reference's own fake-quantized
             # activation, in x.dtype) and run the W4A16 streaming kernel on it
             xq = triton_act.fake_quantize(x2, act_group_size, had_block, levels=act_levels)
-            y = triton_wq.wq_matmul(xq, packed, float_scales, bias, triton_wq.FORMAT_INT4, group_size)
+            y = triton_wq.wq_matmul(xq, packed, float_scales(), bias, triton_wq.FORMAT_INT4, group_size)
             return y.reshape(*x.shape[:-1], n)
         # With scale levels the GEMM sums all of K in int32 (weights q * level; grouped activations come as
         # code * v with one unit per token, so the GEMM sees per-token activations either way). The Gluon
@@ -129,16 +168,15 @@ def linear_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor
             q = triton_w4a4.to_k_order(q, order).contiguous()
             sx = sx.reshape(q.shape[0], -1).contiguous()
         if integer:
-            levels, units = cached(packed, scales, ("scale_levels", scale_levels),
-                                   lambda: int4.snap_scales(scales, scale_levels))
+            levels, units = _scale_levels(scales, scale_levels, "levels", x.dtype)
             if wgmma:
                 y = gluon_w4a4.w4a4_matmul(q, sx, packed, levels, bias, group_size, x.dtype, units=units)
             else:
                 y = triton_w4a4.w4a4_matmul(q, sx, packed, levels, bias, group_size, 0, x.dtype, units=units)
         elif wgmma:
-            y = gluon_w4a4.w4a4_matmul(q, sx, packed, float_scales, bias, group_size, x.dtype)
+            y = gluon_w4a4.w4a4_matmul(q, sx, packed, float_scales(), bias, group_size, x.dtype)
         else:
-            y = triton_w4a4.w4a4_matmul(q, sx, packed, float_scales, bias, group_size, act_group_size, x.dtype)
+            y = triton_w4a4.w4a4_matmul(q, sx, packed, float_scales(), bias, group_size, act_group_size, x.dtype)
     return y.reshape(*x.shape[:-1], n)
 
 
