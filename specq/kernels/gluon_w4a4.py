@@ -39,8 +39,9 @@ Integer-level form (``LEVELS``; W4A4 scale levels, ``int4.snap_scales``): the we
 one unit per row, so chunk i decodes q * level (``_decode_words_scaled``) and its wgmma adds into the single
 int32 accumulator that every chunk shares (``_levels_loop``): no conversion or FMA per chunk, no result read
 before the end, half the registers (130 instead of 254 on the 128 x 64 tile), so 256-token tiles fit (two
-wgmmas of 128 per decoded chunk, ``_levels_loop_pair``). Compiled and SASS-checked on the CPU; not yet run on a
-GPU, hence off there until it has (``LEVELS_ENABLED``). Gluon kernels don't run in Triton's
+wgmmas of 128 per decoded chunk, ``_levels_loop_pair``). On the H100 (2026-12-07,
+``benchmarks/results/kernels_levels_h100.md``) the GEMM runs at 1.87x bf16 at 4096 x 4096, M = 1024 (27.5 us; the
+rescaling form 41.5) and 1.59-1.78x on the larger 8B shapes (1.16x at 4096 x 4096, M = 256). Gluon kernels don't run in Triton's
 interpreter; CPU CI compiles every candidate for sm_90 and checks the SASS and the K order's math; the GPU tests
 (``tests/test_gluon_w4a4.py``) check it against float64 and the Triton kernel, and ``benchmarks/wgmma_quick.py``
 checks and times it in one short call.
@@ -408,11 +409,11 @@ _CACHE = ConfigCache("w4a4_wgmma")
 # On by default since its register-A form ran on the H100 (2026-12-07: correct, 1.22-1.60x bf16 at M = 256 /
 # 1024 where triton_w4a4 is 0.95-1.08x); SPECQ_W4A4_GLUON=0 keeps W4A4 on the Triton kernel.
 ENABLED = os.environ.get("SPECQ_W4A4_GLUON", "1") not in ("", "0")
-# The integer-level form (scale levels, ``_levels_loop``) compiles for sm_90 and its SASS is checked on the CPU,
-# but it has not yet run on a GPU: off until it has (SPECQ_W4A4_GLUON_LEVELS=1 turns it on; the
-# benchmarks/gpu_check.sh step wgmma_levels tests and times it). Meanwhile scale levels on Hopper take the
-# rescaling form above with the snapped scales.
-LEVELS_ENABLED = os.environ.get("SPECQ_W4A4_GLUON_LEVELS", "0") not in ("", "0")
+# The integer-level form (scale levels, ``_levels_loop``): on since it ran on the H100 (2026-12-07: its GPU tests
+# passed; the GEMM 1.16-1.87x bf16 at M = 256 / 1024 on the 8B shapes, where the rescaling form was 1.15-1.47x,
+# benchmarks/results/kernels_levels_h100.md). SPECQ_W4A4_GLUON_LEVELS=0 sends scale levels on Hopper to the
+# rescaling form with the snapped scales (per-token activations) or the Triton kernel's integer path.
+LEVELS_ENABLED = os.environ.get("SPECQ_W4A4_GLUON_LEVELS", "1") not in ("", "0")
 
 
 def supported(m: int, n: int, k: int, group: int, act_group: int, device: torch.device) -> bool:
