@@ -229,7 +229,7 @@ def test_gpu_wgmma_kernel_matches_float64_and_triton(index, m, k, n):
 @pytest.mark.parametrize("index", range(N_LEVEL_CANDIDATES), ids=_level_ids())
 @pytest.mark.parametrize("m,k,n", GPU_CASES, ids=[f"{m}x{k}x{n}" for m, k, n in GPU_CASES])
 def test_gpu_integer_level_kernel_matches_float64_and_triton(index, m, k, n):
-    """The integer-level form (not yet enabled by default: gluon_w4a4.LEVELS_ENABLED) against float64 with
+    """The integer-level form (gluon_w4a4.LEVELS_ENABLED) against float64 with
     the snapped scales, and against the Triton kernel's integer path (the same exact int32 sums, so equal up
     to the fp32 rounding of the final scaling)."""
     _hopper()
