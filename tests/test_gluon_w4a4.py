@@ -38,7 +38,7 @@ def _config_ids():
 
 
 N_CANDIDATES = 11
-N_LEVEL_CANDIDATES = 6
+N_LEVEL_CANDIDATES = 7
 
 
 def _level_ids():

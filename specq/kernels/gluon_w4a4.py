@@ -452,7 +452,9 @@ def _level_candidates() -> list[Config]:
     N), which decodes each weight chunk once per 256 tokens instead of 128. (tokens, weight rows, ring
     stages, warps); shared memory per stage: tokens x 128 B of codes + rows x 64 B of words."""
     # 128 x 64 at 3 stages: 130 registers and 62 KB, three programs per SM
-    raw = [(128, 64, 4, 4), (128, 64, 3, 4), (256, 64, 3, 4), (256, 64, 2, 4), (128, 128, 4, 8), (256, 128, 3, 8)]
+    # 64 x 64: twice the tiles of 128 x 64, for M = 256 at N = 4096 (one wave of 128 tiles on 132 SMs otherwise)
+    raw = [(128, 64, 4, 4), (128, 64, 3, 4), (256, 64, 3, 4), (256, 64, 2, 4), (128, 128, 4, 8), (256, 128, 3, 8),
+           (64, 64, 4, 4)]
     return [Config.make(num_warps=nw, num_stages=1, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, I2F=1, WS=0)
             for bm, bn, st, nw in raw]
 
