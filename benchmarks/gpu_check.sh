@@ -32,8 +32,8 @@
 #                     SPECQ_W4A4_GLUON_LEVELS=1): their GPU tests (Gluon and Triton), each Gluon level candidate
 #                     timed at 4096 x 4096, M = 1024 (wgmma_quick --levels), then all of them timed alone and as
 #                     the whole op against the rescaling ones and bf16 at M = 256, 1024 on the 8B shapes
-# e2e_levels  (300 s) the 8B-shape W4A4 draft step (and W4A16's) at batch 32, scale levels 0 and 16 (default recipe:
-#                     activation groups of 32), eager steps in CUDA graphs
+# e2e_levels  (400 s) the 8B-shape W4A4 draft step (and W4A16's) at batch 32, scale levels 0 and 16 (default recipe:
+#                     activation groups of 32), inductor-compiled steps in CUDA graphs
 # Results land in $OUT (fetched by the device tool); copy the ones worth keeping to benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -123,9 +123,10 @@ torch.cuda.synchronize()"
         --out "$OUT/kernels_levels.md" --json "$OUT/kernels_levels.json"
       grep -E "^\| (bf16|w4a4)" "$OUT/kernels_levels.md" ;;
     e2e_levels) for L in 0 16; do  # the 8B-shape W4A4 draft step at batch 32 (32 rows per linear), levels off / on
-        step e2e_levels_$L 150 python benchmarks/e2e.py --model llama3-8b-shape --batch 32 --rows ar_w4a16 \
-          --new-tokens 4 --compile none --steps --steps-compile none --step-batches 32 --step-shapes w4a16:1,w4a4:1 \
-          --recipe-set w4a4_scale_levels=$L --out "$OUT" --tag llama3_8b_shape_b32_levels$L
+        # (row qspec only to build the W4A4 mode, random weights; --no-per-row: no per-row steps, ~45 s of compile each)
+        step e2e_levels_$L 200 python benchmarks/e2e.py --model llama3-8b-shape --batch 32 --rows qspec --no-per-row \
+          --new-tokens 4 --compile none --steps --steps-compile inductor --step-batches 32 \
+          --step-shapes w4a16:1,w4a4:1 --recipe-set w4a4_scale_levels=$L --out "$OUT" --tag llama3_8b_shape_b32_levels$L
       done
       grep -hE "^\| (w4a16|w4a4) q" "$OUT"/e2e_llama3_8b_shape_b32_levels*.md ;;
     gpu_w4a4) step gpu_w4a4 240 python -m pytest -q -x tests/test_triton_kernels.py -k "gpu and (w4a4 or act)" ;;
