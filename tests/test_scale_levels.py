@@ -212,7 +212,7 @@ def test_transform_argument_overrides_the_recipe():
 def test_gpu_backend_level_cache_is_keyed_by_storage_not_object():
     """Compiled steps pass fused sibling weights as fresh views of one storage on every call: the derived
     levels must be found again for a new view object of the same scales, and recomputed once the scales are
-    written in place. (The cache lives in the CUDA backend; its logic is plain torch, so it runs here.)"""
+    written in place. (The CUDA backend's use of dequant_cache.cached_by_storage; plain torch, so it runs here.)"""
     pytest.importorskip("triton")
     from specq.kernels import triton_backend
 

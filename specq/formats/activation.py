@@ -52,25 +52,34 @@ def _div(a: torch.Tensor, b) -> torch.Tensor:
     return (a.to(torch.float64) / b).to(a.dtype)
 
 
-def _quantize(x: torch.Tensor, group_size: int, where: str, levels: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _group_scales(x: torch.Tensor, group_size: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x as [..., G, group] in the working dtype, its group scales amax / 7 [..., G, 1])."""
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     xg = _grouped(x, group_size, where).to(work)
-    scale = _div(xg.abs().amax(-1, keepdim=True).to(work), QMAX)
-    if levels and group_size:
-        scale, _ = _snap_group_scales(scale, levels)
+    return xg, _div(xg.abs().amax(-1, keepdim=True).to(work), QMAX)
+
+
+def _codes(xg: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """clamp(round_half_even(xg / scale), -8, 7) as floats; a zero scale counts as 1 (its group is zeros)."""
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(xg / safe).clamp(QMIN, QMAX)
-    return q, scale
+    return torch.round(xg / safe).clamp(QMIN, QMAX)
 
 
-def _snap_group_scales(scale: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group scales [..., G, 1] -> (v * t [..., G, 1], v [..., G, 1]) with t = max scale / levels per token and
-    v = round_half_even(scale / t) in 0..levels (0 where t is 0). The max of correctly rounded amax / 7
-    is the correctly rounded max amax / 7, so t is (token amax / 7) / levels, as the kernels compute it."""
+def _quantize(x: torch.Tensor, group_size: int, where: str, levels: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    xg, scale = _group_scales(x, group_size, where)
+    if levels and group_size:
+        scale, _, _ = _snap_group_scales(scale, levels)
+    return _codes(xg, scale), scale
+
+
+def _snap_group_scales(scale: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group scales [..., G, 1] -> (v * t [..., G, 1], v [..., G, 1], t [..., 1, 1]) with t = max scale / levels
+    per token and v = round_half_even(scale / t) in 0..levels (0 where t is 0). The max of correctly rounded
+    amax / 7 is the correctly rounded max amax / 7, so t is (token amax / 7) / levels, as the kernels compute it."""
     t = _div(scale.amax(-2, keepdim=True), levels)
     safe = torch.where(t > 0, t, torch.ones_like(t))
     v = torch.where(t > 0, torch.round(scale / safe), torch.zeros_like(scale)).clamp(0, levels)
-    return v * t, v
+    return v * t, v, t
 
 
 def _check_levels(levels: int, group_size: int, where: str) -> None:
@@ -88,14 +97,10 @@ def quantize_int4_levels(x: torch.Tensor, group_size: int, levels: int) -> tuple
     _check_levels(levels, group_size, where)
     if not levels:
         raise ValueError(f"{where}: levels must be 1..16 here (use quantize_int4 for float group scales)")
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xg = _grouped(x, group_size, where).to(work)
-    scale = _div(xg.abs().amax(-1, keepdim=True).to(work), QMAX)
-    snapped, v = _snap_group_scales(scale, levels)
-    safe = torch.where(snapped > 0, snapped, torch.ones_like(snapped))
-    q = torch.nan_to_num(torch.round(xg / safe).clamp(QMIN, QMAX), nan=0.0)
-    unit = _div(scale.amax(-2), levels)  # [..., 1]
-    return (q * torch.nan_to_num(v, nan=0.0)).to(torch.int8).reshape(x.shape), unit.to(torch.float32)
+    xg, scale = _group_scales(x, group_size, where)
+    snapped, v, unit = _snap_group_scales(scale, levels)
+    q = torch.nan_to_num(_codes(xg, snapped), nan=0.0)
+    return (q * torch.nan_to_num(v, nan=0.0)).to(torch.int8).reshape(x.shape), unit.squeeze(-1).to(torch.float32)
 
 
 def quantize_int4(x: torch.Tensor, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,7 @@ before); the int4pack layout has its own switch (SPECQ_INT4_CPU=0 turns that ker
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import weakref
@@ -71,6 +72,34 @@ def dequantized(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
                   lambda: dequantize(packed, scales, dtype))
 
 
+# Derived tensors keyed by a tensor's storage and geometry rather than its Python object: compiled steps pass
+# fused sibling weights as fresh as_strided views of one storage on every call, which the id-keyed entries above
+# would never find again. Each entry holds the tensor it was derived from, so that storage cannot be freed and
+# its address reused by another weight while the entry exists; the oldest entries go beyond _BY_STORAGE_SIZE.
+_by_storage: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_BY_STORAGE_SIZE = 4096
+
+
+def cached_by_storage(t: torch.Tensor, tag: Hashable, build: Callable[[], object]):
+    """``build()`` (derived from ``t`` alone), remembered per storage, geometry and version of ``t``. During a
+    CUDA graph capture a miss is built but not kept: the capture records its kernels instead of running them."""
+    key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, tag)
+    version = _version(t)
+    with _lock:
+        hit = _by_storage.get(key)
+        if hit is not None and hit[1] == version:
+            _by_storage.move_to_end(key)
+            return hit[2]
+    with torch.no_grad():
+        value = build()
+    if not (t.is_cuda and torch.cuda.is_current_stream_capturing()):
+        with _lock:
+            _by_storage[key] = (t, version, value)
+            if len(_by_storage) > _BY_STORAGE_SIZE:
+                _by_storage.popitem(last=False)
+    return value
+
+
 def _drop(packed_id: int) -> None:
     with _lock:
         _watched.discard(packed_id)
@@ -82,3 +111,4 @@ def clear() -> None:
     """Forget every cached weight (frees their memory)."""
     with _lock:
         _entries.clear()
+        _by_storage.clear()

@@ -55,9 +55,14 @@ MAX_CHUNK = 256  # the [CHP, CHP] rotation tile must stay small enough for regis
 
 
 @triton.jit
+def _round_half_even(v):
+    """round half to even of fp32 v (|v| << 2^22) without libdevice: 1.5 * 2^23 added and taken away."""
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
 def _round_clamp_int4(v):
-    r = (v + 12582912.0) - 12582912.0  # round half to even (|v| << 2^22) without libdevice
-    return tl.minimum(tl.maximum(r, -8.0), 7.0).to(tl.int8)
+    return tl.minimum(tl.maximum(_round_half_even(v), -8.0), 7.0).to(tl.int8)
 
 
 @triton.jit
@@ -148,9 +153,9 @@ def _quantize_store(r, scale, rows, offs_k, chunk0, mask, y_ptr, q_ptr, s_ptr, M
         r4 = tl.reshape(r, (R, NP, NG, AG))
         gscale = tl.math.div_rn(tl.max(tl.abs(r4), axis=3), 7.0)  # [R, NP, NG]
         if LV > 0:  # as activation._snap_group_scales
-            t = tl.math.div_rn(scale, LV * 1.0)[:, None, None]
+            t = _token_scale(scale, LV)[:, None, None]
             ratio = tl.math.div_rn(gscale, tl.where(t > 0, t, 1.0))
-            v = tl.minimum(tl.maximum((ratio + 12582912.0) - 12582912.0, 0.0), LV * 1.0)  # round half to even
+            v = tl.minimum(tl.maximum(_round_half_even(ratio), 0.0), LV * 1.0)
             v = tl.where(t > 0, v, 0.0)
             gscale = v * t
         safe = tl.where(gscale > 0, gscale, 1.0)

@@ -25,7 +25,6 @@ block over 256 columns, ...) fall back to the same math in PyTorch, so every val
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 from typing import Optional
@@ -36,6 +35,7 @@ from torch import Tensor
 
 from specq.formats import activation, hadamard, int4
 from specq.kernels import ops as _ops
+from specq.kernels.dequant_cache import cached_by_storage
 from specq.kernels import (attention_op, gluon_w4a4, triton_act, triton_attention, triton_dense_gemv, triton_w4a4,
                            triton_wq)
 
@@ -88,42 +88,14 @@ def linear_w4a16(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tenso
     return y.reshape(*x.shape[:-1], n)
 
 
-# Scale levels derived from a weight's stored scales (int4.snap_scales), kept per scales tensor. Keyed by
-# the tensor's geometry, not its Python object: compiled steps pass fused sibling weights as fresh as_strided
-# views of one storage on every call. Each entry holds a reference to the scales it was derived from, so
-# their storage cannot be freed and its address reused by another weight while the entry exists.
-_LEVELS_CACHE: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
-_LEVELS_CACHE_SIZE = 4096
-
-
-def _version(t: Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors carry no version counter; they cannot be written in place
-        return -1
-
-
 def _scale_levels(scales: Tensor, scale_levels: int, what: str, dtype: torch.dtype):
     """``what`` = "levels": (uint8 levels, fp32 units) of ``int4.snap_scales``; "snapped": the snapped scales
-    in ``dtype``. Derived without host syncs; during a CUDA graph capture a miss is computed in the graph
-    and not kept (the capture records those kernels instead of running them)."""
-    key = (scales.data_ptr(), tuple(scales.shape), scales.stride(), scales.dtype, scales.device, scale_levels, what,
-           dtype)
-    version = _version(scales)
-    hit = _LEVELS_CACHE.get(key)
-    if hit is not None and hit[1] == version:
-        _LEVELS_CACHE.move_to_end(key)
-        return hit[2]
-    with torch.no_grad():
-        if what == "levels":
-            value = int4.snap_scales(scales, scale_levels, check=False)
-        else:
-            value = int4.snapped_scales(scales, scale_levels, check=False).to(dtype)
-    if not (scales.is_cuda and torch.cuda.is_current_stream_capturing()):
-        _LEVELS_CACHE[key] = (scales, version, value)
-        if len(_LEVELS_CACHE) > _LEVELS_CACHE_SIZE:
-            _LEVELS_CACHE.popitem(last=False)
-    return value
+    in ``dtype``. Derived without host syncs (no checks), kept per scales storage (``cached_by_storage``)."""
+    if what == "levels":
+        return cached_by_storage(scales, ("levels", scale_levels),
+                                 lambda: int4.snap_scales(scales, scale_levels, check=False))
+    return cached_by_storage(scales, ("snapped", scale_levels, dtype),
+                             lambda: int4.snapped_scales(scales, scale_levels, check=False).to(dtype))
 
 
 def linear_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor],
@@ -152,11 +124,12 @@ def linear_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor
         # kernel (Hopper, large M) takes that only where its integer form is on; otherwise it runs its rescaling
         # form on the snapped scales (per-token activations) or the Triton kernel's integer path serves.
         integer = bool(scale_levels)
-        gemm_act_group = 0 if integer else act_group_size
-        wgmma = gluon_w4a4.supported(x2.shape[0], n, k, group_size, gemm_act_group, x2.device)
-        if wgmma and integer and not gluon_w4a4.LEVELS_ENABLED:
-            integer = act_group_size > 0  # grouped activations need the integer form: Triton's
-            wgmma = not integer
+        wgmma = gluon_w4a4.supported(x2.shape[0], n, k, group_size, 0 if integer else act_group_size, x2.device)
+        if integer and wgmma and not gluon_w4a4.LEVELS_ENABLED:
+            if act_group_size:  # grouped activations need an integer form: the Triton one
+                wgmma = False
+            else:  # per token: the rescaling Gluon form on the snapped scales
+                integer = False
         order = triton_w4a4.ORDER_WGMMA if wgmma else triton_w4a4.ORDER_WORDS
         if triton_act.supported(k, had_block, act_group_size, codes=True, order=order):
             q, sx = triton_act.quantize(x2, act_group_size, had_block, order, levels=act_levels)

@@ -41,8 +41,9 @@ on the H100; tiles with three or four programs per SM are among the candidates s
 With W4A4 scale levels (``LEVELS``, per-token activations or grouped ones snapped to a per-token unit: see
 ``int4.snap_scales`` and ``activation.quantize_int4_levels``) the weights decode as q * level
 (``_decode_words_scaled``) and one int32 dot sums all of K: no rescale, 168 instead of 315 loop instructions
-and 134 instead of 205 registers on the 128 x 64 tile (``sass_report.py --w4a4 --levels``; interpreter-tested,
-not yet timed on a GPU).
+and 134 instead of 205 registers on the 128 x 64 tile (``sass_report.py --w4a4 --levels``). It serves up to
+128 rows on Hopper (the Gluon kernel above): on the H100 (2026-12-07, ``benchmarks/results/kernels_levels_m32_64_h100.md``)
+groups of 32 with levels ran at 0.75-1.71x bf16 at M = 32 / 64 where their rescaling path ran at 0.39-0.67x.
 
 Measured on the H100 (``benchmarks/results/kernels_w4a4_fp8_vs_int8_h100.md``, 2026-12-07): at M = 1024 the GEMM
 alone is 1.01-1.08x bf16 F.linear on the 8B shapes, up from 0.83-0.92x; the loop is not bound by its
