@@ -161,7 +161,7 @@ def gluon_w4a4_kernel(cfg, levels: bool = False):
     return compile_sm90(g._w4a4_wgmma_kernel, sig, const, divisible, cfg.num_warps, maxnreg=g.max_registers(cfg))
 
 
-def act_loop_kernel(plan, act_group: int = 0, fake: bool = False, order: int = 128):
+def act_loop_kernel(plan, act_group: int = 0, fake: bool = False, order: int = 128, levels: int = 0):
     """The looped activation pre-kernel (triton_act) for sm_90 at one LoopPlan: bf16 x, Hadamard blocks of
     128, chunks of 128."""
     from specq.kernels import triton_act as a
@@ -169,7 +169,7 @@ def act_loop_kernel(plan, act_group: int = 0, fake: bool = False, order: int = 1
            "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_qm": "i32", "stride_sm": "i32",
            "inv_norm": "fp32", "n_seg": "i32"}
     const = {"CH": 128, "CHP": 128, "SEG": plan.seg, "R": plan.rows, "AG": act_group, "ROTATE": True,
-             "FAKE": fake, "DOT_FP32": False, "IEEE": False, "ORDER": order, "STAGES": plan.stages}
+             "FAKE": fake, "DOT_FP32": False, "IEEE": False, "ORDER": order, "STAGES": plan.stages, "LV": levels}
     divisible = ["x_ptr", "h_ptr", "y_ptr", "q_ptr", "s_ptr", "K", "stride_xm", "stride_ym", "stride_qm"]
     return compile_sm90(a._act_loop_kernel, sig, const, divisible, plan.warps)
 

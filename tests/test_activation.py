@@ -13,13 +13,14 @@ from specq.formats.activation import fake_quantize_int4, quantize_int4
 
 
 def reference(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(q float32 [..., K], scale float32 [..., G]) by the definition: scale = amax / 7 per token or group."""
+    """(q float32 [..., K], scale float32 [..., G]) by the definition: scale = amax / 7 per token or group,
+    q = clamp(rint(x * fl(1 / scale)), -8, 7), a scale below 2^-120 taken as 1."""
     k = x.shape[-1]
     g = 1 if group_size == 0 else k // group_size
     xg = x.astype(np.float32).reshape(*x.shape[:-1], g, k // g)
     scale = (np.abs(xg).max(-1, keepdims=True) / np.float32(7)).astype(np.float32)
-    safe = np.where(scale > 0, scale, np.float32(1))
-    q = np.where(scale > 0, np.clip(np.rint(xg / safe), -8, 7), 0).astype(np.float32)
+    inv = np.float32(1) / np.where(scale >= np.float32(2.0 ** -120), scale, np.float32(1))
+    q = np.clip(np.rint(xg * inv), -8, 7).astype(np.float32)
     return q.reshape(x.shape), scale[..., 0]
 
 
@@ -40,8 +41,8 @@ def test_matches_reference(x, group_size):
     fq = fake_quantize_int4(xt, group_size)
     rep = np.repeat(s_ref, x.shape[-1] // s_ref.shape[-1], axis=-1)
     np.testing.assert_array_equal(fq.numpy(), (q_ref * rep).astype(np.float32))
-    # (+ 2**-147: a token whose amax / 7 underflows float32 to 0 reconstructs as zeros)
-    assert (np.abs(fq.numpy().astype(np.float64) - x) <= rep.astype(np.float64) * 0.5 * (1 + 1e-6) + 2.0 ** -147).all()
+    # (+ 2**-117: a token whose scale is below 2^-120 reconstructs as zeros)
+    assert (np.abs(fq.numpy().astype(np.float64) - x) <= rep.astype(np.float64) * 0.5 * (1 + 1e-6) + 2.0 ** -117).all()
 
 
 def test_per_token_and_per_group_differ_as_expected():

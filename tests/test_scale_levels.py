@@ -70,7 +70,7 @@ def test_snap_scales_rejects_bad_input_with_the_fix():
 @pytest.mark.parametrize("levels", [16, 5])
 def test_activation_levels_match_float64(levels):
     """Activation groups with scale levels against float64: t = token amax / 7 / levels, v = round(group
-    scale / t), codes = clamp(round(x / (v t)), -8, 7); the int8 values are code * v; fake = code * v * t."""
+    scale / t), codes = clamp(round(x * fl(1 / (v t))), -8, 7); the int8 values are code * v; fake = code * v * t."""
     gen = torch.Generator().manual_seed(levels)
     x = torch.randn(4, 3, 256, generator=gen) * torch.rand(4, 3, 8, 1, generator=gen).repeat_interleave(
         32, -1).reshape(4, 3, 256) * 5
@@ -82,7 +82,8 @@ def test_activation_levels_match_float64(levels):
     t = (gs.amax(-1, keepdim=True) / levels).float().double()
     v = torch.where(t > 0, torch.round(gs / torch.where(t > 0, t, 1.0)), 0.0).clamp(0, levels)
     snapped = (v * t).float().double()
-    code = torch.where(snapped[..., None] > 0, torch.round(x64 / torch.where(snapped > 0, snapped, 1.0)[..., None]),
+    inv = (1.0 / torch.where(snapped > 0, snapped, 1.0)).float().double()  # the reciprocal, rounded to float32
+    code = torch.where(snapped[..., None] > 0, torch.round((x64 * inv[..., None]).float().double()),
                        0.0).clamp(-8, 7)
     assert torch.equal(values.double(), (code * v[..., None]).reshape(4, 3, 256))
     assert torch.equal(unit.double(), t)

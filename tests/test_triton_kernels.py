@@ -475,7 +475,7 @@ def run_attention_separate(*case, device: str = "cpu") -> dict:
 # (M, K, activation group, Hadamard block, dtype)
 ACT_PATH_CASES = [(3, 256, 0, 128, "bfloat16"), (5, 4096, 0, 128, "bfloat16"), (2, 192, 0, 12, "float16"),
                   (17, 256, 32, 32, "bfloat16"), (4, 1152, 0, 64, "bfloat16"), (4, 200, 0, 0, "float32"),
-                  (3, 640, 32, 128, "bfloat16")]
+                  (3, 640, 32, 128, "bfloat16"), (2, 14336, 0, 128, "bfloat16")]
 
 
 def run_act_paths(m: int, k: int, ag: int, hb: int, dtype: str, device: str = "cpu") -> dict:
@@ -778,10 +778,10 @@ def test_act_default_plan_follows_the_h100_measurements():
     x = torch.zeros(2, 256)
     with pytest.raises(ValueError, match="rows \\* seg must be >= 16"):
         a.quantize(x, 0, 128, plan=a.LoopPlan(rows=1, seg=2))
-    with pytest.raises(ValueError, match="do not fit one program's tile"):
-        a.quantize(torch.zeros(2, 14336), 0, 128, plan="rows")
-    with pytest.raises(ValueError, match="do not fit one program's tile"):
-        a.quantize(torch.zeros(2, 14336), 0, 128, plan=a.PersistentPlan(rows=1, warps=4, stages=2, programs_per_sm=1))
+    with pytest.raises(ValueError, match="do not fit one program's tile"):  # 256 chunks a row
+        a.quantize(torch.zeros(2, 32768), 0, 128, plan="rows")
+    with pytest.raises(ValueError, match="do not fit one program's tile"):  # 4 rows of 128 (padded) chunks
+        a.quantize(torch.zeros(2, 14336), 0, 128, plan=a.PersistentPlan(rows=4, warps=4, stages=2, programs_per_sm=1))
     with pytest.raises(ValueError, match="fewer than the 16 tile rows"):  # 2 chunks a row: 8 rows at least
         a.quantize(torch.zeros(2, 256), 0, 128, plan=a.PersistentPlan(rows=4, warps=4, stages=2, programs_per_sm=1))
 
