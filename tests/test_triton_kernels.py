@@ -773,8 +773,10 @@ def test_act_default_plan_follows_the_h100_measurements():
     assert a._default_plan(4, 8192, 128, 32) == a.LoopPlan(rows=1, seg=64, warps=4, stages=2)
     assert a._default_plan(4, 256, 128, 0) == "rows"  # two chunks: too few tile rows for a segment's dot
     assert a._default_plan(512, 256, 128, 0) == "rows"  # nor for a two-row block
-    assert [a._default_plan(m, 14336, 128, 0) for m in (1, 16, 511)] == ["chunks"] * 3
-    assert [a._default_plan(m, 14336, 128, 0) for m in (512, 1024)] == [a.LONG_ROWS_PLAN] * 2
+    assert [a._default_plan(m, 14336, 128, 0) for m in (1, 16, 255)] == ["chunks"] * 3
+    assert [a._default_plan(m, 14336, 128, 0) for m in (256, 1024)] == [a.LONG_WHOLE_ROWS_PLAN] * 2
+    assert [a._default_plan(m, 14336, 128, 32) for m in (512, 1024)] == [a.LONG_ROWS_PLAN] * 2
+    assert a._default_plan(1024, 32768, 128, 0) == a.LONG_ROWS_PLAN  # 256 chunks: no whole-row tile
     x = torch.zeros(2, 256)
     with pytest.raises(ValueError, match="rows \\* seg must be >= 16"):
         a.quantize(x, 0, 128, plan=a.LoopPlan(rows=1, seg=2))

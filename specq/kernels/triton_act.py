@@ -85,8 +85,9 @@ def _times(a, b):
 
 
 @triton.jit
-def _round_clamp_int4(v):
-    return tl.minimum(tl.maximum(_round_half_even(v), -8.0), 7.0).to(tl.int8)
+def _code(v):
+    """clamp(round_half_even(v), -8, 7) as fp32 (converted to int8 once, after any multiply by a level)."""
+    return tl.minimum(tl.maximum(_round_half_even(v), -8.0), 7.0)
 
 
 @triton.jit
@@ -170,8 +171,9 @@ def _quantize_store(r, scale, rows, offs_k, chunk0, mask, y_ptr, q_ptr, s_ptr, M
     the token's amax / 7), and the stored values are the int8 code * v (the caller stores t)."""
     if AG == 0:
         inv = tl.broadcast_to(_reciprocal(scale)[:, None, None], (R, NP, CHP))
-        qv = _round_clamp_int4(_times(r, inv))
-        fq = qv.to(tl.float32) * scale[:, None, None]
+        qf = _code(_times(r, inv))
+        qv = qf.to(tl.int8)
+        fq = qf * scale[:, None, None]
     else:
         NG: tl.constexpr = CHP // AG
         r4 = tl.reshape(r, (R, NP, NG, AG))
@@ -183,11 +185,11 @@ def _quantize_store(r, scale, rows, offs_k, chunk0, mask, y_ptr, q_ptr, s_ptr, M
             v = tl.where(t > 0, v, 0.0)
             gscale = v * t
         inv = tl.broadcast_to(_reciprocal(gscale)[:, :, :, None], (R, NP, NG, AG))
-        q4 = _round_clamp_int4(_times(r4, inv))
-        fq = tl.reshape(q4.to(tl.float32) * gscale[:, :, :, None], (R, NP, CHP))
+        qf = _code(_times(r4, inv))
+        fq = tl.reshape(qf * gscale[:, :, :, None], (R, NP, CHP))
         if LV > 0:
-            q4 = (q4.to(tl.float32) * v[:, :, :, None]).to(tl.int8)  # code * v: [-128, 112]
-        qv = tl.reshape(q4, (R, NP, CHP))
+            qf = qf * v[:, :, :, None]  # code * v: [-128, 112], exact
+        qv = tl.reshape(qf.to(tl.int8), (R, NP, CHP))
     if FAKE:
         tl.store(y_ptr + rows[:, None, None] * stride_ym + offs_k[None, :, :], fq.to(x_dtype), mask=mask)
     else:
@@ -476,10 +478,15 @@ class PersistentPlan(NamedTuple):
 # The persistent whole-row kernel (benchmarks/results/act_persist_h100.md, 2026-12-07 19:38), two rows per
 # block, 8 warps, two programs per SM: 4.83 us at K = 4096, M = 256 (whole-row kernel 5.79, one-row loop
 # 5.88) and 9.76 at M = 1024 (whole-row 9.77), so it takes whole rows from 256 rows on.
+# With the reciprocal multiply (benchmarks/results/act_recip_h100.md, 2026-12-07 23:31, same H100 A/B against
+# the division): K = 4096 3.86 / 7.62 us at M = 256 / 1024 (were 4.89 / 9.95); K = 14336 per token, one whole
+# row ([128, 128] tile, 112 chunks padded) per block, 8 warps, 3 stages, two programs per SM: 7.17 / 23.95 us
+# (chunks 14.04, loop 32.01; with the division the best were 16.09 / 40.39).
 LOOP_MAX_M = 256  # below this many rows, rows that fit one segment take LoopPlan(1, whole row)
 CHUNKS_MAX_M = 512  # long rows: the per-chunk kernel below this, the looped kernel from it
 LONG_ROWS_PLAN = LoopPlan(rows=4, seg=16, warps=8, stages=2)
 WHOLE_ROWS_PLAN = PersistentPlan(rows=2, warps=8, stages=2, programs_per_sm=2)
+LONG_WHOLE_ROWS_PLAN = PersistentPlan(rows=1, warps=8, stages=3, programs_per_sm=2)  # per token, >= 256 rows
 
 
 def _default_plan(M: int, K: int, had_block: int, act_group: int):
@@ -493,6 +500,8 @@ def _default_plan(M: int, K: int, had_block: int, act_group: int):
         if _rows_layout(K, had_block, act_group, WHOLE_ROWS_PLAN.rows) is not None:
             return WHOLE_ROWS_PLAN
         return "rows"
+    if act_group == 0 and M >= LOOP_MAX_M and _rows_layout(K, had_block, act_group, 1) is not None:
+        return LONG_WHOLE_ROWS_PLAN
     return "chunks" if M < CHUNKS_MAX_M else LONG_ROWS_PLAN
 
 
