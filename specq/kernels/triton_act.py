@@ -62,8 +62,9 @@ MAX_CHUNK = 256  # the [CHP, CHP] rotation tile must stay small enough for regis
 
 @triton.jit
 def _round_half_even(v):
-    """round half to even of fp32 v (|v| << 2^22) without libdevice: 1.5 * 2^23 added and taken away."""
-    return (v + 12582912.0) - 12582912.0
+    """round half to even of fp32 v (|v| << 2^22): one FRND (libdevice rint) on the GPU; in the interpreter
+    1.5 * 2^23 added and taken away (the same value)."""
+    return libdevice.rint(v) if _ON_GPU else (v + 12582912.0) - 12582912.0
 
 
 _ON_GPU = tl.constexpr(not INTERPRET)
@@ -79,15 +80,19 @@ def _reciprocal(scale):
 
 @triton.jit
 def _times(a, b):
-    """a * b rounded to nearest and never contracted into an FMA with the add that follows (the code's
-    round half even adds 1.5 * 2^23 next): mul.rn on the GPU; the interpreter rounds each numpy op alone."""
+    """a * b rounded to nearest and never contracted into an FMA with an add that follows (mul.rn on the
+    GPU); the interpreter rounds each numpy op alone."""
     return libdevice.mul_rn(a, b) if _ON_GPU else a * b
 
 
 @triton.jit
-def _code(v):
-    """clamp(round_half_even(v), -8, 7) as fp32 (converted to int8 once, after any multiply by a level)."""
-    return tl.minimum(tl.maximum(_round_half_even(v), -8.0), 7.0)
+def _code(v, CLAMP: tl.constexpr):
+    """clamp(round_half_even(v), -8, 7) as fp32 (converted to int8 once, after any multiply by a level).
+    Without scale levels the clamp never binds (|x| <= amax and r = fl(1 / fl(amax / 7)) give |fl(x r)| <=
+    7 (1 + 3 ulp) < 7.5), so only snapped group scales (CLAMP), which may round below a group's amax / 7,
+    pay its two instructions per element."""
+    v = _round_half_even(v)
+    return tl.minimum(tl.maximum(v, -8.0), 7.0) if CLAMP else v
 
 
 @triton.jit
@@ -171,7 +176,7 @@ def _quantize_store(r, scale, rows, offs_k, chunk0, mask, y_ptr, q_ptr, s_ptr, M
     the token's amax / 7), and the stored values are the int8 code * v (the caller stores t)."""
     if AG == 0:
         inv = tl.broadcast_to(_reciprocal(scale)[:, None, None], (R, NP, CHP))
-        qf = _code(_times(r, inv))
+        qf = _code(_times(r, inv), False)
         qv = qf.to(tl.int8)
         fq = qf * scale[:, None, None]
     else:
@@ -185,7 +190,7 @@ def _quantize_store(r, scale, rows, offs_k, chunk0, mask, y_ptr, q_ptr, s_ptr, M
             v = tl.where(t > 0, v, 0.0)
             gscale = v * t
         inv = tl.broadcast_to(_reciprocal(gscale)[:, :, :, None], (R, NP, NG, AG))
-        qf = _code(_times(r4, inv))
+        qf = _code(_times(r4, inv), LV > 0)
         fq = tl.reshape(qf * gscale[:, :, :, None], (R, NP, CHP))
         if LV > 0:
             qf = qf * v[:, :, :, None]  # code * v: [-128, 112], exact
