@@ -26,6 +26,10 @@
 # act_lab     (260 s) the activation pre-kernel's launch plans (benchmarks/act_lab.py): per token at K = 4096, 14336 and
 #                     M = 1, 16, 256, 1024, then groups of 32 at K = 4096; and the pre-kernel's GPU tests
 # act_persist (90 s)  the pre-kernel's plans at K = 4096 (where the persistent whole-row plans apply), M = 256, 1024
+# act_long    (100 s) the pre-kernel's GPU tests, then its default and whole-row plans at K = 4096, 14336 and
+#                     M = 256, 1024, per token and groups of 32 with scale levels 16
+# w4a4_op     (180 s) the whole W4A4 op with scale levels (pre-kernel + Gluon integer GEMM) per token and groups
+#                     of 32, the GEMM alone and bf16, at M = 256, 1024 on the 8B shapes
 # wgmma_op    (100 s) the whole W4A4 op (pre-kernel in the wgmma K order + Gluon GEMM, the default on Hopper)
 #                     and its pre-kernel against bf16 at M = 256, 1024
 # wgmma_levels (420 s) the integer-level W4A4 kernels (scale levels 16; Gluon form switched on with
@@ -107,6 +111,17 @@ torch.cuda.synchronize()"
     act_persist) step act_persist 90 python benchmarks/act_lab.py --ks 4096 --ms 256,1024 \
         --out "$OUT/act_persist.md" --json "$OUT/act_persist.json"
       grep -E "^\| 4096 " "$OUT/act_persist.md" | sort -t'|' -k3,3n -k5,5n | awk -F'|' '{c[$3]++} c[$3] <= 6' ;;
+    act_long) step act_long_tests 150 env SPECQ_AUTOTUNE=0 python -m pytest -q tests/test_triton_kernels.py \
+        -k "gpu and (act_paths or act_levels or (float64 and w4a4))"
+      local plans="default,rows,persistent r2 w8 st2 2/SM,persistent r1 w8 st3 2/SM,persistent r1 w8 st2 2/SM,loop r4 s16 w8 st2"
+      step act_long 45 python benchmarks/act_lab.py --ks 4096,14336 --ms 256,1024 --only "$plans" \
+        --out "$OUT/act_long.md" --json "$OUT/act_long.json"
+      step act_long_g32 45 python benchmarks/act_lab.py --ks 4096,14336 --ms 256,1024 --act-group 32 --levels 16 \
+        --only "$plans,chunks" --out "$OUT/act_long_g32.md" --json "$OUT/act_long_g32.json"
+      grep -hE "^\| (4096|14336) " "$OUT/act_long.md" "$OUT/act_long_g32.md" ;;
+    w4a4_op) step w4a4_op 180 python benchmarks/kernels.py --kinds bf16,w4a4-wgmma-L16,w4a4/tok+h+L16,w4a4/g32+h+L16 \
+        --ms 256,1024 --out "$OUT/kernels_w4a4_op.md" --json "$OUT/kernels_w4a4_op.json"
+      grep -E "^\| (bf16|w4a4)" "$OUT/kernels_w4a4_op.md" ;;
     wgmma_quick) step wgmma_quick 90 python benchmarks/wgmma_quick.py; tail -n 14 "$OUT/wgmma_quick.log" ;;
     wgmma_ws) step wgmma_ws_tests 120 python -m pytest -q -x tests/test_gluon_w4a4.py -k "gpu and ws1"
       step wgmma_ws_1024 90 python benchmarks/wgmma_quick.py --configs 5,7,8,9,10
@@ -130,7 +145,7 @@ torch.cuda.synchronize()"
       done
       grep -hE "^\| (w4a16|w4a4) q" "$OUT"/e2e_llama3_8b_shape_b32_levels*.md ;;
     gpu_w4a4) step gpu_w4a4 240 python -m pytest -q -x tests/test_triton_kernels.py -k "gpu and (w4a4 or act)" ;;
-    *) echo "unknown step '$1' (gpu_tests gpu_w4a4 wgmma wgmma_quick wgmma_ws wgmma_levels e2e_levels act_persist wgmma_tests wgmma_op wgmma_ncu act_lab kernels kernels_m12 gemv_lab e2e_8b w4a4_large w4a4_quick)"; return 2 ;;
+    *) echo "unknown step '$1' (gpu_tests gpu_w4a4 wgmma wgmma_quick wgmma_ws wgmma_levels e2e_levels act_persist act_long w4a4_op wgmma_tests wgmma_op wgmma_ncu act_lab kernels kernels_m12 gemv_lab e2e_8b w4a4_large w4a4_quick)"; return 2 ;;
   esac
 }
 [ $# -eq 0 ] && set -- gpu_tests e2e_8b kernels_m12
