@@ -34,11 +34,12 @@ same bits (``_default_plan`` picks the fastest measured one per shape):
   every 16 KB of x at K = 4096). Same row limit as "rows"; it takes such rows from 256 rows on.
 
 On an H100 (2026-12-07, ``benchmarks/results/act_lab_h100.md``, ``act_persist_h100.md``; x in L2 as a layer's
-input is, per-token codes): K = 4096: 4.3 us at M = 1..16 (one row per program), 4.8 / 9.8 us at M = 256 /
-1024 (persistent whole rows; the whole-row kernel took 5.8 / 9.8);
-K = 14336: 6.3-7.8 us at M <= 16 (chunks), 17.4 us at M = 256 (chunks), 40.3 us at M = 1024 (four rows
-per program in segments of 16 chunks; chunks took 51.2). The kernels are latency-bound, not bandwidth-bound
-(18-44% of copy bandwidth; Nsight Compute: 3.5-3.7 active warps per scheduler, ~0.5 eligible).
+input is, per-token codes, still with the division): K = 4096: 4.3 us at M = 1..16 (one row per program),
+4.8 / 9.8 us at M = 256 / 1024 (persistent whole rows); K = 14336: 6.3-7.8 us at M <= 16 (chunks), 17.4 us at
+M = 256 (chunks), 40.3 us at M = 1024 (four rows per program in segments of 16 chunks). Those kernels were
+latency-bound (18-44% of copy bandwidth; Nsight Compute: 3.5-3.7 active warps per scheduler, ~0.5 eligible).
+With the reciprocal (``act_recip_h100.md``, same-H100 A/B, before rint and the clamp's removal): K = 4096
+3.86 / 7.62 us at M = 256 / 1024, K = 14336 7.17 / 23.95 us (one whole row per block; 27-61% of copy bandwidth).
 """
 
 from __future__ import annotations
