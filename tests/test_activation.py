@@ -63,6 +63,34 @@ def test_low_precision_dtype_kept(dtype):
     assert torch.equal(fq, want)
 
 
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.floats(-120, 120), st.integers(1, 64), st.integers(0, 2 ** 31 - 1))
+def test_unclamped_codes_never_leave_minus_7_to_7(log2_amax, n, seed):
+    """The kernels skip the clamp without scale levels (triton_act._code): x * fl(1 / fl(amax / 7)) rounds into
+    [-7, 7] for every |x| <= amax, also at amax itself, at the ulps around it and at scales near MIN_SCALE."""
+    rng = np.random.default_rng(seed)
+    amax = np.float32(2.0 ** log2_amax) * np.float32(1 + rng.random())
+    ulps = np.nextafter(amax, np.float32(0)) * np.arange(1, 4, dtype=np.float32) / 3
+    x = np.concatenate([[amax, -amax, np.nextafter(amax, np.float32(0))], ulps,
+                        (rng.uniform(-1, 1, n) * amax).astype(np.float32)]).astype(np.float32)
+    scale = np.float32(amax / np.float32(7))
+    inv = np.float32(1) / (scale if scale >= np.float32(2.0 ** -120) else np.float32(1))
+    codes = np.rint(x * inv)
+    assert np.abs(codes).max() <= 7
+    q, _ = quantize_int4(torch.from_numpy(x[None, :]))
+    np.testing.assert_array_equal(q.numpy()[0], codes.astype(np.int8))
+
+
+def test_scales_below_min_scale_reconstruct_as_zeros():
+    from specq.formats.activation import MIN_SCALE
+    tiny = torch.tensor([[MIN_SCALE * 6.9, MIN_SCALE * 3, 0.0, -MIN_SCALE]])  # amax / 7 just below MIN_SCALE
+    normal = torch.tensor([[MIN_SCALE * 7.1, MIN_SCALE * 3, 0.0, -MIN_SCALE]])  # just above: quantized as usual
+    q, s = quantize_int4(tiny)
+    assert q.eq(0).all() and fake_quantize_int4(tiny).eq(0).all() and 0 < s.item() < MIN_SCALE
+    q, _ = quantize_int4(normal)
+    assert q.tolist() == [[7, 3, 0, -1]]
+
+
 def test_zero_tokens_and_empty_batches():
     x = torch.zeros(3, 16)
     x[1] = torch.arange(16.0) - 8

@@ -483,8 +483,12 @@ def run_act_paths(m: int, k: int, ag: int, hb: int, dtype: str, device: str = "c
     from specq.kernels import triton_act, triton_w4a4
 
     gen = torch.Generator().manual_seed(m * 7 + k + ag)
-    x = (torch.randn(m, k, generator=gen) * torch.rand(m, 1, generator=gen) * 4).to(getattr(torch, dtype))
-    x = x.to(device)
+    x = torch.randn(m, k, generator=gen) * torch.rand(m, 1, generator=gen) * 4
+    # a row whose scales sit just above activation.MIN_SCALE (2^-120) and one below it (codes 0), where the
+    # dtype has the range: the reciprocal's edge, with GPU multiplies flushing subnormals
+    x[0] *= 2.0 ** -117
+    x[-1] *= 2.0 ** -125 if m > 1 else 1.0
+    x = x.to(getattr(torch, dtype)).to(device)
     # every plan: whole rows in one tile, one program per chunk, the looped kernel with several segments per
     # row where the row has them (the default plan is one of these, see test_act_default_plan), and the
     # persistent whole-row kernel at the fewest rows its dot takes, on two programs (the CPU counts as one SM),
