@@ -766,7 +766,8 @@ def test_act_default_plan_follows_the_h100_measurements():
     """The activation pre-kernel's launch per shape (triton_act._default_plan, benchmarks/results/
     act_lab_h100.md, act_persist_h100.md): short rows (<= 64 chunks) take one row per program in one segment
     below 256 rows and the persistent whole-row kernel from there (the whole-row one where its two-row blocks
-    don't fit); long rows take the per-chunk kernel below 512 rows and the looped kernel from there. Every
+    don't fit); long rows per token (<= 128 chunks) one whole row per block from 256 rows on (act_recip_h100.md);
+    other long rows take the per-chunk kernel below 512 rows and the looped kernel from there. Every
     plan gives the same bits (run_act_paths checks them against each other)."""
     pytest.importorskip("triton")
     from specq.kernels import triton_act as a

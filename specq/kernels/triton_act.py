@@ -498,7 +498,7 @@ LONG_WHOLE_ROWS_PLAN = PersistentPlan(rows=1, warps=8, stages=3, programs_per_sm
 def _default_plan(M: int, K: int, had_block: int, act_group: int):
     """The fastest measured plan for M rows of K: "rows" (whole rows in one tile), "chunks" (one program per
     chunk; per token two passes over x), a LoopPlan or the persistent whole-row kernel (where its two-row
-    blocks fit a tile)."""
+    blocks fit a tile; per token, rows of 65..128 chunks take it one row per block from 256 rows on)."""
     n_chunks = triton.cdiv(K, _chunk(K, had_block, act_group))
     if next_pow2(n_chunks) <= ROWS_DEFAULT_MAX_CHUNKS and _rows_layout(K, had_block, act_group) is not None:
         if M < LOOP_MAX_M and 16 <= next_pow2(n_chunks) <= ROWS_MAX_CHUNKS:
