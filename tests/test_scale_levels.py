@@ -219,13 +219,13 @@ def test_gpu_backend_level_cache_is_keyed_by_storage_not_object():
 
     _, s = _weights()
     base = s.clone()
-    first = triton_backend._scale_levels(base[:24], 16, "levels", torch.float32)
-    again = triton_backend._scale_levels(base.as_strided((24, s.shape[1]), base.stride()), 16, "levels", torch.float32)
+    first = triton_backend._snapped_levels(base[:24], 16)
+    again = triton_backend._snapped_levels(base.as_strided((24, s.shape[1]), base.stride()), 16)
     assert again is first  # the same cached tensors for a new view object
     lv, unit = first
     assert torch.equal(lv, int4.snap_scales(base[:24], 16)[0]) and torch.equal(unit, int4.snap_scales(base[:24], 16)[1])
     base[:24] *= 2  # written in place: derived again
-    fresh = triton_backend._scale_levels(base[:24], 16, "levels", torch.float32)
+    fresh = triton_backend._snapped_levels(base[:24], 16)
     assert fresh is not first and torch.equal(fresh[1], int4.snap_scales(base[:24], 16)[1])
-    snapped = triton_backend._scale_levels(base[:24], 16, "snapped", torch.bfloat16)
+    snapped = triton_backend._snapped_scales(base[:24], 16, torch.bfloat16)
     assert snapped.dtype == torch.bfloat16 and torch.equal(snapped, int4.snapped_scales(base[:24], 16).bfloat16())

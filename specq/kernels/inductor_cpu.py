@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from specq.formats import activation, hadamard, int4, mxfp4
 from specq.kernels import cpu_int4
+from specq.kernels import ops as _ops
 
 _REGISTERED = False
 
@@ -118,7 +119,8 @@ def _linear_w4a16(x, packed, scales, bias, group_size, had_block):
 def _linear_w4a4(x, packed, scales, bias, group_size, act_group_size, had_block, scale_levels=0):
     if not _on_cpu(x):
         return NotImplemented
-    xq = activation.fake_quantize_int4(_rotate(x, had_block), act_group_size, scale_levels if act_group_size else 0)
+    xq = activation.fake_quantize_int4(_rotate(x, had_block), act_group_size,
+                                       _ops.activation_levels(act_group_size, scale_levels))
     if scale_levels:  # computed from the scales input: freezing folds it with the weight
         scales = int4.snapped_scales(scales, scale_levels, check=False)
     return _int4(x, xq, packed, scales, bias, group_size)

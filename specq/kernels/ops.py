@@ -153,11 +153,16 @@ def rotate(x: Tensor, had_block: int) -> Tensor:
     return hadamard.hadamard_transform(x, had_block) if had_block > 0 else x
 
 
+def activation_levels(act_group_size: int, scale_levels: int) -> int:
+    """The scale levels W4A4's activations take: the op's, for activation groups; none per token (one
+    scale a token has nothing to snap)."""
+    return scale_levels if act_group_size else 0
+
+
 def activation_w4a4(x: Tensor, act_group_size: int, had_block: int, scale_levels: int = 0) -> Tensor:
-    """Q_ag(H(x)) in x.dtype: what linear_w4a4 multiplies the INT4 weight with (scale levels apply to
-    activation groups too; per-token scales have none to snap)."""
-    levels = scale_levels if act_group_size else 0
-    return activation.fake_quantize_int4(rotate(x, had_block), act_group_size, levels)
+    """Q_ag(H(x)) in x.dtype: what linear_w4a4 multiplies the INT4 weight with."""
+    return activation.fake_quantize_int4(rotate(x, had_block), act_group_size,
+                                         activation_levels(act_group_size, scale_levels))
 
 
 # The reference bodies (after the argument checks), public so that device kernels can fall back to

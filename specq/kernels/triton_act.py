@@ -10,10 +10,10 @@ rounded to x.dtype before it is quantized.
 
 Quantization matches ``specq.formats.activation.quantize_int4``: ``scale = amax / 7`` in fp32,
 ``q = clamp(round_half_even(x * r), -8, 7)`` with ``r = 1 / scale`` correctly rounded once per token (group)
-and a scale below 2^-120 treated as 1 (``_reciprocal``); ``x * r`` is one IEEE multiply that is never fused
-with the rounding's add (``_times``). Against a per-element ``div_rn`` (MUFU.RCP, four FFMA, FCHK and a
-slow-path branch, ~11 of the whole-row kernel's 30 SASS instructions per element) the loop is a third
-shorter.
+and a scale below 2^-120 treated as 1 (``_reciprocal``); ``x * r`` is one IEEE multiply, never contracted into
+an FMA (``_times``), rounded by rint, and clamped only where scale levels let the clamp bind (``_code``). The
+whole-row kernel runs 13.6 SASS instructions per element where the per-element ``div_rn`` (MUFU.RCP, four FFMA,
+FCHK and a slow-path branch), the add-based rounding and the clamp made 30.1.
 
 Quantization (``quantize``: codes for the W4A4 GEMM, in its K order; ``fake_quantize``: codes times scales
 in x's dtype, for the weight-only kernels at decode sizes) runs one of four launch plans, all giving the
@@ -61,15 +61,15 @@ MODE_ROTATE, MODE_QUANT_GROUP, MODE_AMAX, MODE_QUANT_TOKEN = 0, 1, 2, 3
 MAX_CHUNK = 256  # the [CHP, CHP] rotation tile must stay small enough for registers / L1
 
 
+_ON_GPU = tl.constexpr(not INTERPRET)
+MIN_SCALE = tl.constexpr(activation.MIN_SCALE)  # smaller scales count as 1 (activation._reciprocal)
+
+
 @triton.jit
 def _round_half_even(v):
     """round half to even of fp32 v (|v| << 2^22): one FRND (libdevice rint) on the GPU; in the interpreter
     1.5 * 2^23 added and taken away (the same value)."""
     return libdevice.rint(v) if _ON_GPU else (v + 12582912.0) - 12582912.0
-
-
-_ON_GPU = tl.constexpr(not INTERPRET)
-MIN_SCALE = tl.constexpr(activation.MIN_SCALE)  # smaller scales count as 1 (activation._reciprocal)
 
 
 @triton.jit
@@ -501,7 +501,7 @@ def _default_plan(M: int, K: int, had_block: int, act_group: int):
     blocks fit a tile; per token, rows of 65..128 chunks take it one row per block from 256 rows on)."""
     n_chunks = triton.cdiv(K, _chunk(K, had_block, act_group))
     if next_pow2(n_chunks) <= ROWS_DEFAULT_MAX_CHUNKS and _rows_layout(K, had_block, act_group) is not None:
-        if M < LOOP_MAX_M and 16 <= next_pow2(n_chunks) <= ROWS_MAX_CHUNKS:
+        if M < LOOP_MAX_M and 16 <= next_pow2(n_chunks):
             return LoopPlan(rows=1, seg=next_pow2(n_chunks), warps=4, stages=2)
         if _rows_layout(K, had_block, act_group, WHOLE_ROWS_PLAN.rows) is not None:
             return WHOLE_ROWS_PLAN

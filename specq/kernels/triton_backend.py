@@ -88,12 +88,15 @@ def linear_w4a16(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tenso
     return y.reshape(*x.shape[:-1], n)
 
 
-def _scale_levels(scales: Tensor, scale_levels: int, what: str, dtype: torch.dtype):
-    """``what`` = "levels": (uint8 levels, fp32 units) of ``int4.snap_scales``; "snapped": the snapped scales
-    in ``dtype``. Derived without host syncs (no checks), kept per scales storage (``cached_by_storage``)."""
-    if what == "levels":
-        return cached_by_storage(scales, ("levels", scale_levels),
-                                 lambda: int4.snap_scales(scales, scale_levels, check=False))
+# Scales derived for scale levels: without host syncs (no checks), kept per scales storage (cached_by_storage).
+def _snapped_levels(scales: Tensor, scale_levels: int) -> tuple[Tensor, Tensor]:
+    """(uint8 levels, fp32 units) of ``int4.snap_scales``: what the integer-level GEMMs take."""
+    return cached_by_storage(scales, ("levels", scale_levels),
+                             lambda: int4.snap_scales(scales, scale_levels, check=False))
+
+
+def _snapped_scales(scales: Tensor, scale_levels: int, dtype: torch.dtype) -> Tensor:
+    """The snapped scales in ``dtype``, for the kernels that take float scales."""
     return cached_by_storage(scales, ("snapped", scale_levels, dtype),
                              lambda: int4.snapped_scales(scales, scale_levels, check=False).to(dtype))
 
@@ -103,9 +106,9 @@ def linear_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor
     n, k = _ops.check_int4_args("specq.linear_w4a4", x, packed, scales, bias, group_size, had_block,
                                 act_group_size, scale_levels)
     def float_scales():  # snapped (scale_levels > 0) in x.dtype, as stored ones are, for kernels taking float scales
-        return _scale_levels(scales, scale_levels, "snapped", x.dtype) if scale_levels else scales
+        return _snapped_scales(scales, scale_levels, x.dtype) if scale_levels else scales
 
-    act_levels = scale_levels if act_group_size else 0  # activation groups snap too; per-token scales have none
+    act_levels = _ops.activation_levels(act_group_size, scale_levels)
     with _device_ctx(x):
         x2 = _as_2d(x)
         if not triton_w4a4.supported(group_size, act_group_size):
@@ -141,7 +144,7 @@ def linear_w4a4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor
             q = triton_w4a4.to_k_order(q, order).contiguous()
             sx = sx.reshape(q.shape[0], -1).contiguous()
         if integer:
-            levels, units = _scale_levels(scales, scale_levels, "levels", x.dtype)
+            levels, units = _snapped_levels(scales, scale_levels)
             if wgmma:
                 y = gluon_w4a4.w4a4_matmul(q, sx, packed, levels, bias, group_size, x.dtype, units=units)
             else:
