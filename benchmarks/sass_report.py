@@ -152,12 +152,14 @@ def gluon_w4a4_kernel(cfg, levels: bool = False):
     sig = {"q_desc": f"tensordesc<i8[{bm}, {g.CHUNK_K}],{g.CODES_SMEM!r}>",
            "w_desc": f"tensordesc<i32[{bn}, {g.CHUNK_K // 8}],{g.WORDS_SMEM!r}>",
            "sx_ptr": "*fp32", "sw_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32",
-           "K": "i32", "stride_sxm": "i32", "stride_swn": "i32", "stride_ym": "i32", "unit_ptr": "*fp32"}
+           "K": "i32", "stride_sxm": "i32", "stride_swn": "i32", "stride_ym": "i32", "unit_ptr": "*fp32",
+           "ws_ptr": "*i32", "cnt_ptr": "*i32"}
     if levels:
         sig["sw_ptr"] = "*u8"
     const = {"LEVELS": levels, "WG": 128, "NG": 32, "HAS_BIAS": True, "STAGES": cfg["STAGES"], "I2F": cfg["I2F"], "WS": cfg["WS"],
-             "num_warps": cfg.num_warps}
-    divisible = ["sx_ptr", "sw_ptr", "b_ptr", "y_ptr", "N", "K", "stride_swn", "stride_ym", "unit_ptr"]
+             "num_warps": cfg.num_warps, "SPLIT": cfg["SPLIT"]}
+    divisible = ["sx_ptr", "sw_ptr", "b_ptr", "y_ptr", "N", "K", "stride_swn", "stride_ym", "unit_ptr", "ws_ptr",
+                 "cnt_ptr"]
     return compile_sm90(g._w4a4_wgmma_kernel, sig, const, divisible, cfg.num_warps, maxnreg=g.max_registers(cfg))
 
 

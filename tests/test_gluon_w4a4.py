@@ -33,12 +33,12 @@ def _config_ids():
         from specq.kernels.gluon_w4a4 import _candidates
     except ImportError:
         return [str(i) for i in range(N_CANDIDATES)]
-    return [f"{i}-{c['BLOCK_N']}x{c['BLOCK_M']}-s{c['STAGES']}-w{c.num_warps}-i2f{c['I2F']}-ws{c['WS']}"
+    return [f"{i}-{c['BLOCK_N']}x{c['BLOCK_M']}-s{c['STAGES']}-w{c.num_warps}-i2f{c['I2F']}-ws{c['WS']}-k{c['SPLIT']}"
             for i, c in enumerate(_candidates())]
 
 
-N_CANDIDATES = 11
-N_LEVEL_CANDIDATES = 7
+N_CANDIDATES = 12
+N_LEVEL_CANDIDATES = 11
 
 
 def _level_ids():
@@ -46,7 +46,8 @@ def _level_ids():
         from specq.kernels.gluon_w4a4 import _level_candidates
     except ImportError:
         return [str(i) for i in range(N_LEVEL_CANDIDATES)]
-    return [f"{i}-{c['BLOCK_N']}x{c['BLOCK_M']}-s{c['STAGES']}-w{c.num_warps}" for i, c in enumerate(_level_candidates())]
+    return [f"{i}-{c['BLOCK_N']}x{c['BLOCK_M']}-s{c['STAGES']}-w{c.num_warps}-k{c['SPLIT']}"
+            for i, c in enumerate(_level_candidates())]
 
 
 def test_candidate_count():
@@ -83,6 +84,36 @@ def test_integer_level_kernel_compiles_for_sm90_without_rescale(sass_report, ind
     assert not any(op.startswith(("I2F", "FFMA", "FADD", "FMUL")) for op in loop), loop
 
 
+@pytest.mark.parametrize("levels", [True, False], ids=["levels", "rescaling"])
+def test_split_k_publishes_partials_before_counting_in(sass_report, levels):
+    """Split-K configs end with the tile's handshake: after the partial sums' stores, a CTA barrier, then one
+    thread's gpu-scope release fence and atomic add on the tile's counter (the last program's acquire: the L1
+    invalidation after it), and the counter's reset by exchange; unsplit configs have no global atomic."""
+    g = _gluon()
+    sr = sass_report
+    cands = g._level_candidates() if levels else g._candidates()
+    split = next(c for c in cands if c["SPLIT"] > 1)
+    plain = next(c for c in cands if c["SPLIT"] == 1 and c["WS"] == 0)
+    sass = sr.sass_of(sr.gluon_w4a4_kernel(split, levels=levels))
+    ops = [ln.split(";")[0].split("*/")[-1].strip() for ln in sass.splitlines() if "*/" in ln]
+    add = next(i for i, op in enumerate(ops) if re.search(r"\bATOMG\.E\.ADD\.STRONG\.GPU\b", op))
+    assert any("MEMBAR.ALL.GPU" in op for op in ops[add - 4:add]), ops[add - 6:add + 2]
+    assert any(re.search(r"\bBAR\.SYNC", op) for op in ops[add - 12:add]), ops[add - 12:add]
+    assert any("CCTL.IVALL" in op for op in ops[add + 1:add + 3]), ops[add:add + 3]
+    assert any(re.search(r"\bATOMG\.E\.EXCH\.STRONG\.GPU\b", op) for op in ops[add:])
+    assert any(re.search(r"\bSTG\.E", op) for op in ops[:add])  # the partials stored before the count
+    assert "ATOMG" not in sr.sass_of(sr.gluon_w4a4_kernel(plain, levels=levels))
+
+
+def test_split_k_candidates_are_timed_only_where_tiles_leave_sms_idle():
+    g = _gluon()
+    split = next(c for c in g._level_candidates() if c["SPLIT"] == 2 and (c["BLOCK_M"], c["BLOCK_N"]) == (128, 128))
+    assert g._worth_timing(split, 256, 4096, 14336, 132)  # 64 tiles, 112 chunks
+    assert not g._worth_timing(split, 1024, 4096, 14336, 132)  # 256 tiles
+    assert not g._worth_timing(split, 256, 4096, 1024, 132)  # 8 chunks: 4 per split
+    assert all(g._worth_timing(c, 1024, 4096, 14336, 132) for c in g._level_candidates() if c["SPLIT"] == 1)
+
+
 def test_integer_level_loop_is_leaner_than_the_rescaling_one(sass_report):
     """Same tile (128 tokens x 64 weight rows, 4 warps, 4 stages): dropping the per-chunk rescale (and its
     wait) more than pays for the longer decode (q * level: a multiply-add and a LOP3 per four weights more)."""
@@ -91,7 +122,7 @@ def test_integer_level_loop_is_leaner_than_the_rescaling_one(sass_report):
     plain = next(c for c in g._candidates() if (c["BLOCK_M"], c["BLOCK_N"], c["STAGES"], c.num_warps, c["WS"]) ==
                  (128, 64, 4, 4, 0))
     levels = g._level_candidates()[0]
-    assert (levels["BLOCK_M"], levels["BLOCK_N"], levels["STAGES"], levels.num_warps) == (128, 64, 4, 4)
+    assert (levels["BLOCK_M"], levels["BLOCK_N"], levels["STAGES"], levels.num_warps, levels["SPLIT"]) == (128, 64, 4, 4, 1)
     count = [sum(sr.loop_histogram(sr.sass_of(sr.gluon_w4a4_kernel(c, levels=lv)), "IGMMA", predicated=True).values())
              for c, lv in ((plain, False), (levels, True))]
     chunks = [4, 1]  # the rescaling loop runs four chunks per iteration
@@ -255,6 +286,42 @@ def test_gpu_integer_level_kernel_matches_float64_and_triton(index, m, k, n):
     assert rel < 1e-6, rel
     tri = triton_w4a4.w4a4_matmul(qw, sx, p, lv, b, 128, 0, torch.float32, units=unit)
     assert torch.allclose(out, tri, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("levels", [True, False], ids=["levels", "rescaling"])
+def test_gpu_split_k_equals_the_unsplit_tile_on_every_launch(levels):
+    """Each split config against the same tile unsplit, launched three times (the counters must be back to 0
+    after each launch): with scale levels the int32 sums are exact, so the outputs are bit-equal; the
+    rescaling form adds the splits' fp32 sums in a fixed order (equal each launch, close to unsplit)."""
+    _hopper()
+    g = _gluon()
+    from specq.formats import activation, int4
+    from specq.kernels import triton_w4a4
+
+    m, k, n = 300, 14336 // 4, 520  # 28 chunks: splits of 14 and of 7
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    p, s = int4.quantize((torch.randn(n, k, generator=gen) * 0.05).bfloat16(), 128)
+    q, sx = activation.quantize_int4(x, 0)
+    args = [triton_w4a4.to_wgmma_order(q).contiguous(), sx.reshape(m, 1).float(), p]
+    args += list(int4.snap_scales(s, 16)) if levels else [s, None]
+    qg, sx, p, sc, unit = (t.cuda() if t is not None else None for t in args)
+    cands = g._level_candidates() if levels else g._candidates()
+    for cfg in (c for c in cands if c["SPLIT"] > 1):
+        plain = next(c for c in cands if c["SPLIT"] == 1 and all(c[f] == cfg[f] for f in ("BLOCK_M", "BLOCK_N")))
+        ref = torch.empty(m, n, dtype=torch.float32, device="cuda")
+        g.launch_wgmma(plain, qg, sx, p, sc, sx, ref, False, 128, units=unit)
+        outs = []
+        for _ in range(3):
+            outs.append(torch.empty(m, n, dtype=torch.float32, device="cuda"))
+            g.launch_wgmma(cfg, qg, sx, p, sc, sx, outs[-1], False, 128, units=unit)
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]), dict(cfg.meta)
+        if levels:
+            assert torch.equal(outs[0], ref), dict(cfg.meta)
+        else:
+            assert torch.allclose(outs[0], ref, rtol=1e-5, atol=1e-4), dict(cfg.meta)
+    assert int(g._COUNTERS[torch.device("cuda").index or 0].abs().sum()) == 0
 
 
 @pytest.mark.gpu

@@ -140,20 +140,22 @@ if HAVE_GLUON:
         return gl.convert_layout(b, DOT_A, assert_trivial=True)
 
     @gluon.jit
-    def _load_chunk(j, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, STAGES: gl.constexpr):
-        """TMA copies of chunk j (its activation codes and packed weights) into ring slot j % STAGES; none past
-        the last chunk."""
+    def _load_chunk(j, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, c0, STAGES: gl.constexpr):
+        """TMA copies of the program's chunk j (chunk c0 + j of K: a split-K program starts at c0) into ring slot
+        j % STAGES; none past its last chunk."""
         s = j % STAGES
         pred = j < n_chunks
         mbarrier.expect(ready.index(s), q_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=pred)
-        tma.async_copy_global_to_shared(q_desc, [off_m, j * BK], ready.index(s), q_smem.index(s), pred=pred)
-        tma.async_copy_global_to_shared(w_desc, [off_n, j * (BK // 8)], ready.index(s), w_smem.index(s), pred=pred)
+        tma.async_copy_global_to_shared(q_desc, [off_m, (c0 + j) * BK], ready.index(s), q_smem.index(s), pred=pred)
+        tma.async_copy_global_to_shared(w_desc, [off_n, (c0 + j) * (BK // 8)], ready.index(s), w_smem.index(s),
+                                        pred=pred)
 
     @gluon.jit
     def _w4a4_wgmma_kernel(
         q_desc, w_desc, sx_ptr, sw_ptr, b_ptr, y_ptr,
         M, N, K, stride_sxm, stride_swn, stride_ym,
         unit_ptr,             # LEVELS: fp32 units [N] (else unused)
+        ws_ptr, cnt_ptr,      # SPLIT > 1: int32 partial sums [SPLIT, tiles, BLOCK_N * BLOCK_M], arrival counters
         LEVELS: gl.constexpr,  # sw_ptr holds uint8 scale levels [N, K / WG]: one int32 sum over K, no rescale
         WG: gl.constexpr,     # weight group size along K (a multiple of BK)
         NG: gl.constexpr,     # weight groups held in shared memory: a power of two >= K / WG
@@ -162,15 +164,29 @@ if HAVE_GLUON:
         I2F: gl.constexpr,    # int32 -> fp32 by the conversion instruction (else the magic-number trick)
         WS: gl.constexpr,     # warp-specialized: a copy warp issues the copies (else the MMA warps do)
         num_warps: gl.constexpr,
+        SPLIT: gl.constexpr = 1,  # split-K: programs per tile, each summing a contiguous share of K's chunks
     ):
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]  # tokens: the wgmma's N
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]  # weight rows: the wgmma's M, 64 per warpgroup
         KW: gl.constexpr = BK // 8
 
         num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+        n_tiles = num_pid_m * ((N + BLOCK_N - 1) // BLOCK_N)
         pid = gl.program_id(0)
-        pid_m = pid % num_pid_m  # neighbouring programs share a weight tile (read once from L2)
-        pid_n = pid // num_pid_m
+        all_chunks = (K + BK - 1) // BK
+        if SPLIT > 1:  # program pid sums chunks [c0, c0 + n_chunks) of tile pid % n_tiles
+            tile_id = pid % n_tiles
+            split = pid // n_tiles
+            per_split = (all_chunks + SPLIT - 1) // SPLIT
+            c0 = split * per_split
+            n_chunks = gl.maximum(gl.minimum(per_split, all_chunks - c0), 0)  # 0 if K has too few chunks
+        else:  # constants: no registers for them (the warp-specialized configs are at their cap)
+            tile_id = pid
+            split = 0
+            c0 = 0
+            n_chunks = all_chunks
+        pid_m = tile_id % num_pid_m  # neighbouring programs share a weight tile (read once from L2)
+        pid_n = tile_id // num_pid_m
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
 
@@ -197,24 +213,24 @@ if HAVE_GLUON:
         sw_smem = sw_smem._reinterpret(sw_ptr.dtype.element_ty, [NG, BLOCK_N],
                                        gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
 
-        n_chunks = (K + BK - 1) // BK
         out = (sx_ptr, b_ptr, y_ptr, unit_ptr, M, N, stride_sxm, stride_ym)
-        tile = (q_desc, w_desc, q_smem, ready, off_m, n_chunks)
+        red = (ws_ptr, cnt_ptr, tile_id, split, n_tiles)
+        tile = (q_desc, w_desc, q_smem, ready, off_m, n_chunks, c0)
         if WS == 0:
             for j in gl.static_range(STAGES):
-                _load_chunk(j, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, STAGES)
+                _load_chunk(j, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, c0, STAGES)
             # no "empty" barriers: the MMA warps refill the slots themselves (``ready`` fills the unused argument)
-            _mma_tile(tile, ready, w_smem, sw_smem, off_n, out, WG, STAGES, I2F, HAS_BIAS, BLOCK_M, BLOCK_N, WS,
-                      LEVELS, num_warps)
+            _mma_tile(tile, ready, w_smem, sw_smem, off_n, out, red, WG, STAGES, I2F, HAS_BIAS, BLOCK_M, BLOCK_N, WS,
+                      LEVELS, SPLIT, num_warps)
         else:
             # a slot is free again once the MMA warps are done with it (their arrive on ``empty``)
             empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
             for s in gl.static_range(STAGES):
                 mbarrier.init(empty.index(s), count=1)
             gl.warp_specialize([
-                (_mma_tile, (tile, empty, w_smem, sw_smem, off_n, out, WG, STAGES, I2F, HAS_BIAS, BLOCK_M, BLOCK_N,
-                             WS, LEVELS, num_warps)),
-                (_copy_loop, (q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, STAGES))],
+                (_mma_tile, (tile, empty, w_smem, sw_smem, off_n, out, red, WG, STAGES, I2F, HAS_BIAS, BLOCK_M,
+                             BLOCK_N, WS, LEVELS, 1, num_warps)),
+                (_copy_loop, (q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, c0, STAGES))],
                 [1], [24])
             for s in gl.static_range(STAGES):
                 mbarrier.invalidate(empty.index(s))
@@ -222,12 +238,14 @@ if HAVE_GLUON:
             mbarrier.invalidate(ready.index(s))
 
     @gluon.jit
-    def _mma_tile(tile, empty, w_smem, sw_smem, off_n, out, WG: gl.constexpr, STAGES: gl.constexpr,
+    def _mma_tile(tile, empty, w_smem, sw_smem, off_n, out, red, WG: gl.constexpr, STAGES: gl.constexpr,
                   I2F: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                  WS: gl.constexpr, LEVELS: gl.constexpr, num_warps: gl.constexpr):
+                  WS: gl.constexpr, LEVELS: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
         """The MMA warps' work on the tile: the K loop, then the scaled, biased output stored. The integer-level
-        form takes up to 256 tokens as two wgmmas of 128 (the widest int8 wgmma Triton emits) per decoded chunk."""
-        q_desc, w_desc, q_smem, ready, off_m, n_chunks = tile
+        form takes up to 256 tokens as two wgmmas of 128 (the widest int8 wgmma Triton emits) per decoded chunk.
+        Split-K (SPLIT > 1): each program sums its share of K; the last of a tile's programs to finish adds the
+        others' sums to its own (``_split_total``) and stores the output."""
+        q_desc, w_desc, q_smem, ready, off_m, n_chunks, c0 = tile
         sx_ptr, b_ptr, y_ptr, unit_ptr, M, N, stride_sxm, stride_ym = out
         TOK: gl.constexpr = BLOCK_M if BLOCK_M <= 128 else 128  # tokens per wgmma
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -235,23 +253,82 @@ if HAVE_GLUON:
         ROWS: gl.constexpr = gl.SliceLayout(1, MMA)  # per weight row (n)
         DOT_A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=4)
         WORDS: gl.constexpr = _words_layout(num_warps)
-        ctx = (q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, I2F)
+        ctx = (q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, I2F, c0)
         rn = off_n + gl.arange(0, BLOCK_N, layout=ROWS)
         if LEVELS:
             unit = gl.load(unit_ptr + rn, mask=rn < N, other=0.0)
             if BLOCK_M > 128:
                 acc0, acc1 = _levels_loop_pair(ctx, sw_smem, WG, STAGES, WORDS, BLOCK_N, TOK, DOT_A, MMA)
-                _epilogue(acc0.to(gl.float32) * unit[:, None], off_m, off_n, out, 1.0, HAS_BIAS, MMA, num_warps)
-                _epilogue(acc1.to(gl.float32) * unit[:, None], off_m + TOK, off_n, out, 1.0, HAS_BIAS, MMA,
-                          num_warps)
+                _keep_partial(acc0, red, 0, 2, SPLIT, MMA)
+                _keep_partial(acc1, red, 1, 2, SPLIT, MMA)
+                if _last_of_tile(red, SPLIT):
+                    acc0 = _split_total(acc0, red, 0, 2, SPLIT, MMA)
+                    acc1 = _split_total(acc1, red, 1, 2, SPLIT, MMA)
+                    _epilogue(acc0.to(gl.float32) * unit[:, None], off_m, off_n, out, 1.0, HAS_BIAS, MMA, num_warps)
+                    _epilogue(acc1.to(gl.float32) * unit[:, None], off_m + TOK, off_n, out, 1.0, HAS_BIAS, MMA,
+                              num_warps)
             else:
                 acc = _levels_loop(ctx, sw_smem, WG, STAGES, WORDS, BLOCK_N, TOK, DOT_A, MMA)
-                _epilogue(acc.to(gl.float32) * unit[:, None], off_m, off_n, out, 1.0, HAS_BIAS, MMA, num_warps)
+                _keep_partial(acc, red, 0, 1, SPLIT, MMA)
+                if _last_of_tile(red, SPLIT):
+                    acc = _split_total(acc, red, 0, 1, SPLIT, MMA)
+                    _epilogue(acc.to(gl.float32) * unit[:, None], off_m, off_n, out, 1.0, HAS_BIAS, MMA, num_warps)
         else:
             acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
             acc = _mma_loop(acc, ctx, sw_smem, ROWS, WG, STAGES, WORDS, BLOCK_N, DOT_A, WS)
-            # the decoded weights were 16 q: the exact 1/16 joins the per-token scale
-            _epilogue(acc, off_m, off_n, out, 0.0625, HAS_BIAS, MMA, num_warps)
+            _keep_partial(acc, red, 0, 1, SPLIT, MMA)
+            if _last_of_tile(red, SPLIT):
+                acc = _split_total(acc, red, 0, 1, SPLIT, MMA)
+                # the decoded weights were 16 q: the exact 1/16 joins the per-token scale
+                _epilogue(acc, off_m, off_n, out, 0.0625, HAS_BIAS, MMA, num_warps)
+
+    @gluon.jit
+    def _partial_offsets(red, split, part, PARTS: gl.constexpr, MMA: gl.constexpr, BLOCK_N: gl.constexpr,
+                         TOK: gl.constexpr):
+        """Where program ``split``'s sum of part ``part`` (of PARTS: token halves of a 256-token tile) of this
+        tile lies in the workspace, element for element in the accumulator's own layout (no shuffle: the
+        program that reads it back holds the same elements)."""
+        ws_ptr, cnt_ptr, tile_id, my_split, n_tiles = red
+        base = ((split * n_tiles + tile_id) * PARTS + part) * (BLOCK_N * TOK)
+        rn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+        rm = gl.arange(0, TOK, layout=gl.SliceLayout(0, MMA))
+        return ws_ptr + base + rn[:, None] * TOK + rm[None, :]
+
+    @gluon.jit
+    def _keep_partial(acc, red, part, PARTS: gl.constexpr, SPLIT: gl.constexpr, MMA: gl.constexpr):
+        """Split-K: store this program's sum (int32, or fp32 as its bits) for the tile's last program."""
+        if SPLIT > 1:
+            ws_ptr, cnt_ptr, tile_id, split, n_tiles = red
+            ptrs = _partial_offsets(red, split, part, PARTS, MMA, acc.shape[0], acc.shape[1])
+            gl.store(ptrs, acc.to(gl.int32, bitcast=True) if acc.dtype == gl.float32 else acc)
+
+    @gluon.jit
+    def _last_of_tile(red, SPLIT: gl.constexpr):
+        """Whether this program stores the tile (always, without split-K): the tile's programs each count
+        themselves in on its counter once their sums are stored (a CTA barrier, then one acq_rel atomic: the
+        release that publishes every thread's stores); the one that sees SPLIT - 1 others is last, and its
+        acquire makes their sums visible to it. It puts the counter back to 0 for the next launch."""
+        last = True
+        if SPLIT > 1:
+            ws_ptr, cnt_ptr, tile_id, split, n_tiles = red
+            gl.thread_barrier()
+            last = gl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu") == SPLIT - 1
+            if last:
+                gl.atomic_xchg(cnt_ptr + tile_id, 0, sem="relaxed", scope="gpu")
+        return last
+
+    @gluon.jit
+    def _split_total(acc, red, part, PARTS: gl.constexpr, SPLIT: gl.constexpr, MMA: gl.constexpr):
+        """The tile's sum over all its programs, added in split order (the same fp32 rounding whichever program
+        is last; int32 sums are exact). The workspace is read past L1 (.cg): other SMs wrote it."""
+        if SPLIT > 1:
+            total = gl.zeros_like(acc)
+            for s in range(SPLIT):  # a loop, not unrolled: one partial's registers at a time
+                bits = gl.load(_partial_offsets(red, s, part, PARTS, MMA, acc.shape[0], acc.shape[1]),
+                               cache_modifier=".cg")
+                total = total + (bits.to(gl.float32, bitcast=True) if acc.dtype == gl.float32 else bits)
+            acc = total
+        return acc
 
     @gluon.jit
     def _epilogue(acc, off_m, off_n, out, SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, MMA: gl.constexpr,
@@ -277,7 +354,7 @@ if HAVE_GLUON:
     def _mma_loop(acc, ctx, sw_smem, ROWS: gl.constexpr, WG: gl.constexpr, STAGES: gl.constexpr,
                   WORDS: gl.constexpr, BLOCK_N: gl.constexpr, DOT_A: gl.constexpr, WS: gl.constexpr):
         """The K loop of the MMA warps: acc + the tile's scaled int32 products over all chunks."""
-        q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, I2F = ctx
+        q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, I2F, c0 = ctx
         # Two register sets hold the int32 wgmma results, in turn: a wgmma zero-starts (use_acc=False) in the
         # registers of the result before last. No wgmma is in flight across the loop's back edge: the copy that
         # would carry its registers around makes ptxas serialize every wgmma (C7514). So an iteration runs four
@@ -306,10 +383,10 @@ if HAVE_GLUON:
         accumulator, so no result is read until the end. A chunk's wgmma runs under the next chunk's decode;
         once it is done (the wait leaves one wgmma, the newest, in flight) its A registers and ring slot are
         free, and the slot is refilled. Same ring and prologue as the rescaling loop (single partition)."""
-        q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, I2F = ctx
+        q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, I2F, c0 = ctx
         acc = gl.zeros([BLOCK_N, TOK], gl.int32, layout=MMA)
         for i in range(n_chunks):
-            a_op = _decode_chunk_levels(i, w_smem, _chunk_levels(i, lv_smem, WG, WORDS), ready, STAGES, WORDS,
+            a_op = _decode_chunk_levels(i, w_smem, _chunk_levels(c0 + i, lv_smem, WG, WORDS), ready, STAGES, WORDS,
                                         DOT_A, BLOCK_N)
             acc = warpgroup_mma(a_op, q_smem.index(i % STAGES).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(1, deps=(acc, ))
@@ -321,11 +398,11 @@ if HAVE_GLUON:
                           BLOCK_N: gl.constexpr, TOK: gl.constexpr, DOT_A: gl.constexpr, MMA: gl.constexpr):
         """``_levels_loop`` for 2 * TOK tokens: each decoded chunk feeds two wgmmas (the ring slot's first and
         second TOK rows of codes) into two accumulators; the wait leaves the newest two in flight."""
-        q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, I2F = ctx
+        q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, I2F, c0 = ctx
         acc0 = gl.zeros([BLOCK_N, TOK], gl.int32, layout=MMA)
         acc1 = gl.zeros([BLOCK_N, TOK], gl.int32, layout=MMA)
         for i in range(n_chunks):
-            a_op = _decode_chunk_levels(i, w_smem, _chunk_levels(i, lv_smem, WG, WORDS), ready, STAGES, WORDS,
+            a_op = _decode_chunk_levels(i, w_smem, _chunk_levels(c0 + i, lv_smem, WG, WORDS), ready, STAGES, WORDS,
                                         DOT_A, BLOCK_N)
             codes = q_smem.index(i % STAGES)
             acc0 = warpgroup_mma(a_op, codes.slice(0, TOK).permute((1, 0)), acc0, is_async=True)
@@ -343,13 +420,13 @@ if HAVE_GLUON:
     @gluon.jit
     def _refill_previous(i, ctx, STAGES: gl.constexpr):
         """After chunk i - 1's wgmmas are done: once every warp is past it, its ring slot takes chunk i - 1 + STAGES."""
-        q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, I2F = ctx
+        q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, I2F, c0 = ctx
         if i > 0:
             gl.thread_barrier()
-            _load_chunk(i - 1 + STAGES, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, STAGES)
+            _load_chunk(i - 1 + STAGES, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, c0, STAGES)
 
     @gluon.jit
-    def _copy_loop(q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, STAGES: gl.constexpr):
+    def _copy_loop(q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, c0, STAGES: gl.constexpr):
         """The copy warp (WS): each chunk's TMA copies into its ring slot once the MMA warps freed it. The
         slots start free: a fresh mbarrier's phase before the first counts as complete."""
         for j in range(n_chunks):
@@ -357,7 +434,7 @@ if HAVE_GLUON:
             mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1)
             # the MMA warps read the slot's words through the generic proxy; the copy writes through the async
             fence_async_shared()
-            _load_chunk(j, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, STAGES)
+            _load_chunk(j, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, c0, STAGES)
 
     @gluon.jit
     def _issue(i, free, ctx, sw_smem, ROWS: gl.constexpr, WG: gl.constexpr, STAGES: gl.constexpr,
@@ -365,12 +442,12 @@ if HAVE_GLUON:
         """Decode chunk i's weights and issue its wgmma into the registers of ``free`` (a finished result);
         returns the in-flight result and the chunk's weight scales. The decoded A registers stay the wgmma's
         until its wait: ptxas tracks wgmma register operands itself (the wait's deps take no 8-bit tensors)."""
-        q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, I2F = ctx
+        q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, I2F, c0 = ctx
         a_op = _decode_chunk(i, w_smem, ready, STAGES, WORDS, DOT_A, BLOCK_N)
         # zero-start, as a runtime predicate (i < 0 is never true): with a constant False the result gets fresh
         # registers, which lets ptxas keep a third 64-register set live
         tok = warpgroup_mma(a_op, q_smem.index(i % STAGES).permute((1, 0)), free, use_acc=i < 0, is_async=True)
-        sw = sw_smem.index((i * BK) // WG).load(ROWS).to(gl.float32)
+        sw = sw_smem.index(((c0 + i) * BK) // WG).load(ROWS).to(gl.float32)
         return tok, sw
 
     @gluon.jit
@@ -378,13 +455,13 @@ if HAVE_GLUON:
         """Wait for chunk i's wgmma (leaving OUTSTANDING newer ones in flight), hand its ring slot back (WS: to
         the copy warp; else refill it with chunk i + STAGES) and add its scaled result to ``acc``; returns acc
         and the finished int32 result."""
-        q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, I2F = ctx
+        q_desc, w_desc, q_smem, w_smem, ready, empty, off_m, off_n, n_chunks, I2F, c0 = ctx
         d = warpgroup_mma_wait(OUTSTANDING, deps=(tok, ))
         gl.thread_barrier()  # every warp is done with the slot (its words and, via its wgmma, its codes)
         if WS:
             mbarrier.arrive(empty.index(i % STAGES), count=1)
         else:
-            _load_chunk(i + STAGES, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, STAGES)
+            _load_chunk(i + STAGES, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, c0, STAGES)
         return _pinned(_rescale(acc, d, sw, I2F)), d
 
     @gluon.jit
@@ -442,8 +519,9 @@ def _candidates() -> list[Config]:
     raw = [(128, 64, 4, 4, 0, 0), (128, 64, 3, 4, 0, 0), (128, 128, 3, 8, 0, 0), (128, 128, 4, 8, 0, 0),
            (64, 64, 4, 4, 0, 0), (128, 64, 4, 4, 1, 0), (128, 128, 3, 8, 1, 0), (128, 128, 4, 8, 1, 0),
            (128, 128, 4, 8, 1, 1), (128, 128, 4, 8, 0, 1), (64, 64, 4, 4, 1, 1)]
-    return [Config.make(num_warps=nw, num_stages=1, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, I2F=i2f, WS=ws)
-            for bm, bn, st, nw, i2f, ws in raw]
+    split = [(128, 128, 4, 8, 1, 0, 2)]  # split-K (single partition only; 128 x 64 tiles spill with it)
+    return [Config.make(num_warps=nw, num_stages=1, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, I2F=i2f, WS=ws, SPLIT=sp)
+            for bm, bn, st, nw, i2f, ws, sp in [r + (1,) for r in raw] + split]
 
 
 def _level_candidates() -> list[Config]:
@@ -453,10 +531,39 @@ def _level_candidates() -> list[Config]:
     stages, warps); shared memory per stage: tokens x 128 B of codes + rows x 64 B of words."""
     # 128 x 64 at 3 stages: 130 registers and 62 KB, three programs per SM
     # 64 x 64: twice the tiles of 128 x 64, for M = 256 at N = 4096 (one wave of 128 tiles on 132 SMs otherwise)
-    raw = [(128, 64, 4, 4), (128, 64, 3, 4), (256, 64, 3, 4), (256, 64, 2, 4), (128, 128, 4, 8), (256, 128, 3, 8),
-           (64, 64, 4, 4)]
-    return [Config.make(num_warps=nw, num_stages=1, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, I2F=1, WS=0)
-            for bm, bn, st, nw in raw]
+    # Split-K (last field) for grids of fewer tiles than SMs: at K = 14336, N = 4096, M = 256 the 128 x 128 tile
+    # makes 64 tiles (half the H100 idle) and the 128 x 64 one 128 tiles that read each token's codes from L2
+    # twice as often; 256 x 128 tiles in four splits read the codes a quarter as often as 128 x 64 ones.
+    raw = [(128, 64, 4, 4, 1), (128, 64, 3, 4, 1), (256, 64, 3, 4, 1), (256, 64, 2, 4, 1), (128, 128, 4, 8, 1),
+           (256, 128, 3, 8, 1), (64, 64, 4, 4, 1),
+           (128, 128, 4, 8, 2), (256, 128, 3, 8, 2), (256, 128, 3, 8, 4), (256, 64, 3, 4, 2)]
+    return [Config.make(num_warps=nw, num_stages=1, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, I2F=1, WS=0, SPLIT=sp)
+            for bm, bn, st, nw, sp in raw]
+
+
+def _tiles(cfg: Config, m: int, n: int) -> int:
+    return triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+
+
+def _worth_timing(cfg: Config, m: int, n: int, k: int, sms: int) -> bool:
+    """Split-K only where the tiles alone leave SMs idle and every split keeps a pipeline's worth of chunks
+    (a split config elsewhere only adds the workspace round trip)."""
+    sp = cfg["SPLIT"]
+    return sp == 1 or (_tiles(cfg, m, n) < sms and triton.cdiv(k, CHUNK_K) >= 8 * sp)
+
+
+# Per device: the split-K arrival counters, one per tile (zeros; the last program of a tile puts its counter
+# back to 0). Made outside CUDA-graph capture (a zero-fill captured into a graph would not run until replay);
+# while none exists, a capture runs split configs unsplit (same tile, same result).
+_COUNTERS: dict = {}
+MAX_SPLIT_TILES = 4096
+
+
+def _counters(device: torch.device) -> Optional[torch.Tensor]:
+    c = _COUNTERS.get(device.index)
+    if c is None and not torch.cuda.is_current_stream_capturing():
+        c = _COUNTERS[device.index] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+    return c
 
 
 def max_registers(cfg: Config) -> Optional[int]:
@@ -493,7 +600,10 @@ def w4a4_matmul(q: torch.Tensor, sx: torch.Tensor, packed: torch.Tensor, scales:
         launch_wgmma(cfg, q, sx, packed, scales, b_arg, y, bias is not None, group, units)
 
     key = (group, m_bucket(M), N, K, out_dtype, bias is not None, units is not None, q.device.index)
-    launch(_CACHE.pick(key, _level_candidates() if units is not None else _candidates(), launch))
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    candidates = [c for c in (_level_candidates() if units is not None else _candidates())
+                  if _worth_timing(c, m_bucket(M), N, K, sms)]
+    launch(_CACHE.pick(key, candidates, launch))
     return y
 
 
@@ -505,9 +615,15 @@ def launch_wgmma(cfg: Config, q, sx, packed, scales, b_arg, out, has_bias: bool,
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     q_desc = TensorDescriptor(q, [M, K], [K, 1], [bm, CHUNK_K], CODES_SMEM)
     w_desc = TensorDescriptor(packed, [N, K // 8], [packed.stride(0), 1], [bn, CHUNK_K // 8], WORDS_SMEM)
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    _w4a4_wgmma_kernel[grid](q_desc, w_desc, sx, scales, b_arg, out, M, N, K, sx.stride(0), scales.stride(0),
-                             out.stride(0), units if units is not None else sx, LEVELS=units is not None, WG=group,
-                             NG=_groups_held(K, group), HAS_BIAS=has_bias,
-                             STAGES=cfg["STAGES"], I2F=cfg["I2F"], WS=cfg["WS"], num_warps=cfg.num_warps,
-                             maxnreg=max_registers(cfg))
+    tiles = _tiles(cfg, M, N)
+    split = cfg["SPLIT"]
+    counters = _counters(q.device) if split > 1 else None
+    if counters is None or tiles > counters.numel():
+        split = 1  # no counters yet (first call inside a graph capture) or too many tiles: unsplit
+    # the programs' partial sums (int32, or fp32 bits), read back by each tile's last program
+    ws = torch.empty(split * tiles * bm * bn if split > 1 else 1, dtype=torch.int32, device=q.device)
+    _w4a4_wgmma_kernel[(tiles * split,)](
+        q_desc, w_desc, sx, scales, b_arg, out, M, N, K, sx.stride(0), scales.stride(0), out.stride(0),
+        units if units is not None else sx, ws, counters if split > 1 else ws, LEVELS=units is not None, WG=group,
+        NG=_groups_held(K, group), HAS_BIAS=has_bias, STAGES=cfg["STAGES"], I2F=cfg["I2F"], WS=cfg["WS"],
+        num_warps=cfg.num_warps, maxnreg=max_registers(cfg), SPLIT=split)
