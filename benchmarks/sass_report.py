@@ -144,7 +144,7 @@ def w4a4_kernel(block_m: int, block_n: int, warps: int, stages: int, swap: int, 
     return k, block_n * 128 / (32 * warps)
 
 
-def gluon_w4a4_kernel(cfg, levels: bool = False):
+def gluon_w4a4_kernel(cfg, levels: bool = False, pdl: bool = False):
     """The pipelined Gluon W4A4 GEMM (gluon_w4a4) for sm_90 at one candidate config (per-token scales, weight
     groups of 128, bias); ``levels``: the integer-level form (uint8 scale levels, ``gluon_w4a4._level_candidates``)."""
     from specq.kernels import gluon_w4a4 as g
@@ -157,7 +157,7 @@ def gluon_w4a4_kernel(cfg, levels: bool = False):
     if levels:
         sig["sw_ptr"] = "*u8"
     const = {"LEVELS": levels, "WG": 128, "NG": 32, "HAS_BIAS": True, "STAGES": cfg["STAGES"], "I2F": cfg["I2F"], "WS": cfg["WS"],
-             "num_warps": cfg.num_warps, "SPLIT": cfg["SPLIT"]}
+             "num_warps": cfg.num_warps, "SPLIT": cfg["SPLIT"], "PDL": pdl}
     divisible = ["sx_ptr", "sw_ptr", "b_ptr", "y_ptr", "N", "K", "stride_swn", "stride_ym", "unit_ptr", "ws_ptr",
                  "cnt_ptr"]
     return compile_sm90(g._w4a4_wgmma_kernel, sig, const, divisible, cfg.num_warps, maxnreg=g.max_registers(cfg))

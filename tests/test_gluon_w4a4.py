@@ -105,6 +105,23 @@ def test_split_k_publishes_partials_before_counting_in(sass_report, levels):
     assert "ATOMG" not in sr.sass_of(sr.gluon_w4a4_kernel(plain, levels=levels))
 
 
+@pytest.mark.parametrize("levels", [True, False], ids=["levels", "rescaling"])
+def test_pdl_waits_for_the_pre_kernel_before_any_copy_or_store(sass_report, levels):
+    """Launched with programmatic dependent launch, the GEMM may start while the pre-kernel still writes the
+    codes: its griddepcontrol.wait (ACQBULK) must come before every TMA copy (codes and weights share a ring
+    slot's barrier) and every global store; without PDL there is none."""
+    g = _gluon()
+    sr = sass_report
+    cfg = (g._level_candidates() if levels else g._candidates())[0]
+    ops = [ln.split(";")[0].split("*/")[-1].strip() for ln in sr.sass_of(sr.gluon_w4a4_kernel(cfg, levels, pdl=True))
+           .splitlines() if "*/" in ln]
+    wait = [i for i, op in enumerate(ops) if re.search(r"\bACQBULK\b", op)]
+    assert len(wait) == 1, wait
+    assert not any(re.search(r"\b(UTMALDG|STG|ATOMG|RED)\b", op) for op in ops[:wait[0]]), ops[:wait[0]]
+    assert any("UTMALDG" in op for op in ops[wait[0]:])
+    assert "ACQBULK" not in sr.sass_of(sr.gluon_w4a4_kernel(cfg, levels))
+
+
 def test_split_k_candidates_are_timed_only_where_tiles_leave_sms_idle():
     g = _gluon()
     split = next(c for c in g._level_candidates() if c["SPLIT"] == 2 and (c["BLOCK_M"], c["BLOCK_N"]) == (128, 128))

@@ -11,6 +11,7 @@ INT4 3.54, MXFP4 4.68 per weight at one row; 8.12 and 9.06 at four rows).
 from __future__ import annotations
 
 import pytest
+import torch
 
 
 # (format, rows of x, instructions per weight in the K loop at most)
@@ -107,3 +108,20 @@ def test_w4a4_level_k_loop_has_no_rescale(sass_report, bm, bn, warps, stages, bu
     assert ops["IMAD"] >= 2 * words, ops  # the multiply-add per four weights
     assert not any(op.startswith(("LDL", "STL")) for op in ops), f"spills: {ops}"
     assert sr.registers(kernel) <= max_regs
+
+
+@pytest.mark.parametrize("pdl", [True, False])
+def test_pre_kernel_lets_the_gemm_launch_first_thing_under_pdl(sass_report, pdl):
+    """With PDL (codes for the Gluon GEMM on Hopper) the persistent pre-kernel's first instructions include
+    griddepcontrol.launch_dependents (PREEXIT), so the GEMM's prologue overlaps this grid; without, none."""
+    from specq.kernels import triton_act as a
+    sig = {"x_ptr": "*bf16", "h_ptr": "*bf16", "y_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "M": "i32",
+           "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_qm": "i32", "stride_sm": "i32",
+           "inv_norm": "fp32"}
+    const = {"CH": 128, "CHP": 128, "NP": 32, "R": 1, "AG": 0, "ROTATE": True, "FAKE": False, "DOT_FP32": False,
+             "IEEE": False, "ORDER": 128, "STAGES": 2, "LV": 0, "PDL": pdl}
+    sass = sass_report.sass_of(sass_report.compile_sm90(a._act_persistent_kernel, sig, const, ["x_ptr"], 8))
+    ops = [ln.split(";")[0].split("*/")[-1].strip() for ln in sass.splitlines() if "*/" in ln]
+    where = [i for i, op in enumerate(ops) if op == "PREEXIT"]
+    assert where == ([where[0]] if pdl else []) and (not pdl or where[0] < 8), where
+    assert not a._feeds_pdl_gemm(torch.zeros(2, 128), 128, False)  # a CPU tensor never

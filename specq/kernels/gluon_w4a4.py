@@ -65,7 +65,7 @@ try:  # Gluon ships with Triton >= 3.5; without it the Triton kernel serves ever
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-from specq.kernels.triton_common import INTERPRET, Config, ConfigCache, m_bucket, next_pow2
+from specq.kernels.triton_common import INTERPRET, PDL_ENABLED, Config, ConfigCache, m_bucket, next_pow2
 from specq.kernels.triton_w4a4 import DECODE_ASM
 
 CHUNK_K = 128  # K per chunk: one int32 wgmma result, rescaled once; divides the weight (and activation) groups
@@ -165,6 +165,7 @@ if HAVE_GLUON:
         WS: gl.constexpr,     # warp-specialized: a copy warp issues the copies (else the MMA warps do)
         num_warps: gl.constexpr,
         SPLIT: gl.constexpr = 1,  # split-K: programs per tile, each summing a contiguous share of K's chunks
+        PDL: gl.constexpr = False,  # launched with programmatic dependent launch: wait for the codes' writer
     ):
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]  # tokens: the wgmma's N
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]  # weight rows: the wgmma's M, 64 per warpgroup
@@ -216,6 +217,10 @@ if HAVE_GLUON:
         out = (sx_ptr, b_ptr, y_ptr, unit_ptr, M, N, stride_sxm, stride_ym)
         red = (ws_ptr, cnt_ptr, tile_id, split, n_tiles)
         tile = (q_desc, w_desc, q_smem, ready, off_m, n_chunks, c0)
+        # Everything above reads only weights; from here on the codes and token scales of the kernel before
+        # (the pre-kernel, which let this grid launch early) are read, and global memory is written.
+        if PDL:
+            _wait_for_the_grid_before()
         if WS == 0:
             for j in gl.static_range(STAGES):
                 _load_chunk(j, q_desc, w_desc, q_smem, w_smem, ready, off_m, off_n, n_chunks, c0, STAGES)
@@ -236,6 +241,12 @@ if HAVE_GLUON:
                 mbarrier.invalidate(empty.index(s))
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
+
+    @gluon.jit
+    def _wait_for_the_grid_before():
+        """griddepcontrol.wait: block until the grid this one depends on (PDL) has completed and its memory is
+        visible (at once without PDL)."""
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
     def _mma_tile(tile, empty, w_smem, sw_smem, off_n, out, red, WG: gl.constexpr, STAGES: gl.constexpr,
@@ -622,8 +633,9 @@ def launch_wgmma(cfg: Config, q, sx, packed, scales, b_arg, out, has_bias: bool,
         split = 1  # no counters yet (first call inside a graph capture) or too many tiles: unsplit
     # the programs' partial sums (int32, or fp32 bits), read back by each tile's last program
     ws = torch.empty(split * tiles * bm * bn if split > 1 else 1, dtype=torch.int32, device=q.device)
+    pdl = PDL_ENABLED  # supported() checked Hopper
     _w4a4_wgmma_kernel[(tiles * split,)](
         q_desc, w_desc, sx, scales, b_arg, out, M, N, K, sx.stride(0), scales.stride(0), out.stride(0),
         units if units is not None else sx, ws, counters if split > 1 else ws, LEVELS=units is not None, WG=group,
         NG=_groups_held(K, group), HAS_BIAS=has_bias, STAGES=cfg["STAGES"], I2F=cfg["I2F"], WS=cfg["WS"],
-        num_warps=cfg.num_warps, maxnreg=max_registers(cfg), SPLIT=split)
+        num_warps=cfg.num_warps, maxnreg=max_registers(cfg), SPLIT=split, PDL=pdl, launch_pdl=pdl)

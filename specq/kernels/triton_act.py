@@ -52,9 +52,10 @@ import triton
 import triton.language as tl
 
 from triton.language.extra import libdevice
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from specq.formats import activation, hadamard
-from specq.kernels.triton_common import INTERPRET, dot_flags, next_pow2
+from specq.kernels.triton_common import INTERPRET, PDL_ENABLED, dot_flags, next_pow2
 from specq.kernels.triton_wq import _dot
 
 MODE_ROTATE, MODE_QUANT_GROUP, MODE_AMAX, MODE_QUANT_TOKEN = 0, 1, 2, 3
@@ -254,15 +255,25 @@ def _quantize_whole_rows(
 
 
 @triton.jit
+def _let_the_gemm_launch(PDL: tl.constexpr):
+    """Programmatic dependent launch (PDL, Hopper): the W4A4 GEMM that reads these codes is launched with it
+    and may start its prologue now, on SMs this grid leaves free; it waits for this grid's completion (and
+    its memory) before it reads a code (``gluon_w4a4``). A hint only: without PDL it does nothing."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
 def _act_rows_kernel(
     x_ptr, h_ptr, y_ptr, q_ptr, s_ptr,
     M, K, stride_xm, stride_ym, stride_qm, stride_sm, inv_norm,
     CH: tl.constexpr, CHP: tl.constexpr, NP: tl.constexpr, R: tl.constexpr, AG: tl.constexpr,
     ROTATE: tl.constexpr, FAKE: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-    ORDER: tl.constexpr = 8, LV: tl.constexpr = 0,
+    ORDER: tl.constexpr = 8, LV: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):
     """R whole rows per program, in one launch. x is loaded before the rotation tile, as in the kernel timed
     on the H100 (the other order compiles to different SASS)."""
+    _let_the_gemm_launch(PDL)
     rows = tl.program_id(0) * R + tl.arange(0, R)
     x, offs_k, mask = _load_whole_rows(x_ptr, rows, M, K, stride_xm, CH, CHP, NP)
     _quantize_whole_rows(x, _rotation(h_ptr, CHP, ROTATE), offs_k, mask, rows, y_ptr, q_ptr, s_ptr, M, K,
@@ -276,10 +287,11 @@ def _act_persistent_kernel(
     M, K, stride_xm, stride_ym, stride_qm, stride_sm, inv_norm,
     CH: tl.constexpr, CHP: tl.constexpr, NP: tl.constexpr, R: tl.constexpr, AG: tl.constexpr,
     ROTATE: tl.constexpr, FAKE: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-    ORDER: tl.constexpr, STAGES: tl.constexpr, LV: tl.constexpr = 0,
+    ORDER: tl.constexpr, STAGES: tl.constexpr, LV: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):
     """The whole-row kernel on a fixed grid: each program loads the rotation tile once (not once per block of
     R rows) and walks the blocks pid, pid + grid, ..., the next block's loads pipelined STAGES deep."""
+    _let_the_gemm_launch(PDL)
     h = _rotation(h_ptr, CHP, ROTATE)
     for block in tl.range(tl.program_id(0), tl.cdiv(M, R), tl.num_programs(0), num_stages=STAGES):
         rows = block * R + tl.arange(0, R)
@@ -293,12 +305,13 @@ def _act_loop_kernel(
     x_ptr, h_ptr, y_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_ym, stride_qm, stride_sm, inv_norm, n_seg,
     CH: tl.constexpr, CHP: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr, AG: tl.constexpr,
     ROTATE: tl.constexpr, FAKE: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-    ORDER: tl.constexpr, STAGES: tl.constexpr, LV: tl.constexpr = 0,
+    ORDER: tl.constexpr, STAGES: tl.constexpr, LV: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):
     """The same for rows of any length, in one launch: R rows per program walk their row in segments of
     SEG chunks (a [R * SEG, CHP] dot each), loads pipelined STAGES deep. Per token (and per group with scale
     levels, whose unit is the token's), a first walk finds the row's amax and a second (its x mostly still in
     L1/L2) quantizes; per group, one walk does both."""
+    _let_the_gemm_launch(PDL)
     rows = tl.program_id(0) * R + tl.arange(0, R)
     offs_c = tl.arange(0, CHP)
     seg_k = tl.arange(0, SEG)[:, None] * CH + offs_c[None, :]  # [SEG, CHP]
@@ -421,7 +434,8 @@ def _launch_rows(x2, layout, had_block, act_group, y=None, q=None, s=None, fake=
     _, chp, args = _common_args(x2, had_block, act_group, y, q, s)
     _act_rows_kernel[(triton.cdiv(x2.shape[0], rows),)](
         *args, CH=ch, CHP=chp, NP=npad, R=rows, AG=act_group, ROTATE=had_block > 0, FAKE=fake, ORDER=order,
-        LV=levels, num_warps=4 if rows * npad * chp <= 8192 else 8, num_stages=1, **dot_flags(x2.dtype))
+        LV=levels, num_warps=4 if rows * npad * chp <= 8192 else 8, num_stages=1, PDL=_feeds_pdl_gemm(x2, order, fake),
+        **dot_flags(x2.dtype))
 
 
 def _launch_loop(x2, plan, had_block, act_group, y=None, q=None, s=None, fake=False, order=8, levels=0):
@@ -431,7 +445,15 @@ def _launch_loop(x2, plan, had_block, act_group, y=None, q=None, s=None, fake=Fa
     _act_loop_kernel[(triton.cdiv(M, plan.rows),)](
         *args, triton.cdiv(triton.cdiv(K, ch), plan.seg),
         CH=ch, CHP=chp, SEG=plan.seg, R=plan.rows, AG=act_group, ROTATE=had_block > 0, FAKE=fake, ORDER=order,
-        STAGES=plan.stages, LV=levels, num_warps=plan.warps, num_stages=1, **dot_flags(x2.dtype))
+        STAGES=plan.stages, LV=levels, num_warps=plan.warps, num_stages=1, PDL=_feeds_pdl_gemm(x2, order, fake),
+        **dot_flags(x2.dtype))
+
+
+def _feeds_pdl_gemm(x2: torch.Tensor, order: int, fake: bool) -> bool:
+    """Whether the codes go to the Gluon GEMM (K order 128) launched with PDL: then this grid lets it launch
+    early (Hopper only: the instruction needs sm_90)."""
+    return (PDL_ENABLED and order == 128 and not fake and x2.device.type == "cuda"
+            and torch.cuda.get_device_capability(x2.device)[0] >= 9)
 
 
 def _processors(device: torch.device) -> int:
@@ -447,7 +469,8 @@ def _launch_persistent(x2, layout, plan, had_block, act_group, y=None, q=None, s
     programs = min(triton.cdiv(x2.shape[0], rows), plan.programs_per_sm * _processors(x2.device))
     _act_persistent_kernel[(programs,)](
         *args, CH=ch, CHP=chp, NP=npad, R=rows, AG=act_group, ROTATE=had_block > 0, FAKE=fake, ORDER=order,
-        STAGES=plan.stages, LV=levels, num_warps=plan.warps, num_stages=1, **dot_flags(x2.dtype))
+        STAGES=plan.stages, LV=levels, num_warps=plan.warps, num_stages=1, PDL=_feeds_pdl_gemm(x2, order, fake),
+        **dot_flags(x2.dtype))
 
 
 def rotate(x2: torch.Tensor, had_block: int) -> torch.Tensor:
