@@ -28,7 +28,8 @@
 # act_persist (90 s)  the pre-kernel's plans at K = 4096 (where the persistent whole-row plans apply), M = 256, 1024
 # act_long    (100 s) the pre-kernel's GPU tests, then its default and whole-row plans at K = 4096, 14336 and
 #                     M = 256, 1024, per token and groups of 32 with scale levels 16
-# split_k     (150 s) the Gluon W4A4 kernel's split-K tests and integer-level tests (GPU)
+# split_k     (150 s) the Gluon W4A4 kernel's split-K tests and integer-level tests (GPU; PDL on)
+# split_pdl   (300 s) the W4A4 op with levels and its GEMM, split-K candidates + PDL off, then on (A/B)
 # w4a4_f64    (100 s) the W4A4 op's float64 GPU tests (SPECQ_AUTOTUNE=0)
 # w4a4_op     (180 s) the whole W4A4 op with scale levels (pre-kernel + Gluon integer GEMM) per token and groups
 #                     of 32, the GEMM alone and bf16, at M = 256, 1024 on the 8B shapes
@@ -126,7 +127,16 @@ torch.cuda.synchronize()"
       grep -E "^\| (bf16|w4a4)" "$OUT/kernels_w4a4_op.md"
       python -c "import json, sys; [print(n, k, v) for n, d in json.load(open(sys.argv[1]))['meta']['tuned'].items() for k, v in d.items()]" \
         "$OUT/kernels_w4a4_op.json" ;;
-    split_k) step split_k_tests 150 python -m pytest -q tests/test_gluon_w4a4.py -k "gpu and (split or integer_level or op_runs)" ;;
+    split_k) step split_k_tests 150 env SPECQ_PDL=1 python -m pytest -q tests/test_gluon_w4a4.py -k "gpu and (split or integer_level or op_runs)"
+      grep -E "passed|failed|Error" "$OUT/split_k_tests.log" | tail -n 20 ;;
+    split_pdl) for v in 0 1; do  # the W4A4 op and GEMM with levels, split-K candidates and PDL off / on (A/B, same machine)
+        step split_pdl_$v 150 env SPECQ_W4A4_SPLIT=$v SPECQ_PDL=$v SPECQ_AUTOTUNE_CACHE=$OUT/autotune_$v python benchmarks/kernels.py \
+          --kinds bf16,w4a4-wgmma-L16,w4a4/tok+h+L16,w4a4/g32+h+L16 --ms 256,1024 --out "$OUT/kernels_split_pdl_$v.md" \
+          --json "$OUT/kernels_split_pdl_$v.json"
+        grep -E "^\| (bf16|w4a4)" "$OUT/kernels_split_pdl_$v.md"
+      done
+      python -c "import json, sys; [print(n, k, v) for n, d in json.load(open(sys.argv[1]))['meta']['tuned'].items() for k, v in d.items()]" \
+        "$OUT/kernels_split_pdl_1.json" ;;
     w4a4_f64) step w4a4_f64 100 env SPECQ_AUTOTUNE=0 python -m pytest -q tests/test_triton_kernels.py -k "gpu and float64 and w4a4" ;;
     wgmma_quick) step wgmma_quick 90 python benchmarks/wgmma_quick.py; tail -n 14 "$OUT/wgmma_quick.log" ;;
     wgmma_ws) step wgmma_ws_tests 120 python -m pytest -q -x tests/test_gluon_w4a4.py -k "gpu and ws1"
@@ -151,7 +161,7 @@ torch.cuda.synchronize()"
       done
       grep -hE "^\| (w4a16|w4a4) q" "$OUT"/e2e_llama3_8b_shape_b32_levels*.md ;;
     gpu_w4a4) step gpu_w4a4 240 python -m pytest -q -x tests/test_triton_kernels.py -k "gpu and (w4a4 or act)" ;;
-    *) echo "unknown step '$1' (split_k w4a4_f64 gpu_tests gpu_w4a4 wgmma wgmma_quick wgmma_ws wgmma_levels e2e_levels act_persist act_long w4a4_op wgmma_tests wgmma_op wgmma_ncu act_lab kernels kernels_m12 gemv_lab e2e_8b w4a4_large w4a4_quick)"; return 2 ;;
+    *) echo "unknown step '$1' (split_k split_pdl w4a4_f64 gpu_tests gpu_w4a4 wgmma wgmma_quick wgmma_ws wgmma_levels e2e_levels act_persist act_long w4a4_op wgmma_tests wgmma_op wgmma_ncu act_lab kernels kernels_m12 gemv_lab e2e_8b w4a4_large w4a4_quick)"; return 2 ;;
   esac
 }
 [ $# -eq 0 ] && set -- gpu_tests e2e_8b kernels_m12

@@ -122,13 +122,16 @@ def test_pdl_waits_for_the_pre_kernel_before_any_copy_or_store(sass_report, leve
     assert "ACQBULK" not in sr.sass_of(sr.gluon_w4a4_kernel(cfg, levels))
 
 
-def test_split_k_candidates_are_timed_only_where_tiles_leave_sms_idle():
+def test_split_k_candidates_are_timed_only_where_tiles_leave_sms_idle(monkeypatch):
     g = _gluon()
+    monkeypatch.setattr(g, "SPLIT_ENABLED", True)
     split = next(c for c in g._level_candidates() if c["SPLIT"] == 2 and (c["BLOCK_M"], c["BLOCK_N"]) == (128, 128))
     assert g._worth_timing(split, 256, 4096, 14336, 132)  # 64 tiles, 112 chunks
     assert not g._worth_timing(split, 1024, 4096, 14336, 132)  # 256 tiles
     assert not g._worth_timing(split, 256, 4096, 1024, 132)  # 8 chunks: 4 per split
     assert all(g._worth_timing(c, 1024, 4096, 14336, 132) for c in g._level_candidates() if c["SPLIT"] == 1)
+    monkeypatch.setattr(g, "SPLIT_ENABLED", False)  # the default until they have run on a GPU
+    assert not g._worth_timing(split, 256, 4096, 14336, 132)
 
 
 def test_integer_level_loop_is_leaner_than_the_rescaling_one(sass_report):

@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # Programmatic dependent launch between the W4A4 pre-kernel and the Gluon GEMM (Hopper): the GEMM's prologue
-# runs under the pre-kernel's tail. SPECQ_PDL=0 turns it off.
-PDL_ENABLED = os.environ.get("SPECQ_PDL", "1") not in ("", "0") and not INTERPRET
+# runs under the pre-kernel's tail. Off until it has run on a GPU (written 2026-12-08 in a session whose device
+# was withdrawn: checked in SASS only); SPECQ_PDL=1 turns it on.
+PDL_ENABLED = os.environ.get("SPECQ_PDL", "0") not in ("", "0") and not INTERPRET
 
 # SPECQ_AUTOTUNE=0 skips timing and takes each candidate list's first entry (a sane default).
 AUTOTUNE = os.environ.get("SPECQ_AUTOTUNE", "1") not in ("", "0") and not INTERPRET
