@@ -13,7 +13,8 @@ Quantization matches ``specq.formats.activation.quantize_int4``: ``scale = amax 
 and a scale below 2^-120 treated as 1 (``_reciprocal``); ``x * r`` is one IEEE multiply, never contracted into
 an FMA (``_times``), rounded by rint, and clamped only where scale levels let the clamp bind (``_code``). The
 whole-row kernel runs 13.6 SASS instructions per element where the per-element ``div_rn`` (MUFU.RCP, four FFMA,
-FCHK and a slow-path branch), the add-based rounding and the clamp made 30.1.
+FCHK and a slow-path branch), the add-based rounding and the clamp made 30.1 (groups of 32 with scale levels:
+24.8, the token's amax taken from its group amaxes).
 
 Quantization (``quantize``: codes for the W4A4 GEMM, in its K order; ``fake_quantize``: codes times scales
 in x's dtype, for the weight-only kernels at decode sizes) runs one of four launch plans, all giving the
@@ -247,7 +248,11 @@ def _quantize_whole_rows(
     by one dot with h, so a per-token amax needs no second pass over x. AG: activation group (0 = per token);
     LV: scale levels of the groups (``_quantize_store``)."""
     r = _rotate_rows(x, h, inv_norm, R, NP, CHP, ROTATE, DOT_FP32, IEEE)
-    scale = tl.math.div_rn(tl.max(tl.max(tl.abs(r), axis=2), axis=1), 7.0)  # [R], per token or for the levels
+    if AG > 0:  # the token's amax as the max of its groups' (the same value): _quantize_store's group amaxes
+        amax = tl.max(tl.max(tl.max(tl.abs(tl.reshape(r, (R, NP, CHP // AG, AG))), axis=3), axis=2), axis=1)
+    else:
+        amax = tl.max(tl.max(tl.abs(r), axis=2), axis=1)
+    scale = tl.math.div_rn(amax, 7.0)  # [R], per token or for the levels
     _quantize_store(r, scale, rows, offs_k, 0, mask, y_ptr, q_ptr, s_ptr, M, K, stride_ym, stride_qm, stride_sm,
                     x.dtype, R, NP, CH, CHP, AG, FAKE, ORDER, LV)
     if (AG == 0 or LV > 0) and not FAKE:
