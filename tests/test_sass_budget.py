@@ -115,13 +115,31 @@ def test_pre_kernel_lets_the_gemm_launch_first_thing_under_pdl(sass_report, pdl)
     """With PDL (codes for the Gluon GEMM on Hopper) the persistent pre-kernel's first instructions include
     griddepcontrol.launch_dependents (PREEXIT), so the GEMM's prologue overlaps this grid; without, none."""
     from specq.kernels import triton_act as a
-    sig = {"x_ptr": "*bf16", "h_ptr": "*bf16", "y_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "M": "i32",
-           "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_qm": "i32", "stride_sm": "i32",
-           "inv_norm": "fp32"}
-    const = {"CH": 128, "CHP": 128, "NP": 32, "R": 1, "AG": 0, "ROTATE": True, "FAKE": False, "DOT_FP32": False,
-             "IEEE": False, "ORDER": 128, "STAGES": 2, "LV": 0, "PDL": pdl}
-    sass = sass_report.sass_of(sass_report.compile_sm90(a._act_persistent_kernel, sig, const, ["x_ptr"], 8))
+    sass = _act_whole_rows_sass(sass_report, 0, 0, pdl)
     ops = [ln.split(";")[0].split("*/")[-1].strip() for ln in sass.splitlines() if "*/" in ln]
     where = [i for i, op in enumerate(ops) if op == "PREEXIT"]
     assert where == ([where[0]] if pdl else []) and (not pdl or where[0] < 8), where
     assert not a._feeds_pdl_gemm(torch.zeros(2, 128), 128, False)  # a CPU tensor never
+
+
+def _act_whole_rows_sass(sass_report, act_group: int, levels: int, pdl: bool = False) -> str:
+    """The persistent whole-row pre-kernel for sm_90: two rows of K = 4096 per block, 8 warps, codes in the
+    Gluon GEMM's K order."""
+    from specq.kernels import triton_act as a
+    sig = {"x_ptr": "*bf16", "h_ptr": "*bf16", "y_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "M": "i32",
+           "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_qm": "i32", "stride_sm": "i32",
+           "inv_norm": "fp32"}
+    const = {"CH": 128, "CHP": 128, "NP": 32, "R": 2, "AG": act_group, "ROTATE": True, "FAKE": False,
+             "DOT_FP32": False, "IEEE": False, "ORDER": 128, "STAGES": 2, "LV": levels, "PDL": pdl}
+    div = ["x_ptr", "h_ptr", "y_ptr", "q_ptr", "s_ptr", "K", "stride_xm", "stride_ym", "stride_qm"]
+    return sass_report.sass_of(sass_report.compile_sm90(a._act_persistent_kernel, sig, const, div, 8))
+
+
+@pytest.mark.parametrize("act_group,levels,budget", [(0, 0, 14.5), (32, 16, 26.0)])
+def test_pre_kernel_instructions_per_element(sass_report, act_group, levels, budget):
+    """The whole-row pre-kernel's loop (one block of 2 x 4096 elements, 32 per thread): per token 13.6 SASS
+    instructions per element (reciprocal multiply, rint folded into the conversion, no clamp), groups of 32
+    with 16 levels 24.8 (the token amax from the group amaxes) on 2026-12-08; the budgets leave a little room."""
+    ops = sass_report.loop_histogram(_act_whole_rows_sass(sass_report, act_group, levels), "HGMMA")
+    per_element = sum(ops.values()) / (2 * 4096 / 256)
+    assert per_element <= budget, (per_element, ops.most_common(12))
