@@ -766,8 +766,9 @@ def test_act_default_plan_follows_the_h100_measurements():
     """The activation pre-kernel's launch per shape (triton_act._default_plan, benchmarks/results/
     act_lab_h100.md, act_persist_h100.md): short rows (<= 64 chunks) take one row per program in one segment
     below 256 rows and the persistent whole-row kernel from there (the whole-row one where its two-row blocks
-    don't fit); long rows per token (<= 128 chunks) one whole row per block from 256 rows on (act_recip_h100.md);
-    other long rows take the per-chunk kernel below 512 rows and the looped kernel from there. Every
+    don't fit); long rows (<= 128 chunks) one whole row per block from 256 rows on per token, and from 256 to
+    511 rows with activation groups (act_recip_h100.md); other long rows take the per-chunk kernel below 512
+    rows and the looped kernel from there. Every
     plan gives the same bits (run_act_paths checks them against each other)."""
     pytest.importorskip("triton")
     from specq.kernels import triton_act as a
@@ -780,6 +781,8 @@ def test_act_default_plan_follows_the_h100_measurements():
     assert a._default_plan(512, 256, 128, 0) == "rows"  # nor for a two-row block
     assert [a._default_plan(m, 14336, 128, 0) for m in (1, 16, 255)] == ["chunks"] * 3
     assert [a._default_plan(m, 14336, 128, 0) for m in (256, 1024)] == [a.LONG_WHOLE_ROWS_PLAN] * 2
+    assert [a._default_plan(m, 14336, 128, 32) for m in (1, 16, 255)] == ["chunks"] * 3
+    assert [a._default_plan(m, 14336, 128, 32) for m in (256, 511)] == [a.LONG_GROUPED_ROWS_PLAN] * 2
     assert [a._default_plan(m, 14336, 128, 32) for m in (512, 1024)] == [a.LONG_ROWS_PLAN] * 2
     assert a._default_plan(1024, 32768, 128, 0) == a.LONG_ROWS_PLAN  # 256 chunks: no whole-row tile
     x = torch.zeros(2, 256)

@@ -521,12 +521,17 @@ CHUNKS_MAX_M = 512  # long rows: the per-chunk kernel below this, the looped ker
 LONG_ROWS_PLAN = LoopPlan(rows=4, seg=16, warps=8, stages=2)
 WHOLE_ROWS_PLAN = PersistentPlan(rows=2, warps=8, stages=2, programs_per_sm=2)
 LONG_WHOLE_ROWS_PLAN = PersistentPlan(rows=1, warps=8, stages=3, programs_per_sm=2)  # per token, >= 256 rows
+# groups, 256..511 rows of 65..128 chunks (K = 14336, groups of 32 with levels 16, M = 256: 13.19 us where the
+# per-chunk kernel took 17.50; at M = 1024 the looped kernel stays faster, 44.0 against 53.7-56.5;
+# act_recip_h100.md, H100 2026-12-07, reciprocal codes)
+LONG_GROUPED_ROWS_PLAN = PersistentPlan(rows=1, warps=16, stages=2, programs_per_sm=1)
 
 
 def _default_plan(M: int, K: int, had_block: int, act_group: int):
     """The fastest measured plan for M rows of K: "rows" (whole rows in one tile), "chunks" (one program per
     chunk; per token two passes over x), a LoopPlan or the persistent whole-row kernel (where its two-row
-    blocks fit a tile; per token, rows of 65..128 chunks take it one row per block from 256 rows on)."""
+    blocks fit a tile; rows of 65..128 chunks take it one row per block from 256 rows on, per token, and
+    below 512 rows with activation groups)."""
     n_chunks = triton.cdiv(K, _chunk(K, had_block, act_group))
     if next_pow2(n_chunks) <= ROWS_DEFAULT_MAX_CHUNKS and _rows_layout(K, had_block, act_group) is not None:
         if M < LOOP_MAX_M and 16 <= next_pow2(n_chunks):
@@ -534,8 +539,11 @@ def _default_plan(M: int, K: int, had_block: int, act_group: int):
         if _rows_layout(K, had_block, act_group, WHOLE_ROWS_PLAN.rows) is not None:
             return WHOLE_ROWS_PLAN
         return "rows"
-    if act_group == 0 and M >= LOOP_MAX_M and _rows_layout(K, had_block, act_group, 1) is not None:
-        return LONG_WHOLE_ROWS_PLAN
+    if M >= LOOP_MAX_M and _rows_layout(K, had_block, act_group, 1) is not None:
+        if act_group == 0:
+            return LONG_WHOLE_ROWS_PLAN
+        if M < CHUNKS_MAX_M:
+            return LONG_GROUPED_ROWS_PLAN
     return "chunks" if M < CHUNKS_MAX_M else LONG_ROWS_PLAN
 
 
