@@ -167,8 +167,11 @@ def test_recipe_key_reaches_the_plan_the_modules_and_the_graph(tmp_path):
     assert fmt["formats"]["w4a4"]["scale_levels"] == [16]
 
 
-def test_default_recipe_keeps_the_stored_scales_and_bad_values_are_refused():
+def test_default_recipe_snaps_to_16_levels_0_keeps_the_stored_scales_and_bad_values_are_refused():
     mm = specq.transform(make_tiny_model("llama"), modes=("w4a4",))
+    assert all(m.w4a4_scale_levels == 16 for _, m in multimode_linears(mm))
+    assert all(e["w4a4_scale_levels"] == 16 for e in mm.specq_plan["matmuls"] if e["action"] == "quantize")
+    mm = specq.transform(make_tiny_model("llama"), modes=("w4a4",), w4a4_scale_levels=0)
     assert all(m.w4a4_scale_levels == 0 for _, m in multimode_linears(mm))
     assert all("w4a4_scale_levels" not in e for e in mm.specq_plan["matmuls"])
     for bad in (17, -1, "16", True):

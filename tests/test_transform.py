@@ -62,7 +62,10 @@ def _reference(ref: nn.Module, mm: nn.Module, mode: str) -> nn.Module:
         if mode == "mxfp4":
             w = mxfp4.dequantize(q.mxfp4_packed, q.mxfp4_scales, torch.float64)
         else:
-            w = int4.dequantize(q.int4_packed, q.int4_scales, torch.float64)
+            # W4A4 with scale levels (the default recipe's 16) multiplies by the snapped scales
+            levels = e.get("w4a4_scale_levels", 0) if mode == "w4a4" else 0
+            scales = int4.snapped_scales(q.int4_scales, levels).double() if levels else q.int4_scales
+            w = int4.dequantize(q.int4_packed, scales, torch.float64)
             if e["had_block"]:
                 w = hadamard.hadamard_transform(w, e["had_block"], inverse=True)  # (W_rot) @ H^T
         target = model.get_submodule(e["module"])
@@ -71,11 +74,12 @@ def _reference(ref: nn.Module, mm: nn.Module, mode: str) -> nn.Module:
             p.copy_((w if e["layout"] == "out_in" else w.t()).to(p.dtype))
         if mode == "w4a4":
             hb, ag = e["had_block"], e["act_group_size"]
+            lv = e.get("w4a4_scale_levels", 0) if ag else 0  # activation groups snap to a per-token unit too
 
-            def pre(module, args, hb=hb, ag=ag):
+            def pre(module, args, hb=hb, ag=ag, lv=lv):
                 x = args[0]
                 xr = hadamard.hadamard_transform(x, hb) if hb else x
-                xq = activation.fake_quantize_int4(xr, ag)
+                xq = activation.fake_quantize_int4(xr, ag, lv)
                 return (hadamard.hadamard_transform(xq, hb, inverse=True) if hb else xq,) + args[1:]
 
             target.register_forward_pre_hook(pre)

@@ -42,7 +42,7 @@ def fail(e: BaseException, quiet: bool = False):
 @click.option("--w4a4-scale-levels", "w4a4_scale_levels", type=click.IntRange(0, 16), default=None,
               help="W4A4 snaps its weight and activation group scales to integer multiples 0..N of one unit per "
                    "row / token, so INT8 tensor cores sum all of K in int32 (16: the finest; 0: off) "
-                   "[default: the recipe's w4a4_scale_levels, 0].")
+                   "[default: the recipe's w4a4_scale_levels, 16].")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output directory [default: ./<model name>-specq, unless only --push-to-hub is given].")
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO", default=None,

@@ -240,9 +240,10 @@ def _(x, weight, bias):
 
 def _setup(had_block_index: Optional[int], scale_levels_index: Optional[int] = None):
     def setup_context(ctx, inputs, output):
-        levels = inputs[scale_levels_index] if scale_levels_index is not None and len(inputs) > scale_levels_index else 0
-        scales = int4.snapped_scales(inputs[2], levels) if levels else inputs[2]  # what the forward multiplied by
-        ctx.save_for_backward(inputs[1], scales)  # packed, scales
+        # the scales are snapped (what the forward multiplied by) in backward: here, under dynamo, the snap's
+        # data checks would break the graph, and a forward that never runs backward would pay for it
+        ctx.scale_levels = inputs[scale_levels_index] if scale_levels_index is not None and len(inputs) > scale_levels_index else 0
+        ctx.save_for_backward(inputs[1], inputs[2])  # packed, scales
         ctx.x_dtype = inputs[0].dtype
         ctx.had_block = 0 if had_block_index is None else inputs[had_block_index]
     return setup_context
@@ -261,6 +262,8 @@ def _backward_mxfp4(ctx, grad):
 
 def _backward_int4(ctx, grad):
     packed, scales = ctx.saved_tensors
+    if ctx.scale_levels:
+        scales = int4.snapped_scales(scales, ctx.scale_levels, check=False)
     w = int4.dequantize(packed, scales, ctx.x_dtype)
     gx = None
     if ctx.needs_input_grad[0]:

@@ -55,7 +55,7 @@ def transform(model: nn.Module, modes=MODES, recipe=None, input_ids: torch.Tenso
     lm_head_modes: None (the recipe's `lm_head_modes`, [] by default) or quantized modes of `modes`
     (e.g. ["mxfp4"]) in which the output head runs quantized; it stays the exact float matmul in every
     other mode (bf16 always). Overrides the recipe's key. A tied head gets its own packed copy.
-    w4a4_scale_levels: None (the recipe's key, 0 by default) or 0..16: W4A4 snaps its weight and activation
+    w4a4_scale_levels: None (the recipe's key, 16 in the default recipe) or 0..16: W4A4 snaps its weight and activation
     group scales to integer multiples of one unit per row / token (docs/formats.md). Overrides the recipe's key.
     """
     modes = validate_modes(modes)
