@@ -45,6 +45,13 @@ rescaling form 41.5) and 1.59-1.78x on the larger 8B shapes (1.16x at 4096 x 409
 interpreter; CPU CI compiles every candidate for sm_90 and checks the SASS and the K order's math; the GPU tests
 (``tests/test_gluon_w4a4.py``) check it against float64 and the Triton kernel, and ``benchmarks/wgmma_quick.py``
 checks and times it in one short call.
+
+Split-K (``SPLIT``; candidates timed only with SPECQ_W4A4_SPLIT=1 until a GPU has run them): SPLIT programs per
+tile each sum a share of K's chunks and store their partial; a counter per tile (acq_rel atomic after a CTA
+barrier) tells the last one, which adds the partials in split order and stores the output. For shapes whose tiles
+leave SMs idle (K = 14336, N = 4096, M = 256: 64 tiles) or read the codes too often from L2 (4096 x 4096, M = 256).
+PDL (SPECQ_PDL=1, also untested on a GPU): the kernel waits for the pre-kernel's grid only after its weight-only
+prologue, so its launch and prologue overlap the pre-kernel's tail.
 """
 
 from __future__ import annotations
