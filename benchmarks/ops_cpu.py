@@ -6,7 +6,8 @@ Per call, for the default model's matmul shapes (INT4 group of the default recip
 64 tokens: F.linear on the dense weight (what the cached-dequantization reference costs), the three
 specq ops as dispatched (bf16/fp16 INT4 ops on the CPU run aten's int4pack kernel, cpu_int4.py),
 w4a16 with that kernel switched off (SPECQ_INT4_CPU=0: the reference), the int4pack matmul alone,
-the two dequantizers and the 64-block Hadamard transform. Times are process CPU time (other load on a
+the two dequantizers and the 64-block Hadamard transform. "w4a4" is W4A4 with the stored scales, "w4a4 L16" with
+16 scale levels (the default recipe's since 2026-12-08): the snapping of activation groups to a per-token unit. Times are process CPU time (other load on a
 shared machine matters less than with wall time; with several threads it sums them), or with --wall
 the median wall time of the calls.
 """
@@ -26,7 +27,7 @@ from specq.kernels import cpu_int4, ops
 
 # (N, K, INT4 group of the default recipe): q/o_proj, k/v_proj, gate/up_proj, down_proj
 SHAPES = [(576, 576, 64), (192, 576, 64), (1536, 576, 64), (576, 1536, 128)]
-COLUMNS = ("linear", "mxfp4", "w4a16", "w4a4", "w4a16 ref", "int4mm", "deq mx", "deq i4", "H64")
+COLUMNS = ("linear", "mxfp4", "w4a16", "w4a4", "w4a4 L16", "w4a16 ref", "int4mm", "deq mx", "deq i4", "H64")
 
 
 def _time_us(f, iters: int, wall: bool) -> float:
@@ -83,6 +84,7 @@ def main() -> None:
                     lambda: ops.linear_mxfp4(x, pm, sm),
                     lambda: ops.linear_w4a16(x, pi, si, had_block=64),
                     lambda: ops.linear_w4a4(x, pi, si, act_group_size=32, had_block=64),
+                    lambda: ops.linear_w4a4(x, pi, si, act_group_size=32, had_block=64, scale_levels=16),
                     lambda: _reference_w4a16(x, pi, si, g),
                     (lambda: cpu_int4.int4_matmul(x, pi, si, None, g)) if cpu_int4.usable(x, pi, si, g) else None,
                     lambda: mxfp4.dequantize(pm, sm, dt),
