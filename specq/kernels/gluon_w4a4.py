@@ -622,10 +622,12 @@ def w4a4_matmul(q: torch.Tensor, sx: torch.Tensor, packed: torch.Tensor, scales:
         launch_wgmma(cfg, q, sx, packed, scales, b_arg, y, bias is not None, group, units)
 
     key = (group, m_bucket(M), N, K, out_dtype, bias is not None, units is not None, q.device.index)
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    candidates = [c for c in (_level_candidates() if units is not None else _candidates())
-                  if _worth_timing(c, m_bucket(M), N, K, sms)]
-    launch(_CACHE.pick(key, candidates, launch))
+    cfg = _CACHE.best.get(key)
+    if cfg is None:  # the candidate list only on a miss: no host work per call once tuned
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        cfg = _CACHE.pick(key, [c for c in (_level_candidates() if units is not None else _candidates())
+                                if _worth_timing(c, m_bucket(M), N, K, sms)], launch)
+    launch(cfg)
     return y
 
 
