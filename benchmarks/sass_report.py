@@ -73,6 +73,11 @@ def registers(kernel) -> int:
 _INSTR = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
 
+def instructions(sass: str) -> list[str]:
+    """The text of each instruction line of nvdisasm's output (predicate, opcode, operands), in order."""
+    return [ln.split(";")[0].split("*/")[-1].strip() for ln in sass.splitlines() if "*/" in ln]
+
+
 def loop_histogram(sass: str, containing: str = "", predicated: bool = False) -> collections.Counter:
     """Opcode counts of the longest loop (between a backward branch's label and the branch: the K loop) whose
     body has an instruction containing ``containing``. ``predicated``: only loops closed by a conditional

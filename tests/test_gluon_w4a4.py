@@ -95,7 +95,7 @@ def test_split_k_publishes_partials_before_counting_in(sass_report, levels):
     split = next(c for c in cands if c["SPLIT"] > 1)
     plain = next(c for c in cands if c["SPLIT"] == 1 and c["WS"] == 0)
     sass = sr.sass_of(sr.gluon_w4a4_kernel(split, levels=levels))
-    ops = [ln.split(";")[0].split("*/")[-1].strip() for ln in sass.splitlines() if "*/" in ln]
+    ops = sr.instructions(sass)
     add = next(i for i, op in enumerate(ops) if re.search(r"\bATOMG\.E\.ADD\.STRONG\.GPU\b", op))
     assert any("MEMBAR.ALL.GPU" in op for op in ops[add - 4:add]), ops[add - 6:add + 2]
     assert any(re.search(r"\bBAR\.SYNC", op) for op in ops[add - 12:add]), ops[add - 12:add]
@@ -113,8 +113,7 @@ def test_pdl_waits_for_the_pre_kernel_before_any_copy_or_store(sass_report, leve
     g = _gluon()
     sr = sass_report
     cfg = (g._level_candidates() if levels else g._candidates())[0]
-    ops = [ln.split(";")[0].split("*/")[-1].strip() for ln in sr.sass_of(sr.gluon_w4a4_kernel(cfg, levels, pdl=True))
-           .splitlines() if "*/" in ln]
+    ops = sr.instructions(sr.sass_of(sr.gluon_w4a4_kernel(cfg, levels, pdl=True)))
     wait = [i for i, op in enumerate(ops) if re.search(r"\bACQBULK\b", op)]
     assert len(wait) == 1, wait
     assert not any(re.search(r"\b(UTMALDG|STG|ATOMG|RED)\b", op) for op in ops[:wait[0]]), ops[:wait[0]]

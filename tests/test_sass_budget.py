@@ -116,7 +116,7 @@ def test_pre_kernel_lets_the_gemm_launch_first_thing_under_pdl(sass_report, pdl)
     griddepcontrol.launch_dependents (PREEXIT), so the GEMM's prologue overlaps this grid; without, none."""
     from specq.kernels import triton_act as a
     sass = _act_whole_rows_sass(sass_report, 0, 0, pdl)
-    ops = [ln.split(";")[0].split("*/")[-1].strip() for ln in sass.splitlines() if "*/" in ln]
+    ops = sass_report.instructions(sass)
     where = [i for i, op in enumerate(ops) if op == "PREEXIT"]
     assert where == ([where[0]] if pdl else []) and (not pdl or where[0] < 8), where
     assert not a._feeds_pdl_gemm(torch.zeros(2, 128), 128, False)  # a CPU tensor never

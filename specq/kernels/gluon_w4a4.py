@@ -306,7 +306,7 @@ if HAVE_GLUON:
         """Where program ``split``'s sum of part ``part`` (of PARTS: token halves of a 256-token tile) of this
         tile lies in the workspace, element for element in the accumulator's own layout (no shuffle: the
         program that reads it back holds the same elements)."""
-        ws_ptr, cnt_ptr, tile_id, my_split, n_tiles = red
+        ws_ptr, cnt_ptr, tile_id, _, n_tiles = red
         base = ((split * n_tiles + tile_id) * PARTS + part) * (BLOCK_N * TOK)
         rn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
         rm = gl.arange(0, TOK, layout=gl.SliceLayout(0, MMA))
@@ -644,11 +644,12 @@ def launch_wgmma(cfg: Config, q, sx, packed, scales, b_arg, out, has_bias: bool,
     counters = _counters(q.device) if split > 1 else None
     if counters is None or tiles > counters.numel():
         split = 1  # no counters yet (first call inside a graph capture) or too many tiles: unsplit
-    # the programs' partial sums (int32, or fp32 bits), read back by each tile's last program
-    ws = torch.empty(split * tiles * bm * bn if split > 1 else 1, dtype=torch.int32, device=q.device)
+    # the programs' partial sums (int32, or fp32 bits), read back by each tile's last program; unsplit
+    # launches allocate nothing (sx fills the unused pointers, as it does unit_ptr)
+    ws = torch.empty(split * tiles * bm * bn, dtype=torch.int32, device=q.device) if split > 1 else sx
     pdl = PDL_ENABLED  # supported() checked Hopper
     _w4a4_wgmma_kernel[(tiles * split,)](
         q_desc, w_desc, sx, scales, b_arg, out, M, N, K, sx.stride(0), scales.stride(0), out.stride(0),
-        units if units is not None else sx, ws, counters if split > 1 else ws, LEVELS=units is not None, WG=group,
+        units if units is not None else sx, ws, counters if split > 1 else sx, LEVELS=units is not None, WG=group,
         NG=_groups_held(K, group), HAS_BIAS=has_bias, STAGES=cfg["STAGES"], I2F=cfg["I2F"], WS=cfg["WS"],
         num_warps=cfg.num_warps, maxnreg=max_registers(cfg), SPLIT=split, PDL=pdl, launch_pdl=pdl)
